@@ -1,0 +1,1 @@
+"""The Gradio web app (components with render() and listen(); no model logic)."""

@@ -1,0 +1,82 @@
+"""Command table of ``wgp.py``: one small function per command.
+
+    python wgp.py [serve] [--server-name HOST] [--server-port N] [--listen] [--share]
+    python wgp.py models                 list the models of the registry
+    python wgp.py download MODEL [--variant bf16|fp16|fp8] [--checkpoint-dir DIR]
+
+Exit codes: 0 success, 1 runtime failure, 2 bad input (a clear message, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+DEFAULT_CHECKPOINT_DIR = "checkpoints"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from wan.app.placeholder import serve
+    host = "0.0.0.0" if args.listen else args.server_name
+    if args.share:
+        print("warning: --share makes the app reachable from the internet by anyone with the link", file=sys.stderr)
+    serve(host=host, port=args.server_port, share=args.share)
+    return EXIT_OK
+
+
+def _models(args: argparse.Namespace) -> int:
+    from wan.registry import list_models
+    for spec in list_models(include_test=True):
+        tasks = ",".join(spec.tasks)
+        print(f"{spec.id:32s} {spec.name:45s} {tasks}")
+    return EXIT_OK
+
+
+def _download(args: argparse.Namespace) -> int:
+    from wan.loading.download import DownloadError, ensure_files
+    from wan.registry import get_model
+    try:
+        spec = get_model(args.model)
+    except (KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        paths = ensure_files(spec, args.checkpoint_dir, variant=args.variant)
+    except DownloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wgp.py", description="Wan Studio: Wan 2.1 / 2.2 video generation")
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="start the web app (the default command)")
+    serve.add_argument("--server-name", default="127.0.0.1", help="interface to listen on (default localhost)")
+    serve.add_argument("--server-port", type=int, default=7860)
+    serve.add_argument("--listen", action="store_true", help="listen on all interfaces")
+    serve.add_argument("--share", action="store_true", help="create a public Gradio link")
+    serve.set_defaults(func=_serve)
+
+    models = sub.add_parser("models", help="list the models of the registry")
+    models.set_defaults(func=_models)
+
+    dl = sub.add_parser("download", help="download a model's files into the checkpoints folder")
+    dl.add_argument("model", help="model id (see: wgp.py models)")
+    dl.add_argument("--variant", default=None, help="weights variant: bf16, fp16, fp8 ...")
+    dl.add_argument("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR)
+    dl.set_defaults(func=_download)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    commands = {"serve", "models", "download", "-h", "--help"}
+    if not argv or argv[0] not in commands:
+        argv = ["serve", *argv]  # flags alone start the app
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,346 @@
+"""Read-only, lazy access to the tensors of a checkpoint, whatever its file layout.
+
+A checkpoint is one file (``.safetensors``, ``.pth``/``.pt``/``.bin``/``.ckpt``), a list of shard
+files, or a folder (official or diffusers: ``config.json`` + one file or shards + an index json).
+Tensors are read one at a time on demand, so a loader can convert and place each tensor before the
+next one is read: peak memory stays near the size of the finished model, never two copies.
+
+``.pth`` files are read with ``torch.load(weights_only=True)`` (no arbitrary pickle is ever
+executed) and memory-mapped where the file format allows it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# Wrapper keys that some training scripts put around the real state dict in a .pth file.
+_NESTED_STATE_KEYS = ("state_dict", "model", "module", "model_state_dict")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the file and what was expected."""
+
+
+@dataclass
+class Checkpoint:
+    """The tensors of one checkpoint, read lazily.
+
+    Attributes:
+        files: the files that hold the tensors (one, or the shards).
+        root: the folder or file the user named.
+        config: the parsed ``config.json`` beside the weights, if any (never trusted over shapes).
+        metadata: safetensors ``__metadata__`` of the first file, if any.
+    """
+
+    files: list[Path]
+    root: Path
+    config: dict | None = None
+    metadata: dict = field(default_factory=dict)
+    _index: dict[str, "_TensorRef"] = field(default_factory=dict, repr=False)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._index[key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._index[key].dtype
+
+    def file_of(self, key: str) -> Path:
+        return self._index[key].file
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Reads one tensor (a fresh CPU tensor, or a memory-mapped one for ``.pth``)."""
+        return self._index[key].read()
+
+    def nbytes(self) -> int:
+        """Total size of the tensor data."""
+        return sum(r.nbytes for r in self._index.values())
+
+
+@dataclass
+class _TensorRef:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening
+
+
+def open_checkpoint(path: str | os.PathLike | Sequence[str | os.PathLike],
+                    subfolder: str | None = None) -> Checkpoint:
+    """Opens a checkpoint given as a file, a list of shard files, or a folder.
+
+    Args:
+        path: file, folder, or list of files.
+        subfolder: for folders, a subfolder to prefer when it exists (``"transformer"`` for a
+            diffusers pipeline folder, ``"vae"``, ...).
+    """
+    if isinstance(path, (list, tuple)):
+        files = [Path(p) for p in path]
+        if not files:
+            raise CheckpointError("checkpoint: an empty list of files was given")
+        return _open_files(files, root=files[0].parent)
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"checkpoint {root}: no such file or folder")
+    if root.is_dir():
+        return _open_folder(root, subfolder)
+    return _open_files([root], root=root)
+
+
+def _open_folder(folder: Path, subfolder: str | None) -> Checkpoint:
+    if subfolder and (folder / subfolder).is_dir():
+        folder = folder / subfolder
+    config = _read_json(folder / "config.json") if (folder / "config.json").exists() else None
+    indexes = sorted(folder.glob("*.index.json"))
+    if indexes:
+        files = _files_from_index(indexes[0])
+    else:
+        files = sorted(p for p in folder.iterdir() if p.suffix in SAFETENSORS_SUFFIXES)
+        if not files:
+            files = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not files:
+        raise CheckpointError(
+            f"checkpoint folder {folder}: no weights found (expected .safetensors files, shards with "
+            f"an *.index.json, or a .pth file)")
+    ckpt = _open_files(files, root=folder)
+    ckpt.config = config
+    return ckpt
+
+
+def _files_from_index(index_path: Path) -> list[Path]:
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"shard index {index_path}: no 'weight_map' table inside")
+    names = sorted(set(weight_map.values()))
+    missing = [n for n in names if not (index_path.parent / n).exists()]
+    if missing:
+        raise CheckpointError(
+            f"shard index {index_path} lists {len(names)} shard files; missing: {', '.join(missing)} "
+            f"(expected beside the index in {index_path.parent})")
+    return [index_path.parent / n for n in names]
+
+
+def _open_files(files: list[Path], root: Path) -> Checkpoint:
+    ckpt = Checkpoint(files=files, root=root)
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"checkpoint shard {f}: no such file")
+        if f.suffix in SAFETENSORS_SUFFIXES:
+            refs, meta = _index_safetensors(f)
+            if not ckpt.metadata and meta:
+                ckpt.metadata = meta
+        elif f.suffix in PICKLE_SUFFIXES:
+            refs = _index_pickle(f)
+        else:
+            raise CheckpointError(
+                f"checkpoint {f}: unknown file type '{f.suffix}' (allowed: "
+                f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)})")
+        dup = set(refs) & set(ckpt._index)
+        if dup:
+            raise CheckpointError(f"checkpoint shard {f}: tensor {sorted(dup)[0]} is also in another shard")
+        ckpt._index.update(refs)
+    return ckpt
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Returns the parsed header and the byte offset where tensor data starts.
+
+    Checks that the file holds all the data the header announces, so a truncated download is
+    reported before anything is read.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"checkpoint {path}: file is {size} bytes, too short for a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise CheckpointError(
+                f"checkpoint {path}: not a safetensors file or truncated (header of {n} bytes announced, "
+                f"file has {size} bytes)")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"checkpoint {path}: safetensors header is not valid JSON (corrupted file?)") from None
+    data_start = 8 + n
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if data_start + end > size:
+        raise CheckpointError(
+            f"checkpoint {path}: truncated: the header announces {data_start + end} bytes, the file has "
+            f"{size} (re-download it)")
+    return header, data_start
+
+
+def _index_safetensors(path: Path) -> tuple[dict[str, _TensorRef], dict]:
+    header, _ = read_safetensors_header(path)
+    meta = header.pop("__metadata__", None) or {}
+    refs: dict[str, _TensorRef] = {}
+    handle: list = []  # one safe_open handle per file, opened on first read
+
+    def reader(key: str) -> Callable[[], torch.Tensor]:
+        def read() -> torch.Tensor:
+            if not handle:
+                from safetensors import safe_open
+                handle.append(safe_open(str(path), framework="pt", device="cpu"))
+            return handle[0].get_tensor(key)
+        return read
+
+    for key, info in header.items():
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"checkpoint {path}: tensor {key} has unsupported dtype {info['dtype']}")
+        refs[key] = _TensorRef(path, tuple(info["shape"]), dtype, reader(key))
+    return refs, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# .pth (weights_only pickle)
+
+
+def _index_pickle(path: Path) -> dict[str, _TensorRef]:
+    state = load_pickle_weights(path)
+    refs = {}
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            continue  # plain values (step counters, version strings) carry no weights
+        refs[key] = _TensorRef(path, tuple(t.shape), t.dtype, (lambda t=t: t))
+    if not refs:
+        raise CheckpointError(f"checkpoint {path}: holds no tensors")
+    return refs
+
+
+def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Loads a ``.pth`` state dict safely: ``weights_only=True``, memory-mapped if possible.
+
+    A file that needs arbitrary Python objects to unpickle is refused, never executed.
+    """
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        # mmap needs the zip format of torch.save (the default since torch 1.6).
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {path}: refused: it contains Python objects other than tensors, which could run "
+            f"code when loaded; it was not executed ({str(e).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(
+            f"checkpoint {path}: not a readable PyTorch file, or truncated ({str(e).splitlines()[0][:200]})") from None
+    return _unwrap_state(state, path)
+
+
+def _unwrap_state(state, path: Path) -> dict:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: expected a dict of tensors, found {type(state).__name__}")
+    for k in _NESTED_STATE_KEYS:
+        inner = state.get(k)
+        if isinstance(inner, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+            return _unwrap_state(inner, path)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a module from tensors without a second copy
+
+
+def materialize(factory: Callable[[], torch.nn.Module],
+                tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]],
+                *, device: str | torch.device, dtype: torch.dtype,
+                keep_fp32: Callable[[str], bool] = lambda name: False,
+                source: str = "checkpoint") -> torch.nn.Module:
+    """Builds a module on the meta device and fills it tensor by tensor.
+
+    Each tensor is read, converted to its target dtype and device, and assigned before the next
+    one is read, so peak memory is the finished model plus one tensor.
+
+    Args:
+        factory: builds the module (called under ``torch.device("meta")``; the module must keep no
+            buffers that are absent from its state dict).
+        tensors: ``(module key, reader)`` pairs, readers return tensors already in module layout.
+        device, dtype: placement and floating dtype of the result.
+        keep_fp32: names of parameters that stay float32 whatever ``dtype`` is.
+        source: the checkpoint's name, for error messages.
+    """
+    with torch.device("meta"):
+        module = factory()
+    expected = dict(module.state_dict(keep_vars=True))
+    seen: set[str] = set()
+    for name, read in tensors:
+        if name not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor '{name}' for {type(module).__name__}")
+        t = read()
+        want = expected[name]
+        if tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{source}: tensor '{name}' has shape {tuple(t.shape)}, the model expects {tuple(want.shape)}")
+        if t.is_floating_point():
+            t = t.to(device=device, dtype=torch.float32 if keep_fp32(name) else dtype)
+        else:
+            t = t.to(device=device)
+        _assign(module, name, t)
+        seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"{source}: missing {len(missing)} tensors for {type(module).__name__}: {', '.join(missing[:5])}{more}")
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _assign(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value

@@ -1,0 +1,198 @@
+"""Loading a Wan DiT from any public checkpoint layout.
+
+Layouts: official (single file, shards + index, folder with config.json; Wan 2.2 A14B keeps one
+such folder per expert), ComfyUI repackaged single files (optional ``model.diffusion_model.``
+prefix; fp8_e4m3fn weights, with or without ``scale_weight`` tensors), diffusers folders and
+files, ``.pth`` files. Every hyperparameter comes from tensor shapes; a ``config.json`` may only
+confirm them (a contradiction is an error).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from wan.loading.files import Checkpoint, CheckpointError, materialize, open_checkpoint
+from wan.loading.keymaps import DIT_DIFFUSERS, DIT_DIFFUSERS_IGNORED, strip_common_prefix
+from wan.models.dit import DiTConfig, WanDiT
+
+log = logging.getLogger(__name__)
+
+HEAD_DIM = 128  # every public Wan DiT
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.")
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Tensors of ComfyUI's quantised files that are not weights of the network.
+_QUANT_EXTRAS = re.compile(r"(^scaled_fp8$|\.scale_weight$|\.scale_input$)")
+_EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")
+
+
+def load_transformer(path: str | os.PathLike | Sequence, device: str | torch.device = "cpu",
+                     dtype: torch.dtype | None = None, *, num_heads: int | None = None) -> WanDiT:
+    """Loads a Wan DiT, ready for inference (eval mode, no grad).
+
+    Args:
+        path: a .safetensors/.pth file, a list of shards, or a folder (official, diffusers
+            pipeline or transformer folder, or one expert folder of Wan 2.2 A14B).
+        device: where the weights go.
+        dtype: floating dtype of the weights; None keeps the file's (fp8 files become bfloat16).
+            Norms, modulation, time embedding and head stay float32 (as the reference computes them).
+        num_heads: only for non-public shapes whose width is not a multiple of 128.
+    """
+    ckpt = _open(path)
+    keys = _WanKeys(ckpt)
+    cfg = infer_config(keys.shapes(), ckpt.config, num_heads=num_heads, source=str(ckpt.root))
+    target = dtype or _default_dtype(ckpt)
+    return materialize(lambda: WanDiT(cfg), keys.readers(), device=device, dtype=target,
+                       keep_fp32=WanDiT.keep_in_fp32, source=f"transformer checkpoint {ckpt.root}")
+
+
+def _open(path) -> Checkpoint:
+    if not isinstance(path, (list, tuple)) and os.path.isdir(path):
+        experts = [e for e in _EXPERT_FOLDERS if os.path.isdir(os.path.join(path, e))]
+        if experts:
+            raise CheckpointError(
+                f"transformer checkpoint {path}: this folder holds the two experts of a Wan 2.2 A14B "
+                f"model ({', '.join(experts)}); load each expert folder on its own")
+    return open_checkpoint(path, subfolder="transformer")
+
+
+def _default_dtype(ckpt: Checkpoint) -> torch.dtype:
+    for key in ckpt.keys():
+        dt = ckpt.dtype(key)
+        if dt.is_floating_point and key.endswith(".weight"):
+            return torch.bfloat16 if dt in _FP8 else dt
+    return torch.float32
+
+
+class _WanKeys:
+    """The checkpoint's tensors under official key names, with fp8 weights dequantised."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        raw = ckpt.keys()
+        prefix = strip_common_prefix([k for k in raw if k != "scaled_fp8"], _PREFIXES)
+        body = [k[len(prefix):] for k in raw if k.startswith(prefix)]
+        diffusers = any(k.startswith("condition_embedder.") for k in body)
+        self.names: dict[str, str] = {}  # official name -> raw key
+        for raw_key, key in zip([k for k in raw if k.startswith(prefix)], body):
+            if _QUANT_EXTRAS.search(key) or (diffusers and DIT_DIFFUSERS_IGNORED.search(key)):
+                continue
+            official = DIT_DIFFUSERS.to_official(key) if diffusers else key
+            self.names[official] = raw_key
+        self.prefix = prefix
+        self._check_family()
+
+    def _check_family(self) -> None:
+        if "patch_embedding.weight" in self.names and "head.head.weight" in self.names:
+            return
+        raise CheckpointError(
+            f"transformer checkpoint {self.ckpt.root}: this is not a Wan DiT checkpoint "
+            f"(no patch_embedding.weight / head.head.weight; {describe_keys(self.ckpt.keys())})")
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: self.ckpt.shape(raw) for name, raw in self.names.items()}
+
+    def readers(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+        for name, raw in self.names.items():
+            yield name, (lambda raw=raw: self._read(raw))
+
+    def _read(self, raw: str) -> torch.Tensor:
+        t = self.ckpt.tensor(raw)
+        if t.dtype in _FP8:
+            scale_key = raw[: -len(".weight")] + ".scale_weight" if raw.endswith(".weight") else None
+            t = t.to(torch.float32)
+            if scale_key and scale_key in self.ckpt:
+                t = t * self.ckpt.tensor(scale_key).to(torch.float32)
+        return t
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]], config_json: dict | None = None, *,
+                 num_heads: int | None = None, source: str = "checkpoint") -> DiTConfig:
+    """Reads every DiT hyperparameter off official-named tensor shapes."""
+    dim, in_dim, *patch = shapes["patch_embedding.weight"]
+    patch = tuple(patch)
+    n_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks."))
+    heads = num_heads or _heads_from(dim, config_json, source)
+    vace = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("vace_blocks.")})
+    cfg = DiTConfig(
+        dim=dim, num_heads=heads, num_layers=n_layers, in_dim=in_dim,
+        ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
+        out_dim=shapes["head.head.weight"][0] // (patch[0] * patch[1] * patch[2]),
+        patch_size=patch,
+        freq_dim=shapes["time_embedding.0.weight"][1],
+        text_dim=shapes["text_embedding.0.weight"][1],
+        text_len=int((config_json or {}).get("text_len", 512)),
+        image_dim=shapes["img_emb.proj.0.weight"][0] if "img_emb.proj.0.weight" in shapes else None,
+        image_pos_tokens=shapes["img_emb.emb_pos"][1] if "img_emb.emb_pos" in shapes else None,
+        vace_layers=_vace_layers(len(vace), n_layers, config_json),
+        vace_in_dim=shapes["vace_patch_embedding.weight"][1] if vace else 96,
+        ref_conv_in=shapes["ref_conv.weight"][1] if "ref_conv.weight" in shapes else None,
+    )
+    _confirm(cfg, config_json, source)
+    return cfg
+
+
+def _heads_from(dim: int, config_json: dict | None, source: str) -> int:
+    cj = config_json or {}
+    heads = cj.get("num_heads") or cj.get("num_attention_heads")
+    if heads:
+        return int(heads)
+    if dim % HEAD_DIM:
+        raise CheckpointError(
+            f"transformer checkpoint {source}: width {dim} is not a multiple of head_dim {HEAD_DIM} "
+            f"(public Wan DiTs all use 128); pass num_heads= or ship a config.json with num_heads")
+    return dim // HEAD_DIM
+
+
+def _vace_layers(n_vace: int, n_layers: int, config_json: dict | None) -> tuple[int, ...]:
+    if not n_vace:
+        return ()
+    listed = (config_json or {}).get("vace_layers")
+    if listed:
+        return tuple(int(i) for i in listed)
+    # The official VACE models spread their hint layers evenly from layer 0
+    # (1.3B: 15 of 30 -> every 2nd; 14B: 8 of 40 -> every 5th).
+    step = n_layers // n_vace
+    return tuple(range(0, step * n_vace, step))
+
+
+# Names a config.json may use for a field, official first then diffusers.
+_CONFIRMABLE = {
+    "dim": ("dim",), "ffn_dim": ("ffn_dim",), "num_layers": ("num_layers",),
+    "in_dim": ("in_dim", "in_channels"), "out_dim": ("out_dim", "out_channels"),
+    "freq_dim": ("freq_dim",), "text_dim": ("text_dim",),
+}
+
+
+def _confirm(cfg: DiTConfig, config_json: dict | None, source: str) -> None:
+    if not config_json:
+        return
+    for field, names in _CONFIRMABLE.items():
+        for name in names:
+            if name in config_json and int(config_json[name]) != getattr(cfg, field):
+                raise CheckpointError(
+                    f"transformer checkpoint {source}: config.json says {name}={config_json[name]}, but the "
+                    f"tensor shapes say {field}={getattr(cfg, field)}; the weights do not match their config")
+
+
+def describe_keys(keys: list[str]) -> str:
+    """A short guess of what a checkpoint holds, for error messages."""
+    joined = " ".join(keys[:2000])
+    guesses = (
+        ("decoder.", "it looks like a VAE"),
+        ("encoder.block.", "it looks like a T5 text encoder"),
+        ("token_embedding.", "it looks like a T5 text encoder"),
+        ("visual.", "it looks like a CLIP model"),
+        ("vision_model.", "it looks like a CLIP vision model"),
+        ("lora_", "it looks like a LoRA"),
+        ("double_blocks.", "it looks like a Flux or HunyuanVideo model"),
+    )
+    for frag, guess in guesses:
+        if frag in joined:
+            return guess
+    sample = ", ".join(keys[:3])
+    return f"first keys: {sample}" if sample else "it holds no tensors"
