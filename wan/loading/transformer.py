@@ -61,11 +61,15 @@ def _open(path) -> Checkpoint:
 
 
 def _default_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The dtype most matrix weights of the file have (fp8 files compute in bfloat16)."""
+    counts: dict[torch.dtype, int] = {}
     for key in ckpt.keys():
-        dt = ckpt.dtype(key)
-        if dt.is_floating_point and key.endswith(".weight"):
-            return torch.bfloat16 if dt in _FP8 else dt
-    return torch.float32
+        if key.endswith(".weight") and len(ckpt.shape(key)) >= 2 and ckpt.dtype(key).is_floating_point:
+            counts[ckpt.dtype(key)] = counts.get(ckpt.dtype(key), 0) + 1
+    if not counts:
+        return torch.float32
+    dt = max(counts, key=counts.get)
+    return torch.bfloat16 if dt in _FP8 else dt
 
 
 class _WanKeys:
