@@ -11,6 +11,7 @@ executed) and memory-mapped where the file format allows it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -22,6 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # Wrapper keys that some training scripts put around the real state dict in a .pth file.
@@ -221,25 +223,40 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
 
 
 def _index_safetensors(path: Path) -> tuple[dict[str, _TensorRef], dict]:
-    header, _ = read_safetensors_header(path)
+    header, data_start = read_safetensors_header(path)
     meta = header.pop("__metadata__", None) or {}
     refs: dict[str, _TensorRef] = {}
-    handle: list = []  # one safe_open handle per file, opened on first read
-
-    def reader(key: str) -> Callable[[], torch.Tensor]:
-        def read() -> torch.Tensor:
-            if not handle:
-                from safetensors import safe_open
-                handle.append(safe_open(str(path), framework="pt", device="cpu"))
-            return handle[0].get_tensor(key)
-        return read
-
     for key, info in header.items():
         dtype = _ST_DTYPES.get(info["dtype"])
         if dtype is None:
             raise CheckpointError(f"checkpoint {path}: tensor {key} has unsupported dtype {info['dtype']}")
-        refs[key] = _TensorRef(path, tuple(info["shape"]), dtype, reader(key))
+        start, end = info["data_offsets"]
+        refs[key] = _TensorRef(path, tuple(info["shape"]), dtype,
+                               functools.partial(_read_tensor, path, data_start + start, end - start,
+                                                 tuple(info["shape"]), dtype))
     return refs, meta
+
+
+def _read_tensor(path: Path, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Reads one tensor with a positioned read into a fresh buffer.
+
+    Not memory-mapped on purpose: pages of a mapped file count in the process's resident memory
+    for as long as the mapping lives, so mapping a checkpoint while building the model from it
+    would hold the weights twice. A plain read leaves them in the page cache only.
+    """
+    out = torch.empty(shape, dtype=dtype)
+    buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else bytearray(0)
+    if len(buf) != nbytes:
+        raise CheckpointError(f"checkpoint {path}: tensor at offset {offset} has {nbytes} bytes, its shape needs {len(buf)}")
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(offset)
+        view, done = memoryview(buf), 0
+        while done < nbytes:
+            n = fh.readinto(view[done:])
+            if not n:
+                raise CheckpointError(f"checkpoint {path}: truncated while reading (re-download it)")
+            done += n
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +306,36 @@ def _unwrap_state(state, path: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Building a module from tensors without a second copy
+
+
+def weight_reader(ckpt: Checkpoint, key: str,
+                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[], torch.Tensor]:
+    """A reader for one tensor that undoes ComfyUI fp8 storage, then applies ``transform``.
+
+    fp8 tensors are upcast to float32; a ``<layer>.weight`` is multiplied by ``<layer>.scale_weight``
+    when that exists (the scale belongs to the weight only, never to the bias).
+    """
+    scale_key = key[: -len(".weight")] + ".scale_weight" if key.endswith(".weight") else None
+
+    def read() -> torch.Tensor:
+        t = ckpt.tensor(key)
+        if t.dtype in FP8_DTYPES:
+            t = t.float()
+        if scale_key and scale_key in ckpt:
+            t = t.float() * ckpt.tensor(scale_key).float()
+        return transform(t) if transform else t
+    return read
+
+
+def check_materialized(module: torch.nn.Module, source: str) -> None:
+    """Fails clearly if a tensor was left on the meta device (a buffer transformers keeps outside
+    the state dict that the model's ``init_constants`` does not rebuild yet)."""
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{source}: tensors without values after loading: {', '.join(left[:5])} "
+                           f"(a transformers buffer outside the state dict; rebuild it after loading)")
+
+
 
 
 def materialize(factory: Callable[[], torch.nn.Module],

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from wan.loading.files import Checkpoint, CheckpointError, materialize, open_checkpoint
+from wan.loading.files import FP8_DTYPES, Checkpoint, CheckpointError, materialize, open_checkpoint, weight_reader
 from wan.loading.keymaps import DIT_DIFFUSERS, DIT_DIFFUSERS_IGNORED, strip_common_prefix
 from wan.models.dit import DiTConfig, WanDiT
 
@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 HEAD_DIM = 128  # every public Wan DiT
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.")
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Tensors of ComfyUI's quantised files that are not weights of the network.
 _QUANT_EXTRAS = re.compile(r"(^scaled_fp8$|\.scale_weight$|\.scale_input$)")
 _EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")
@@ -69,7 +68,7 @@ def _default_dtype(ckpt: Checkpoint) -> torch.dtype:
     if not counts:
         return torch.float32
     dt = max(counts, key=counts.get)
-    return torch.bfloat16 if dt in _FP8 else dt
+    return torch.bfloat16 if dt in FP8_DTYPES else dt
 
 
 class _WanKeys:
@@ -102,16 +101,7 @@ class _WanKeys:
 
     def readers(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
         for name, raw in self.names.items():
-            yield name, (lambda raw=raw: self._read(raw))
-
-    def _read(self, raw: str) -> torch.Tensor:
-        t = self.ckpt.tensor(raw)
-        if t.dtype in _FP8:
-            scale_key = raw[: -len(".weight")] + ".scale_weight" if raw.endswith(".weight") else None
-            t = t.to(torch.float32)
-            if scale_key and scale_key in self.ckpt:
-                t = t * self.ckpt.tensor(scale_key).to(torch.float32)
-        return t
+            yield name, weight_reader(self.ckpt, raw)
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], config_json: dict | None = None, *,

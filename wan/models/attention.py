@@ -24,3 +24,22 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     out = F.scaled_dot_product_attention(
         q.to(dt).transpose(1, 2), k.to(dt).transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
+
+
+def attention_with_key_counts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              log_counts: torch.Tensor) -> torch.Tensor:
+    """Attention where key j stands for several identical keys: its score gets ``log(count_j)``.
+
+    Softmax over n copies of one key equals softmax over that key alone with ``log n`` added to
+    its score, so attending to deduplicated keys is exact. Computed in float32 (the keys are few:
+    the text tokens plus one padding row), so the bias is not rounded to bf16.
+
+    Args:
+        q [B, Lq, h, d], k and v [B, Lk, h, d]; log_counts [Lk] float32.
+    Returns:
+        [B, Lq, h, d] in v's dtype.
+    """
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+        attn_mask=log_counts.to(torch.float32)[None, None, None, :])
+    return out.transpose(1, 2).to(v.dtype)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wan.models.attention import AttentionFn, sdpa_attention
+from wan.models.attention import AttentionFn, attention_with_key_counts, sdpa_attention
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,40 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
 
 
 # ---------------------------------------------------------------------------------------------
+# Text context
+
+
+@dataclass
+class TextContext:
+    """Embedded text tokens, with the zero padding to ``text_len`` folded into one row.
+
+    The reference pads the text states with zeros to 512 rows and attends to all of them. Every
+    padding row embeds to the same vector, so ``rows`` holds the real rows plus one padding row and
+    ``log_counts`` gives that row the weight of all the padding rows it stands for (exact; see
+    :func:`attention_with_key_counts`). ``log_counts`` is None when nothing was folded.
+    """
+
+    rows: torch.Tensor                 # [B, L_rows, dim]
+    log_counts: torch.Tensor | None    # [L_rows] float32
+
+
+def fold_padding(context: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text states [B, L <= text_len, C] -> (rows, log_counts): the rows up to the last non-zero
+    one (over the batch), plus one zero row standing for the remaining padding rows."""
+    if context.shape[1] > text_len:
+        raise ValueError(f"context has {context.shape[1]} tokens, at most text_len={text_len} are allowed")
+    nonzero = (context != 0).any(dim=2).any(dim=0).nonzero()
+    real = int(nonzero[-1]) + 1 if len(nonzero) else 0
+    n_pad = text_len - real
+    if n_pad < 2:
+        return F.pad(context, (0, 0, 0, text_len - context.shape[1])), None
+    rows = F.pad(context[:, :real], (0, 0, 0, 1))
+    log_counts = torch.zeros(real + 1, dtype=torch.float32, device=context.device)
+    log_counts[-1] = math.log(n_pad)
+    return rows, log_counts
+
+
+# ---------------------------------------------------------------------------------------------
 # Layers
 
 
@@ -187,12 +221,16 @@ class CrossAttention(nn.Module):
             self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps)
 
-    def forward(self, x, context, context_img, attention: AttentionFn) -> torch.Tensor:
-        """x [B, L, dim]; context [B, 512, dim]; context_img [B, 257|514, dim] or None."""
+    def forward(self, x, context: "TextContext", context_img, attention: AttentionFn) -> torch.Tensor:
+        """x [B, L, dim]; context: embedded text rows; context_img [B, 257|514, dim] or None."""
         b = x.shape[0]
         q = self.norm_q(self.q(x)).view(b, -1, self.num_heads, x.shape[-1] // self.num_heads)
-        k = self.norm_k(self.k(context)).view(b, -1, *q.shape[2:])
-        out = attention(q, k, self.v(context).view(b, -1, *q.shape[2:]))
+        k = self.norm_k(self.k(context.rows)).view(b, -1, *q.shape[2:])
+        v = self.v(context.rows).view(b, -1, *q.shape[2:])
+        if context.log_counts is None:
+            out = attention(q, k, v)
+        else:
+            out = attention_with_key_counts(q, k, v, context.log_counts)
         if context_img is not None:
             k_img = self.norm_k_img(self.k_img(context_img)).view(b, -1, *q.shape[2:])
             out = out + attention(q, k_img, self.v_img(context_img).view(b, -1, *q.shape[2:]))
@@ -370,10 +408,9 @@ class WanDiT(nn.Module):
     def _context(self, context: torch.Tensor, clip_fea, cdt):
         """Text states padded with zeros to text_len and embedded; CLIP features embedded."""
         cfg = self.config
-        if context.shape[1] > cfg.text_len:
-            raise ValueError(f"context has {context.shape[1]} tokens, at most text_len={cfg.text_len} are allowed")
-        context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
-        context = self.text_embedding(context.to(self.text_embedding[0].weight.dtype)).to(cdt)
+        rows, log_counts = fold_padding(context, cfg.text_len)
+        rows = self.text_embedding(rows.to(self.text_embedding[0].weight.dtype)).to(cdt)
+        context = TextContext(rows, log_counts)
         context_img = None
         if clip_fea is not None:
             if not cfg.image_dim:
