@@ -29,20 +29,19 @@ def _models(args: argparse.Namespace) -> int:
     from wan.registry import list_models
     for spec in list_models(include_test=True):
         tasks = ",".join(spec.tasks)
-        print(f"{spec.id:32s} {spec.name:45s} {tasks}")
+        print(f"{spec.id:32s} {spec.display_name:45s} {tasks}")
     return EXIT_OK
 
 
 def _download(args: argparse.Namespace) -> int:
     from wan.loading.download import DownloadError, ensure_files
-    from wan.registry import get_model
+    from wan.registry import RegistryError, get_model
     try:
         spec = get_model(args.model)
-    except (KeyError, ValueError) as e:
+        paths = ensure_files(spec, args.checkpoint_dir, variant=args.variant)
+    except RegistryError as e:  # unknown model or variant: bad input
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    try:
-        paths = ensure_files(spec, args.checkpoint_dir, variant=args.variant)
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -67,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dl = sub.add_parser("download", help="download a model's files into the checkpoints folder")
     dl.add_argument("model", help="model id (see: wgp.py models)")
-    dl.add_argument("--variant", default=None, help="weights variant: bf16, fp16, fp8 ...")
+    dl.add_argument("--variant", default="bf16", help="weights variant: bf16 (default), fp16, fp32, fp8_e4m3fn, fp8_scaled")
     dl.add_argument("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR)
     dl.set_defaults(func=_download)
     return parser

@@ -8,7 +8,7 @@ def build():
     import gradio as gr
     from wan.registry import list_models
 
-    rows = [[s.id, s.name, ", ".join(s.tasks), "test model" if s.test_model else s.version]
+    rows = [[s.id, s.display_name, ", ".join(s.tasks), "test model" if s.test_model else f"Wan {s.version}"]
             for s in list_models(include_test=True)]
     with gr.Blocks(title="Wan Studio", analytics_enabled=False) as demo:
         gr.Markdown("# Wan Studio\nThe generation UI arrives with the web app milestone. "
