@@ -1,0 +1,264 @@
+"""Wan 2.1 / 2.2 VAEs: parity with diffusers' AutoencoderKLWan, checkpoint formats, tiling.
+
+Weights are written once in the official layout (``tiny_vae_state_dict``), loaded with
+``wan.load_vae``; diffusers gets the same weights through the official -> diffusers key map
+(the inverse of the loader's map) with a strict load.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import wan
+from tests.helpers import rel_err
+from wan.loading.files import CheckpointError
+from wan.loading.vae import official_to_diffusers
+from wan.models.vae21 import LATENTS_MEAN_21, LATENTS_STD_21
+from wan.models.vae22 import LATENTS_MEAN_22, LATENTS_STD_22
+from wan.models.vae_blocks import TileConfig, run_tiled, tile_spans
+from wan.testing.tiny_vae import TINY_VAE_CONFIGS, tiny_vae_state_dict
+
+PARITY_TOL = 1e-4
+# A video that spans three chunks (frame 0, then 4 + 4 frames) and 2x2 latents: small because
+# at these widths torch runs its slow reference conv3d kernel (the tiny models cost ~1 s a pass).
+SIZES = {"2.1": (9, 16), "2.2": (9, 32)}
+
+
+def _diffusers_vae(version: str, official: dict[str, torch.Tensor]):
+    from diffusers import AutoencoderKLWan
+    cfg = TINY_VAE_CONFIGS[version]
+    common = dict(base_dim=cfg["dim"], z_dim=cfg["z_dim"], dim_mult=cfg["dim_mult"],
+                  num_res_blocks=cfg["num_res_blocks"], temperal_downsample=cfg["temporal_downsample"])
+    if version == "2.1":
+        model = AutoencoderKLWan(**common)
+    else:
+        model = AutoencoderKLWan(**common, decoder_base_dim=cfg["dec_dim"], is_residual=True,
+                                 in_channels=12, out_channels=12, patch_size=2, scale_factor_temporal=4,
+                                 scale_factor_spatial=16, latents_mean=LATENTS_MEAN_22,
+                                 latents_std=LATENTS_STD_22)
+    names = official_to_diffusers(official)
+    assert all(v is not None for v in names.values()), [k for k, v in names.items() if v is None]
+    model.load_state_dict({names[k]: v for k, v in official.items()}, strict=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["2.1", "2.2"])
+def pair(request, tmp_path_factory):
+    """(version, our model loaded from an official .pth, diffusers model, official state dict)."""
+    version = request.param
+    sd = tiny_vae_state_dict(version, seed=1)
+    path = tmp_path_factory.mktemp(f"vae{version}") / f"Wan{version}_VAE.pth"
+    torch.save(sd, path)
+    return version, wan.load_vae(path), _diffusers_vae(version, sd), sd
+
+
+def _constants(version: str):
+    mean, std = (LATENTS_MEAN_21, LATENTS_STD_21) if version == "2.1" else (LATENTS_MEAN_22, LATENTS_STD_22)
+    shape = (1, len(mean), 1, 1, 1)
+    return torch.tensor(mean).view(shape), torch.tensor(std).view(shape)
+
+
+def _video(version: str, seed: int = 0) -> torch.Tensor:
+    t, s = SIZES[version]
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((1, 3, t, s, s), generator=g) * 2 - 1
+
+
+def test_attributes(pair):
+    version, ours, _, _ = pair
+    assert ours.version == version
+    assert ours.z_dim == (16 if version == "2.1" else 48)
+    assert ours.stride == ((4, 8, 8) if version == "2.1" else (4, 16, 16))
+    assert not ours.training and not any(p.requires_grad for p in ours.parameters())
+    assert len(list(ours.buffers())) == 0  # materialize() needs every buffer in the state dict
+
+
+def test_encode_parity(pair):
+    version, ours, ref, _ = pair
+    x = _video(version)
+    mean, std = _constants(version)
+    with torch.inference_mode():
+        z = ours.encode(x)
+        mu = ref.encode(x).latent_dist.mean
+    expected = (mu - mean) * (1.0 / std)
+    t, s = SIZES[version]
+    assert z.shape == (1, ours.z_dim, 1 + (t - 1) // 4, s // ours.stride[1], s // ours.stride[2])
+    assert z.dtype == torch.float32
+    assert rel_err(z, expected) <= PARITY_TOL
+
+
+def test_decode_parity(pair):
+    version, ours, ref, _ = pair
+    t, s = SIZES[version]
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn((1, ours.z_dim, 1 + (t - 1) // 4, s // ours.stride[1], s // ours.stride[2]), generator=g)
+    mean, std = _constants(version)
+    with torch.inference_mode():
+        video = ours.decode(z)
+        expected = ref.decode(z / (1.0 / std) + mean).sample  # diffusers takes raw latents
+    assert video.shape == (1, 3, t, s, s)
+    assert video.abs().max() <= 1.0
+    # the random weights must drive the output into the clamp range only partly, or the test
+    # would compare mostly constants
+    assert (video.abs() < 1.0).float().mean() > 0.5
+    assert rel_err(video, expected) <= PARITY_TOL
+
+
+def test_decode_single_frame_and_batch(pair):
+    """Batch of two, one latent frame (the image case), against diffusers."""
+    version, ours, ref, _ = pair
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn((2, ours.z_dim, 1, 2, 3), generator=g)
+    mean, std = _constants(version)
+    with torch.inference_mode():
+        video = ours.decode(z)
+        expected = ref.decode(z / (1.0 / std) + mean).sample
+    assert video.shape == (2, 3, 1, 2 * ours.stride[1], 3 * ours.stride[2])
+    assert rel_err(video, expected) <= PARITY_TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats
+
+
+def _save_formats(version: str, sd: dict, tmp_path) -> dict[str, object]:
+    paths = {}
+    paths["pth"] = tmp_path / "vae.pth"
+    torch.save(sd, paths["pth"])
+    paths["comfy"] = tmp_path / "wan_vae.safetensors"
+    save_file(sd, str(paths["comfy"]))
+    paths["comfy_prefixed"] = tmp_path / "wan_vae_prefixed.safetensors"
+    save_file({"first_stage_model." + k: v for k, v in sd.items()}, str(paths["comfy_prefixed"]))
+    pipe = tmp_path / "pipeline"
+    _diffusers_vae(version, sd).save_pretrained(pipe / "vae", safe_serialization=True)
+    paths["diffusers_pipeline"] = pipe
+    paths["diffusers_vae_folder"] = pipe / "vae"
+    return paths
+
+
+@pytest.mark.parametrize("version", ["2.1", "2.2"])
+def test_formats_give_identical_outputs(version, tmp_path):
+    sd = tiny_vae_state_dict(version, seed=2)
+    paths = _save_formats(version, sd, tmp_path)
+    assert (paths["diffusers_vae_folder"] / "config.json").exists()
+    assert (paths["diffusers_vae_folder"] / "diffusion_pytorch_model.safetensors").exists()
+    t, s = SIZES[version]
+    x = _video(version, seed=5)[:, :, :5]
+    outs = {}
+    with torch.inference_mode():
+        for name, path in paths.items():
+            vae = wan.load_vae(path)
+            assert vae.version == version, name
+            z = vae.encode(x)
+            outs[name] = (z, vae.decode(z))
+    z0, v0 = outs["pth"]
+    for name, (z, v) in outs.items():
+        assert torch.equal(z, z0), name
+        assert torch.equal(v, v0), name
+
+
+def test_dtype_argument(tmp_path):
+    sd = tiny_vae_state_dict("2.1", seed=0)
+    save_file(sd, str(tmp_path / "v.safetensors"))
+    vae = wan.load_vae(tmp_path / "v.safetensors", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in vae.parameters())
+    with torch.inference_mode():
+        out = vae.decode(torch.zeros(1, 16, 2, 2, 2))
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 5, 16, 16)
+
+
+def test_hyperparameters_inferred(tmp_path):
+    """Full-size hyperparameters are read from shapes (a meta-device state dict is enough)."""
+    from wan.loading.vae import infer_vae_config
+    from wan.models.vae21 import WanVAE21
+    from wan.models.vae22 import WanVAE22
+    with torch.device("meta"):
+        full21, full22 = WanVAE21(), WanVAE22()
+    v, cfg = infer_vae_config({k: tuple(t.shape) for k, t in full21.state_dict().items()})
+    assert v == "2.1" and cfg == full21.config
+    v, cfg = infer_vae_config({k: tuple(t.shape) for k, t in full22.state_dict().items()})
+    assert v == "2.2" and cfg == full22.config and cfg["dim"] == 160 and cfg["dec_dim"] == 256
+
+
+def test_wrong_family_is_a_clear_error(tmp_path):
+    dit = {"patch_embedding.weight": torch.zeros(4, 16, 1, 2, 2), "blocks.0.self_attn.q.weight": torch.zeros(4, 4)}
+    path = tmp_path / "wan2.1_t2v_1.3B.safetensors"
+    save_file(dit, str(path))
+    with pytest.raises(CheckpointError, match=r"wan2\.1_t2v_1\.3B\.safetensors.*does not look like a Wan VAE"):
+        wan.load_vae(path)
+
+
+def test_missing_tensor_is_a_clear_error(tmp_path):
+    sd = tiny_vae_state_dict("2.1", seed=0)
+    del sd["decoder.upsamples.12.residual.6.weight"]
+    path = tmp_path / "broken.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match=r"broken\.safetensors.*decoder\.upsamples\.12\.residual\.6\.weight"):
+        wan.load_vae(path)
+
+
+def test_bad_input_shape_is_a_clear_error(pair):
+    version, ours, _, _ = pair
+    with pytest.raises(ValueError, match=r"shape \(1, 3, 6, 32, 32\).*T = 1 \+ 4k"):
+        ours.encode(torch.zeros(1, 3, 6, 32, 32))
+    with pytest.raises(ValueError, match=r"H, W multiples of %d" % ours.stride[1]):
+        ours.encode(torch.zeros(1, 3, 5, 36, 32))
+    with pytest.raises(ValueError, match=r"expected \[B, %d, F, h, w\]" % ours.z_dim):
+        ours.decode(torch.zeros(1, 4, 2, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiling
+
+
+def test_tiling_blend_is_exact_for_a_local_function():
+    """The tile layout and the linear blend: for a function without spatial context (nearest
+    upsampling) tiles agree in their overlaps, so the blend must reproduce the untiled result."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn((1, 2, 3, 40, 56), generator=g)
+    fn = lambda t: t.repeat_interleave(8, dim=3).repeat_interleave(8, dim=4) * 2.0  # noqa: E731
+    tiled = run_tiled(fn, x, tile=16, overlap=5, in_scale=1, out_scale=8)
+    assert tiled.shape == (1, 2, 3, 320, 448)
+    assert rel_err(tiled, fn(x)) <= 1e-6
+    assert tile_spans(40, 16, 5) == [(0, 16), (11, 27), (22, 38), (24, 40)]
+
+
+def test_tiled_close_to_untiled(tmp_path):
+    """Tiled decode/encode of a tiny Wan 2.1 VAE against the untiled pass.
+
+    Tiling is not exact: each conv sees zero padding at a tile border where the untiled pass sees
+    the neighbouring pixels, and this reaches across the whole receptive field (11 latent pixels
+    before the first upsampler); the linear blend over the overlap only softens the seams. The
+    per-frame attention of the middle blocks is global over the frame, so with random weights it
+    would make every pixel depend on the whole frame; its output projection is zeroed here, as
+    the reference initialises it, and a trained VAE uses it mostly locally. The test bounds the
+    mean error (relative to the mean magnitude of the output) and the worst pixel.
+    """
+    sd = tiny_vae_state_dict("2.1", seed=6)
+    for k in sd:
+        if k.endswith("middle.1.proj.weight"):
+            sd[k].zero_()
+    save_file(sd, str(tmp_path / "v.safetensors"))
+    vae = wan.load_vae(tmp_path / "v.safetensors")
+    s = vae.stride[1]
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn((1, vae.z_dim, 2, 16, 16), generator=g)
+    tile = TileConfig(tile=12 * s, overlap=8 * s)
+    with torch.inference_mode():
+        full = vae.decode(z)
+        tiled = vae.decode(z, tile=tile)
+        enc_full = vae.encode(full[:, :, :1])
+        enc_tiled = vae.encode(full[:, :, :1], tile=tile)
+
+    def mean_rel(a, b):
+        return ((a - b).abs().mean() / b.abs().mean()).item()
+
+    assert tiled.shape == full.shape and enc_tiled.shape == enc_full.shape
+    assert 0 < mean_rel(tiled, full) <= 0.15, mean_rel(tiled, full)
+    assert 0 < mean_rel(enc_tiled, enc_full) <= 0.15, mean_rel(enc_tiled, enc_full)
+    assert rel_err(tiled, full) <= 0.6
+    # a tile as large as the frame is the untiled pass itself
+    with torch.inference_mode():
+        assert torch.equal(vae.decode(z, tile=TileConfig(tile=16 * s, overlap=2 * s)), full)
