@@ -63,7 +63,8 @@ def load_diffusers(path: Path):
     from wan.loading.keymaps import DIT_DIFFUSERS
     with torch.device("meta"):
         model = WanTransformer3DModel(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)
-    state = {DIT_DIFFUSERS.from_official(k): v for k, v in load_file(str(path)).items()}
+    # load_file maps the file lazily; clone so the weights are resident before anything is measured
+    state = {DIT_DIFFUSERS.from_official(k): v.clone() for k, v in load_file(str(path)).items()}
     keep32 = model._keep_in_fp32_modules or []
     for k in list(state):
         if any(part in k.split(".") for part in keep32):
