@@ -1,1 +1,1 @@
-"""The networks only: no memory policy, no device moves, no global flags (see DESIGN.md)."""
+"""The networks only: no memory policy, no device moves, no process-wide switches (see DESIGN.md)."""

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from wan.models.vae_blocks import (AttentionBlock, CausalCache, CausalConv3d, CausalVAE, RMS_norm,
-                                   Resample, ResidualBlock, run_conv_in, run_head, run_streamed)
+from wan.models.vae_blocks import (CausalCache, CausalConv3d, CausalVAE, Resample, ResidualBlock, make_head,
+                                   make_middle, run_conv_in, run_head, run_streamed)
 
 LATENTS_MEAN_21 = [
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -22,14 +22,6 @@ LATENTS_MEAN_21 = [
 LATENTS_STD_21 = [
     2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
-
-
-def _head(dim: int, out: int) -> nn.Sequential:
-    return nn.Sequential(RMS_norm(dim, images=False), nn.SiLU(), CausalConv3d(dim, out, 3, padding=1))
-
-
-def _middle(dim: int) -> nn.Sequential:
-    return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
 
 
 class Encoder21(nn.Module):
@@ -48,8 +40,8 @@ class Encoder21(nn.Module):
             if i != len(dim_mult) - 1:
                 blocks.append(Resample(cout, "downsample3d" if temporal[i] else "downsample2d"))
         self.downsamples = nn.Sequential(*blocks)
-        self.middle = _middle(dims[-1])
-        self.head = _head(dims[-1], z2)
+        self.middle = make_middle(dims[-1])
+        self.head = make_head(dims[-1], z2)
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         x = run_conv_in(self.conv1, x, cache)
@@ -72,7 +64,7 @@ class Decoder21(nn.Module):
         super().__init__()
         dims = [dim * m for m in [dim_mult[-1]] + dim_mult[::-1]]
         self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
-        self.middle = _middle(dims[0])
+        self.middle = make_middle(dims[0])
         blocks: list[nn.Module] = []
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
             if i > 0:
@@ -83,7 +75,7 @@ class Decoder21(nn.Module):
             if i != len(dim_mult) - 1:
                 blocks.append(Resample(cout, "upsample3d" if temporal[i] else "upsample2d"))
         self.upsamples = nn.Sequential(*blocks)
-        self.head = _head(dims[-1], 3)
+        self.head = make_head(dims[-1], 3)
         # From the last upsampler on, a latent frame has become 4 frames at full resolution,
         # which hold most of the activation memory: stream those frame by frame. (Streaming
         # earlier stages too saves less memory than the extra cache copies cost in time.)

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wan.models.vae_blocks import (AttentionBlock, CausalCache, CausalConv3d, CausalVAE, RMS_norm,
-                                   Resample, ResidualBlock, run_conv_in, run_head, run_streamed)
+from wan.models.vae_blocks import (CausalCache, CausalConv3d, CausalVAE, Resample, ResidualBlock, make_head,
+                                   make_middle, run_conv_in, run_head, run_streamed)
 
 LATENTS_MEAN_22 = [
     -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
@@ -127,14 +127,6 @@ class Up_ResidualBlock(nn.Module):  # noqa: N801 (official name)
         return y.add_(self.avg_shortcut(x, cache.first_chunk))
 
 
-def _head(dim: int, out: int) -> nn.Sequential:
-    return nn.Sequential(RMS_norm(dim, images=False), nn.SiLU(), CausalConv3d(dim, out, 3, padding=1))
-
-
-def _middle(dim: int) -> nn.Sequential:
-    return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
-
-
 class Encoder22(nn.Module):
     """[B, 12, T, H, W] (patchified) -> [B, 2*z_dim, 1 + (T-1)/4, H/8, W/8], one chunk at a time."""
 
@@ -148,8 +140,8 @@ class Encoder22(nn.Module):
             Down_ResidualBlock(cin, cout, num_res_blocks, temporal=i < len(temporal) and temporal[i]
                                and i != last, down=i != last)
             for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:]))])
-        self.middle = _middle(dims[-1])
-        self.head = _head(dims[-1], z2)
+        self.middle = make_middle(dims[-1])
+        self.head = make_head(dims[-1], z2)
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         x = run_conv_in(self.conv1, x, cache)
@@ -169,12 +161,12 @@ class Decoder22(nn.Module):
         dims = [dim * m for m in [dim_mult[-1]] + dim_mult[::-1]]
         last = len(dim_mult) - 1
         self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
-        self.middle = _middle(dims[0])
+        self.middle = make_middle(dims[0])
         self.upsamples = nn.Sequential(*[
             Up_ResidualBlock(cin, cout, num_res_blocks, temporal=i < len(temporal) and temporal[i]
                              and i != last, up=i != last)
             for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:]))])
-        self.head = _head(dims[-1], IMAGE_CHANNELS)
+        self.head = make_head(dims[-1], IMAGE_CHANNELS)
         # The stage with the last upsampler and the ones after it see 4 frames per latent frame
         # at the highest resolutions: stream them frame by frame (see run_streamed).
         up_stages = [i for i, b in enumerate(self.upsamples) if b.avg_shortcut is not None]

@@ -257,6 +257,16 @@ class Resample(nn.Module):
         return self.time_conv(torch.cat([previous, x], dim=2))
 
 
+def make_head(dim: int, out: int) -> nn.Sequential:
+    """Output head of encoders and decoders: [RMS_norm, SiLU, CausalConv3d 3x3x3] (keys head.0/2)."""
+    return nn.Sequential(RMS_norm(dim, images=False), nn.SiLU(), CausalConv3d(dim, out, 3, padding=1))
+
+
+def make_middle(dim: int) -> nn.Sequential:
+    """Middle of encoders and decoders: residual block, attention, residual block (keys middle.0/1/2)."""
+    return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
+
+
 def run_head(head: nn.Sequential, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
     """Output head [RMS_norm, SiLU, CausalConv3d]."""
     return norm_silu_causal_conv(head[0], head[2], x, cache)
