@@ -1,6 +1,7 @@
 """Command table of ``wgp.py``: one small function per command.
 
     python wgp.py [serve] [--server-name HOST] [--server-port N] [--listen] [--share]
+    python wgp.py generate --model ID --prompt TEXT [...]   headless generation (see wan/cli_generate.py)
     python wgp.py models                 list the models of the registry
     python wgp.py download MODEL [--variant bf16|fp16|fp8] [--checkpoint-dir DIR]
 
@@ -23,6 +24,11 @@ def _serve(args: argparse.Namespace) -> int:
         print("warning: --share makes the app reachable from the internet by anyone with the link", file=sys.stderr)
     serve(host=host, port=args.server_port, share=args.share)
     return EXIT_OK
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from wan.cli_generate import run
+    return run(args)
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -61,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--share", action="store_true", help="create a public Gradio link")
     serve.set_defaults(func=_serve)
 
+    from wan.cli_generate import add_arguments
+    gen = sub.add_parser("generate", help="generate a video or image without the UI")
+    add_arguments(gen)
+    gen.set_defaults(func=_generate)
+
     models = sub.add_parser("models", help="list the models of the registry")
     models.set_defaults(func=_models)
 
@@ -74,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     parser = build_parser()
-    commands = {"serve", "models", "download", "-h", "--help"}
+    commands = {"serve", "generate", "models", "download", "-h", "--help"}
     if not argv or argv[0] not in commands:
         argv = ["serve", *argv]  # flags alone start the app
     args = parser.parse_args(argv)

@@ -2,8 +2,8 @@
 
 ``ensure_tiny_checkpoints(checkpoint_dir)`` writes, under ``<checkpoint_dir>/tiny/``, every file
 the ``test-tiny-*`` entries of the registry name (see ``wan/registry/models/test-tiny.yaml``):
-DiTs in the official key layout (t2v, i2v with CLIP, flf2v, VACE, TI2V and a two-expert
-A14B-style pair), the Wan 2.1 and 2.2 VAEs, umT5 with its tokenizer, and CLIP vision. Weights are
+DiTs in the official key layout (t2v, i2v with CLIP, flf2v, VACE, TI2V, Fun InP, Fun V1.1
+Control with its reference conv, and a two-expert A14B-style pair), the Wan 2.1 and 2.2 VAEs, umT5 with its tokenizer, and CLIP vision. Weights are
 drawn from fixed seeds, so every machine writes the same bytes; generation takes about a second.
 The whole folder is written aside and renamed into place, so a crash or a concurrent writer never
 leaves a half-written family.
@@ -24,7 +24,7 @@ from wan.testing.tiny_encoders import (TINY_CLIP, TINY_CLIP_TOKENS, TINY_T5, tin
 from wan.testing.tiny_vae import tiny_vae_state_dict
 
 # Bump when what is written changes: an existing folder of another version is rewritten.
-FAMILY_VERSION = 1
+FAMILY_VERSION = 2
 TINY_DIT = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, freq_dim=256, text_dim=TINY_T5["dim"])
 TINY_DIT_VARIANTS: dict[str, dict] = {
     "t2v": {},
@@ -32,6 +32,8 @@ TINY_DIT_VARIANTS: dict[str, dict] = {
     "flf2v": dict(in_dim=36, image_dim=TINY_CLIP["dim"], image_pos_tokens=2 * TINY_CLIP_TOKENS),
     "vace": dict(vace_layers=(0, 1)),
     "ti2v": dict(in_dim=48, out_dim=48),
+    "fun_inp": dict(in_dim=36, image_dim=TINY_CLIP["dim"]),
+    "fun_control": dict(in_dim=48, image_dim=TINY_CLIP["dim"], ref_conv_in=16),
 }
 # (file, variant, seed): each file of the family that holds a DiT.
 _DIT_FILES = [

@@ -1,0 +1,127 @@
+"""The engine's one entry: a request in, written files and their metadata out.
+
+    engine = Engine(checkpoint_dir="checkpoints")
+    result = engine.generate(GenerationRequest(model="wan2.1-t2v-1.3B", prompt="a fox"), progress=print)
+
+The UI, the CLI and Python callers all go through :meth:`Engine.generate`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from wan.engine.conditioning import Conditioning, build_conditioning
+from wan.engine.loop import CancelToken, ExpertPlan, StepInfo, denoise
+from wan.engine.models import ModelManager, ModelSet
+from wan.engine.request import GenerationRequest, resolve_request
+from wan.registry import Registry, default_registry
+
+log = logging.getLogger(__name__)
+METADATA_KEY = "wan_studio"
+METADATA_VERSION = 1
+
+
+@dataclass
+class GenerationResult:
+    """What one generation produced."""
+
+    files: list[Path]
+    request: GenerationRequest          # the resolved request (every default filled, concrete seed)
+    metadata: dict
+    latent: torch.Tensor | None = None  # final latent [C, F, H, W] (VACE reference frames removed)
+    video: torch.Tensor | None = None   # decoded [3, T, H, W] in [-1, 1]
+    steps: list[StepInfo] = field(default_factory=list)
+
+
+def draw_noise(shape, seed: int, device: torch.device, on_cpu: bool = False) -> torch.Tensor:
+    """One ``torch.randn`` of the latent shape from a generator seeded with ``seed``, as the official
+    scripts draw it (on the device; ``on_cpu`` draws on the CPU for the same noise on every device)."""
+    gen_device = torch.device("cpu") if on_cpu else torch.device(device)
+    g = torch.Generator(device=gen_device).manual_seed(seed)
+    return torch.randn(*shape, dtype=torch.float32, generator=g, device=gen_device).to(device)
+
+
+class Engine:
+    """Turns requests into videos and images. Models stay loaded between requests."""
+
+    def __init__(self, checkpoint_dir: str | Path = "checkpoints", device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, registry: Registry | None = None, variant: str = "bf16"):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.registry = registry or default_registry()
+        self.models = ModelManager(checkpoint_dir, device, dtype, variant)
+
+    @property
+    def device(self) -> torch.device:
+        return self.models.device
+
+    def generate(self, request: GenerationRequest, progress: Callable[[StepInfo], None] | None = None,
+                 cancel: CancelToken | None = None, write: bool = True) -> GenerationResult:
+        """Runs one request end to end.
+
+        Raises:
+            RequestError: a field of the request is not allowed (nothing was loaded or written).
+            Cancelled: ``cancel`` was set; nothing was written.
+        """
+        req, spec = resolve_request(request, self.registry)
+        nets = self.models.get(spec)
+        steps: list[StepInfo] = []
+
+        def on_step(info: StepInfo) -> None:
+            steps.append(info)
+            if progress is not None:
+                progress(info)
+
+        latent, cond = self.denoise(req, nets, progress=on_step, cancel=cancel)
+        video = nets.vae.decode(latent[None].float())[0]
+        metadata = self.metadata(req)
+        files: list[Path] = []
+        if write:
+            from wan.engine.media import OutputOptions, save_outputs, to_uint8_frames
+            options = OutputOptions(folder=req.output_dir, name_template=req.name_template, video_quality=req.quality,
+                                    save_latents=req.save_latents, trim_tail_frames=req.trim_tail)
+            files = save_outputs(to_uint8_frames(video), req.fps, metadata, options, seed=req.seed, prompt=req.prompt,
+                                 latents=latent if req.save_latents else None, model=spec.id, task=req.task)
+        return GenerationResult(files, req, metadata, latent, video, steps)
+
+    def denoise(self, req: GenerationRequest, nets: ModelSet, *, noise: torch.Tensor | None = None,
+                progress=None, cancel=None) -> tuple[torch.Tensor, Conditioning]:
+        """Conditioning, text, noise and the sampling loop for a resolved request; returns the final
+        latent (VACE reference frames removed) and the conditioning."""
+        from wan.engine.samplers import make_sampler
+        device = self.device
+        cond = build_conditioning(req, nets.spec, nets, device)
+        context, context_neg = nets.text_encoder.encode_prompts([req.prompt, req.negative_prompt])
+        if noise is None:
+            noise = draw_noise(cond.noise_shape, req.seed, device, req.cpu_noise)
+        sampler = make_sampler(req.sampler, req.steps, req.shift)
+        start, latent = 0, noise
+        if cond.init_latent is not None:  # video-to-video: noise the input up to the start step
+            start = sampler.start_index(req.strength)
+            sigma = sampler.sigmas[start].to(device)
+            latent = (1 - sigma) * cond.init_latent + sigma * noise
+        if cond.fixed_mask is not None:  # TI2V image mode
+            latent = (1 - cond.fixed_mask) * cond.fixed_latent + cond.fixed_mask * latent
+        plan = ExpertPlan(req.boundary, req.guidance, req.guidance_high_noise)
+        extra = cond.dit_kwargs
+        latent = denoise(nets.dits, sampler, latent, {"context": context[None].to(device), **extra},
+                         {"context": context_neg[None].to(device), **extra}, plan, cond, start=start,
+                         progress=progress, cancel=cancel)
+        return latent[:, cond.drop_front:], cond
+
+    @staticmethod
+    def metadata(req: GenerationRequest) -> dict:
+        """What is embedded in outputs: the resolved request, enough to reproduce the output."""
+        import wan
+        return {METADATA_KEY: METADATA_VERSION, "version": wan.__version__, "request": req.to_dict()}
+
+
+def request_from_metadata(metadata: dict) -> GenerationRequest:
+    """Rebuilds the request an output was made from (see :meth:`Engine.metadata`)."""
+    if METADATA_KEY not in metadata or "request" not in metadata:
+        raise ValueError("this file's metadata was not written by Wan Studio (no request inside)")
+    return GenerationRequest.from_dict(metadata["request"])

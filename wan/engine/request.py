@@ -1,0 +1,243 @@
+"""The one request type every caller builds: UI, CLI, batch files and Python.
+
+``GenerationRequest`` holds every generation setting; field names are the CLI flag names (with
+``_`` for ``-``) and the UI's keys. ``resolve_request`` validates it in one place and fills every
+unset field from the model registry, giving a request with no ``None`` left and a concrete seed:
+that resolved request is what is stored in an output's metadata and what rebuilds the output.
+Bad input raises :class:`RequestError`, which names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wan.registry import ModelSpec, Registry, RegistryError, default_registry
+
+TASKS = ("t2v", "t2i", "i2v", "flf2v", "v2v", "fun_inp", "fun_control", "vace", "ti2v")
+SAMPLERS = ("unipc", "dpm++", "euler")
+MAX_SEED = 2**32 - 1
+# Inputs each task reads; anything else given for the task is an error, not silently ignored.
+TASK_INPUTS = {
+    "t2v": set(), "t2i": set(), "ti2v": {"image"},
+    "i2v": {"image", "end_image"}, "flf2v": {"image", "end_image"},
+    "v2v": {"video"}, "fun_inp": {"image", "end_image"},
+    "fun_control": {"control_video", "image"},
+    "vace": {"control_video", "mask_video", "ref_images"},
+}
+REQUIRED_INPUTS = {"i2v": ("image",), "flf2v": ("image", "end_image"), "v2v": ("video",),
+                   "fun_control": ("control_video",), "fun_inp": ("image",)}
+INPUT_FIELDS = ("image", "end_image", "video", "control_video", "mask_video", "ref_images")
+
+
+class RequestError(ValueError):
+    """A request field has a value that is not allowed."""
+
+    def __init__(self, field_name: str, value: Any, allowed: str):
+        self.field, self.value, self.allowed = field_name, value, allowed
+        super().__init__(f"{field_name}: {value!r} is not allowed; {allowed}")
+
+
+@dataclass
+class LoraChoice:
+    """One LoRA of a request: a file (or a name in the LoRA folder) and its multiplier string."""
+
+    path: str
+    multiplier: str = "1.0"
+
+
+@dataclass
+class GenerationRequest:
+    """Every setting of one generation. ``None`` means "the model's default"."""
+
+    model: str
+    prompt: str = ""
+    task: str | None = None
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    guidance_high_noise: float | None = None  # Wan 2.2 A14B: guidance while the high-noise expert runs
+    boundary: float | None = None             # Wan 2.2 A14B: expert switch, as a fraction of 1000
+    shift: float | None = None
+    sampler: str | None = None
+    seed: int = -1                            # -1: pick a random seed and record it
+    # task inputs
+    image: str | None = None
+    end_image: str | None = None
+    video: str | None = None
+    strength: float = 0.75                    # v2v: how much of the input video is re-noised (0..1]
+    control_video: str | None = None
+    mask_video: str | None = None
+    ref_images: list[str] = field(default_factory=list)
+    vace_scale: float = 1.0
+    loras: list[LoraChoice] = field(default_factory=list)
+    profile: str | None = None
+    # output
+    output_dir: str = "outputs"
+    name_template: str = "{time}_seed{seed}_{prompt}"
+    fps: int | None = None
+    quality: int = 8
+    save_latents: bool = False
+    trim_tail: int = 0
+    cpu_noise: bool = False                   # draw the noise on the CPU (same on every device)
+
+    # -- serialisation --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GenerationRequest":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RequestError(unknown[0], data[unknown[0]], f"not a request field; fields are: {', '.join(sorted(known))}")
+        data = dict(data)
+        data["loras"] = [lo if isinstance(lo, LoraChoice) else LoraChoice(**lo) for lo in data.get("loras", [])]
+        data["ref_images"] = list(data.get("ref_images", []))
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GenerationRequest":
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes) -> "GenerationRequest":
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution: defaults from the registry, validation
+
+
+def resolve_request(req: GenerationRequest, registry: Registry | None = None,
+                    check_files: bool = True) -> tuple[GenerationRequest, ModelSpec]:
+    """Validates ``req`` and fills every default. Returns (resolved request, model spec).
+
+    Raises:
+        RequestError: naming the first field whose value is not allowed.
+    """
+    registry = registry or default_registry()
+    try:
+        spec = registry.get(req.model)
+    except RegistryError:
+        raise RequestError("model", req.model, f"known models: {', '.join(registry.ids())}") from None
+    task = req.task or spec.tasks[0]
+    if task not in spec.tasks:
+        raise RequestError("task", task, f"model {spec.id} supports: {', '.join(spec.tasks)}")
+    d = spec.defaults
+    width, height = _size(req, spec, task)
+    frames = _frames(req, spec, task)
+    steps = _positive_int("steps", req.steps if req.steps is not None else d.steps)
+    sampler = req.sampler or d.sampler
+    if sampler not in SAMPLERS:
+        raise RequestError("sampler", sampler, f"choose one of: {', '.join(SAMPLERS)}")
+    shift = req.shift if req.shift is not None else d.shift_for((width, height))
+    _positive_float("shift", shift)
+    guidance = _non_negative_float("guidance", req.guidance if req.guidance is not None else d.guidance)
+    guidance_high = boundary = None
+    if spec.is_two_expert:
+        guidance_high = _non_negative_float(
+            "guidance_high_noise", req.guidance_high_noise if req.guidance_high_noise is not None
+            else d.guidance_high_noise if d.guidance_high_noise is not None else guidance)
+        boundary = req.boundary if req.boundary is not None else d.boundary
+        if boundary is None or not 0.0 <= boundary <= 1.0:
+            raise RequestError("boundary", boundary, "a fraction between 0 and 1 (expert switch at boundary*1000)")
+    else:
+        for name in ("guidance_high_noise", "boundary"):
+            if getattr(req, name) is not None:
+                raise RequestError(name, getattr(req, name), f"only for two-expert models (Wan 2.2 A14B); {spec.id} has one")
+    seed = req.seed
+    if seed == -1:
+        seed = random.randint(0, MAX_SEED)
+    elif not 0 <= seed <= MAX_SEED:
+        raise RequestError("seed", seed, f"-1 (random) or 0..{MAX_SEED}")
+    _check_inputs(req, task, check_files)
+    if not 0.0 < req.strength <= 1.0:
+        raise RequestError("strength", req.strength, "a number in (0, 1]")
+    fps = _positive_int("fps", req.fps if req.fps is not None else d.fps)
+    if not 0 <= req.quality <= 10:
+        raise RequestError("quality", req.quality, "0 (smallest file) to 10 (best)")
+    if not 0 <= req.trim_tail < frames:
+        raise RequestError("trim_tail", req.trim_tail, f"0..{frames - 1} (the clip has {frames} frames)")
+    negative = req.negative_prompt if req.negative_prompt is not None else d.negative_prompt.get(task, "")
+    resolved = req.replace(task=task, width=width, height=height, frames=frames, steps=steps, sampler=sampler,
+                           shift=float(shift), guidance=float(guidance), guidance_high_noise=guidance_high,
+                           boundary=boundary, seed=seed, negative_prompt=negative, fps=fps, model=spec.id)
+    return resolved, spec
+
+
+def _size(req: GenerationRequest, spec: ModelSpec, task: str) -> tuple[int, int]:
+    if (req.width is None) != (req.height is None):
+        missing = "height" if req.height is None else "width"
+        raise RequestError(missing, None, "give both width and height, or neither for the model's default size")
+    width, height = (req.width, req.height) if req.width is not None else spec.default_size
+    stride = spec.vae.stride[1] * spec.arch.patch_size[1]
+    for name, v in (("width", width), ("height", height)):
+        if not isinstance(v, int) or v <= 0:
+            raise RequestError(name, v, "a positive whole number of pixels")
+        if v % stride:
+            lo, hi = max(stride, v // stride * stride), (v // stride + 1) * stride
+            raise RequestError(name, v, f"a multiple of {stride} for {spec.id} (VAE stride x patch); "
+                                        f"nearest: {lo} or {hi}")
+    return width, height
+
+
+def _frames(req: GenerationRequest, spec: ModelSpec, task: str) -> int:
+    if task == "t2i":
+        if req.frames not in (None, 1):
+            raise RequestError("frames", req.frames, "1 for text-to-image")
+        return 1
+    frames = req.frames if req.frames is not None else spec.defaults.frames
+    t = spec.vae.stride[0]
+    if not isinstance(frames, int) or frames < 1 or (frames - 1) % t:
+        near = max(1, (frames - 1) // t * t + 1) if isinstance(frames, int) else spec.defaults.frames
+        raise RequestError("frames", frames, f"{t}k+1 frames (1, 5, 9, ... 81 ...); nearest below: {near}")
+    return frames
+
+
+def _check_inputs(req: GenerationRequest, task: str, check_files: bool) -> None:
+    allowed = TASK_INPUTS[task]
+    for name in INPUT_FIELDS:
+        value = getattr(req, name)
+        if value and name not in allowed:
+            raise RequestError(name, value, f"task {task} takes: {', '.join(sorted(allowed)) or 'no input files'}")
+    for name in REQUIRED_INPUTS.get(task, ()):
+        if not getattr(req, name):
+            raise RequestError(name, getattr(req, name), f"task {task} needs an input file here")
+    if task == "vace" and not (req.control_video or req.ref_images):
+        raise RequestError("control_video", None, "task vace needs a control video or reference images")
+    if not check_files:
+        return
+    for name in INPUT_FIELDS:
+        values = getattr(req, name)
+        for value in ([values] if isinstance(values, str) else values or []):
+            if not Path(value).is_file():
+                raise RequestError(name, value, "an existing, readable file")
+
+
+def _positive_int(name: str, v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise RequestError(name, v, "a whole number > 0")
+    return v
+
+
+def _positive_float(name: str, v: Any) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        raise RequestError(name, v, "a number > 0")
+    return float(v)
+
+
+def _non_negative_float(name: str, v: Any) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+        raise RequestError(name, v, "a number >= 0")
+    return float(v)
