@@ -28,7 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from wan.cli_generate import run
-    return run(args)
+    return run(args, args.parser)
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     from wan.cli_generate import add_arguments
     gen = sub.add_parser("generate", help="generate a video or image without the UI")
     add_arguments(gen)
-    gen.set_defaults(func=_generate)
+    gen.set_defaults(func=_generate, parser=gen)
 
     models = sub.add_parser("models", help="list the models of the registry")
     models.set_defaults(func=_models)

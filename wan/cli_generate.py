@@ -80,14 +80,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--trim_tail", type=int, default=0)
     a("--cpu_noise", action="store_true", help="draw the noise on the CPU (same result on every device)")
     a("--from_file", help="a text file with one prompt per line and inline options")
+    a("--from_output", help="rebuild the request of an earlier output (.mp4, .png or its .json); "
+                            "flags given explicitly override its settings")
     a("--interactive", action="store_true", help="read prompts from the terminal")
     a("--checkpoint_dir", "--checkpoint-dir", dest="checkpoint_dir", default="checkpoints")
     a("--device", default=None)
     a("--quiet", action="store_true", help="no progress bar")
 
 
-def base_request(args: argparse.Namespace) -> GenerationRequest:
+def base_request(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> GenerationRequest:
     """The request the flags describe (prompt-file lines override parts of it)."""
+    if args.from_output:
+        return _request_from_output(args, parser)
     model, task = args.model, args.task
     if task in MUSUBI_TASKS:
         model, task = model or MUSUBI_TASKS[task], None
@@ -106,6 +110,23 @@ def base_request(args: argparse.Namespace) -> GenerationRequest:
         vace_scale=args.vace_scale, loras=_loras(args), profile=args.profile, output_dir=args.output_dir,
         name_template=args.name_template, fps=args.fps, quality=args.quality, save_latents=args.save_latents,
         trim_tail=args.trim_tail, cpu_noise=args.cpu_noise)
+
+
+def _request_from_output(args: argparse.Namespace, parser) -> GenerationRequest:
+    """The request stored in an output file, with the flags that differ from their defaults applied."""
+    from wan.engine import request_from_metadata
+    from wan.engine.media import read_metadata
+    try:
+        saved = request_from_metadata(read_metadata(args.from_output))
+    except (OSError, ValueError) as e:
+        raise RequestError("from_output", args.from_output, f"an output file written by Wan Studio ({e})") from None
+    if parser is None:
+        return saved
+    changes = {}
+    for name in saved.to_dict():
+        if name in vars(args) and getattr(args, name) != parser.get_default(name):
+            changes[name] = getattr(args, name)
+    return saved.replace(**changes)
 
 
 def _loras(args) -> list[LoraChoice]:
@@ -150,10 +171,10 @@ def read_prompt_file(path: str) -> list[tuple[int, str]]:
             if line.strip() and not line.strip().startswith("#")]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     """Runs the generate command; returns the exit code."""
     try:
-        base = base_request(args)
+        base = base_request(args, parser)
     except RequestError as e:
         return _report_bad(str(e))
     engine = None
