@@ -79,6 +79,7 @@ CASES = {  # name -> (arguments, expected (frames, width, height))
               "--ref_images", "{ref.png}"], (9, 64, 64)),
     "ti2v": (["--model", "test-tiny-ti2v", "--image", "{start.png}", "--trim_tail", "4"], (5, 64, 64)),
     "a14b": (["--model", "test-tiny-t2v-a14b", "--video_size", "64", "96"], (9, 96, 64)),
+    "i2v_a14b": (["--model", "test-tiny-i2v-a14b", "--image", "{start.png}"], (9, 64, 48)),
 }
 
 
@@ -160,6 +161,17 @@ def test_prompt_file_with_a_broken_line_runs_the_others(ckpts, tmp_path):
     videos = sorted((tmp_path / "out").glob("*.mp4"))
     assert len(videos) == 2
     assert sorted(read_video(v)[0].shape[0] for v in videos) == [5, 9]
+
+
+def test_interactive_mode_reads_prompts_until_an_empty_line(ckpts, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, str(ROOT / "wgp.py"), "generate", "--model", "test-tiny-t2v", "--interactive",
+                        "--checkpoint_dir", str(ckpts), "--output_dir", str(tmp_path), "--quiet"],
+                       input="a fox --s 2 --f 5\na cat --w 33\n\nnot read\n", capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 2, r.stderr  # the second prompt's width is refused, the first one is made
+    assert "width: 33" in r.stderr and "Traceback" not in r.stderr
+    assert len(list(tmp_path.glob("*.mp4"))) == 1
 
 
 def test_inline_options_map_to_request_fields():

@@ -82,3 +82,22 @@ def test_noise_is_one_randn_of_the_latent_shape(engine):
     from wan.engine import draw_noise
     g = torch.Generator().manual_seed(77)
     assert torch.equal(draw_noise((16, 3, 8, 8), 77, torch.device("cpu")), torch.randn(16, 3, 8, 8, generator=g))
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "euler"])
+def test_other_samplers_run_and_differ(engine, sampler):
+    base = GenerationRequest(model="test-tiny-t2v", prompt="a fox", seed=3, steps=4)
+    unipc = engine.generate(base, write=False)
+    other = engine.generate(base.replace(sampler=sampler), write=False)
+    assert torch.isfinite(other.latent).all() and not torch.equal(other.latent, unipc.latent)
+
+
+def test_choosing_another_model_releases_the_previous_one(engine):
+    import gc
+    import weakref
+    engine.generate(GenerationRequest(model="test-tiny-t2v", prompt="x", steps=1), write=False)
+    old = weakref.ref(engine.models.current.dit)
+    engine.generate(GenerationRequest(model="test-tiny-ti2v", prompt="x", steps=1), write=False)
+    gc.collect()
+    assert engine.models.current.spec.id == "test-tiny-ti2v"
+    assert old() is None  # nothing holds the previous DiT any more

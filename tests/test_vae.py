@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import wan
-from tests.helpers import rel_err
+from tests.helpers import randomize_, rel_err
 from wan.loading.files import CheckpointError
 from wan.loading.vae import official_to_diffusers
 from wan.models.vae21 import LATENTS_MEAN_21, LATENTS_STD_21
@@ -262,3 +262,144 @@ def test_tiled_close_to_untiled(tmp_path):
     # a tile as large as the frame is the untiled pass itself
     with torch.inference_mode():
         assert torch.equal(vae.decode(z, tile=TileConfig(tile=16 * s, overlap=2 * s)), full)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact reformulations used for speed (each against the plain form it replaces)
+
+EXACT_TOL = 1e-6  # float32 summation order only
+
+
+def _random_causal_conv(cin: int, cout: int, seed: int) -> "CausalConv3d":
+    from wan.models.vae_blocks import CausalConv3d
+    conv = CausalConv3d(cin, cout, 3, padding=1)
+    randomize_(conv, seed)
+    return conv.eval().requires_grad_(False)
+
+
+def _frames(x: torch.Tensor) -> list[torch.Tensor]:
+    """[B, C, T, H, W] -> T channels-last frames [B, C, H, W]."""
+    return [f.contiguous(memory_format=torch.channels_last) for f in x.unbind(2)]
+
+
+def test_upsample2x_conv_equals_upsample_then_conv():
+    """Sub-pixel form: 4 phase 2x2 convs on the low-resolution input == nearest-exact 2x
+    upsampling followed by the 3x3 conv (borders included)."""
+    import torch.nn.functional as F
+
+    from wan.models.vae_blocks import upsample2x_conv
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn((2, 5, 6, 7), generator=g)
+    conv = torch.nn.Conv2d(5, 4, 3, padding=1)
+    randomize_(conv, 12)
+    up = F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
+    # at an exact factor 2, nearest-exact is index doubling (what the decomposition relies on)
+    assert torch.equal(up, x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+    with torch.inference_mode():
+        ours = upsample2x_conv(conv, x)
+        ref = conv(up)
+    assert ours.shape == (2, 4, 12, 14)
+    assert rel_err(ours, ref) <= EXACT_TOL
+
+
+def test_causal_conv_frame_equals_chunked_conv3d():
+    """One frame at a time as per-time-slice 2D convs (history by reference, zero frames skipped,
+    oldest history storage recycled for the new activation) == the 3D conv over chunks with
+    cached history, with and without the fused norm + SiLU and the residual accumulation."""
+    from wan.models.vae_blocks import (CausalCache, RMS_norm, causal_conv_frame, norm_silu_causal_conv,
+                                       time_slice_major_)
+    conv = _random_causal_conv(6, 5, seed=13)
+    norm = RMS_norm(6, images=False)
+    randomize_(norm, 14)
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn((2, 6, 5, 4, 3), generator=g).contiguous(memory_format=torch.channels_last_3d)
+    residual = torch.randn((2, 5, 5, 4, 3), generator=g)
+    with torch.inference_mode():
+        chunk_cache = CausalCache()
+        chunks = [x[:, :, :1], x[:, :, 1:]]  # frame 0 alone, then 4 frames (the driver's split)
+        plain = torch.cat([conv(c, chunk_cache) for c in chunks], dim=2)
+        chunk_cache = CausalCache()
+        normed = torch.cat([norm_silu_causal_conv(norm, conv, c, chunk_cache) for c in chunks], dim=2)
+        for relayout in (False, True):
+            if relayout:
+                time_slice_major_(conv)
+            cache = CausalCache()
+            frames = torch.stack([causal_conv_frame(conv, f, cache) for f in _frames(x)], dim=2)
+            assert rel_err(frames, plain) <= EXACT_TOL
+            cache = CausalCache()
+            outs = []
+            for f, r in zip(_frames(x), _frames(residual)):
+                outs.append(causal_conv_frame(conv, f, cache, acc=r.clone(), norm=norm))
+            assert rel_err(torch.stack(outs, dim=2), normed + residual) <= EXACT_TOL
+
+
+def test_causal_conv_frame_push_equals_chunked_conv3d():
+    """The head's form, which caches partial sums of the next outputs instead of input frames."""
+    from wan.models.vae_blocks import CausalCache, causal_conv_frame_push
+    conv = _random_causal_conv(8, 3, seed=16)
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn((1, 8, 6, 5, 4), generator=g).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        chunk_cache = CausalCache()
+        ref = torch.cat([conv(x[:, :, :1], chunk_cache), conv(x[:, :, 1:], chunk_cache)], dim=2)
+        cache = CausalCache()
+        ours = torch.stack([causal_conv_frame_push(conv, f, cache) for f in _frames(x)], dim=2)
+    assert cache.get(conv)[0].shape[1] == 3  # history of output channels, not input channels
+    assert rel_err(ours, ref) <= EXACT_TOL
+
+
+def test_fused_conv_accumulate_equals_conv_then_add():
+    import torch.nn.functional as F
+
+    from wan.models.vae_blocks import _fused_accumulate_ok, conv2d_accumulate_
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn((2, 16, 9, 7), generator=g).contiguous(memory_format=torch.channels_last)
+    acc = torch.randn((2, 8, 9, 7), generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn((8, 16, 3, 3), generator=g), torch.randn(8, generator=g)
+    expected = acc + F.conv2d(x, w, b, padding=1)
+    with torch.inference_mode():
+        for fused in (True, False):
+            out = conv2d_accumulate_(acc.clone(), x, w, b, (1, 1), fused=fused)
+            assert rel_err(out, expected) <= EXACT_TOL, fused
+    if not _fused_accumulate_ok(acc, x):
+        pytest.skip("oneDNN fused accumulation not available here: only the fallback was checked")
+
+
+def test_rms_norm_frame_equals_rms_norm():
+    """Per-pixel L2 norm on the channels-last [pixels, C] view == RMS_norm (F.normalize
+    semantics: a pixel of zeros stays zero), out of place and in place."""
+    import torch.nn.functional as F
+
+    from wan.models.vae_blocks import RMS_norm, rms_norm_frame
+    norm = RMS_norm(7)
+    randomize_(norm, 19)
+    g = torch.Generator().manual_seed(20)
+    x = torch.randn((2, 7, 5, 6), generator=g).contiguous(memory_format=torch.channels_last)
+    x[:, :, 1, 2] = 0.0
+    with torch.inference_mode():
+        ref = F.silu(norm(x))
+        ours = rms_norm_frame(norm, x, silu=True)
+        assert rel_err(ours, ref) <= EXACT_TOL
+        assert torch.equal(ours[:, :, 1, 2], torch.zeros(2, 7))
+        assert torch.equal(rms_norm_frame(norm, x.clone(), out=None), rms_norm_frame(norm, x.clone(), out=x))
+
+
+def test_prepared_weight_layout_changes_nothing_but_speed(tmp_path):
+    """load_vae stores the frame-path conv weights time-slice-major; values, shapes, the state
+    dict and the decoded video are those of a plainly loaded model."""
+    from wan.models.vae21 import WanVAE21
+    from wan.testing.tiny_vae import TINY_VAE_CONFIGS
+    sd = tiny_vae_state_dict("2.1", seed=21)
+    save_file(sd, str(tmp_path / "v.safetensors"))
+    prepared = wan.load_vae(tmp_path / "v.safetensors")
+    plain = WanVAE21(**TINY_VAE_CONFIGS["2.1"])
+    plain.load_state_dict(sd)
+    plain.eval().requires_grad_(False)
+    w = prepared.decoder.upsamples[0].residual[2].weight
+    assert w[:, :, 1].is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(prepared.state_dict()[k], v) for k, v in sd.items())
+    z = torch.randn((1, 16, 3, 2, 3), generator=torch.Generator().manual_seed(22))
+    with torch.inference_mode():
+        # not bit-equal: with another weight layout the conv kernels may sum in another order,
+        # and the differences add up over the ~30 layers of the decoder
+        assert rel_err(prepared.decode(z), plain.decode(z)) <= 10 * EXACT_TOL

@@ -177,10 +177,9 @@ def resolve_request(req: GenerationRequest, registry: Registry | None = None,
 
 
 def _size(req: GenerationRequest, spec: ModelSpec, task: str) -> tuple[int, int]:
-    if (req.width is None) != (req.height is None):
-        missing = "height" if req.height is None else "width"
-        raise RequestError(missing, None, "give both width and height, or neither for the model's default size")
-    width, height = (req.width, req.height) if req.width is not None else spec.default_size
+    # a side left unset keeps the model's default (an inline --w alone changes only the width)
+    width = req.width if req.width is not None else spec.default_size[0]
+    height = req.height if req.height is not None else spec.default_size[1]
     stride = spec.vae.stride[1] * spec.arch.patch_size[1]
     for name, v in (("width", width), ("height", height)):
         if not isinstance(v, int) or v <= 0:

@@ -231,5 +231,6 @@ def load_vae(path, device="cpu", dtype=None):
                               f"VAE has {want_z}")
     cls = WanVAE21 if version == "2.1" else WanVAE22
     tensors = ((k, (lambda src=src: ckpt.tensor(src))) for k, src in names.items())
-    return materialize(lambda: cls(**config), tensors, device=device, dtype=dtype or torch.float32,
-                       source=source)
+    model = materialize(lambda: cls(**config), tensors, device=device, dtype=dtype or torch.float32,
+                        source=source)
+    return model.prepare_weights_()

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from wan.models.vae_blocks import (CausalCache, CausalConv3d, CausalVAE, Resample, ResidualBlock, make_head,
-                                   make_middle, run_conv_in, run_head, run_streamed)
+from wan.models.vae_blocks import (CausalCache, CausalConv3d, CausalVAE, Resample, ResidualBlock,
+                                   causal_conv_frame, make_head, make_middle, run_conv_in, run_head,
+                                   run_head_frame, stream_frames, time_slice_major_)
 
 LATENTS_MEAN_21 = [
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -53,7 +54,7 @@ class Encoder21(nn.Module):
 
 
 class Decoder21(nn.Module):
-    """[B, z_dim, 1, h, w] (one latent frame) -> [B, 3, 1 or 4, 8h, 8w].
+    """[B, z_dim, 1, h, w] (one latent frame) -> [B, 3, 1 or 4, 8h, 8w], frame at a time.
 
     Stage i has ``num_res_blocks + 1`` residual blocks then an upsampler; upsamplers halve the
     channels, so stages after the first take ``dims[i] // 2`` input channels.
@@ -76,18 +77,16 @@ class Decoder21(nn.Module):
                 blocks.append(Resample(cout, "upsample3d" if temporal[i] else "upsample2d"))
         self.upsamples = nn.Sequential(*blocks)
         self.head = make_head(dims[-1], 3)
-        # From the last upsampler on, a latent frame has become 4 frames at full resolution,
-        # which hold most of the activation memory: stream those frame by frame. (Streaming
-        # earlier stages too saves less memory than the extra cache copies cost in time.)
-        ups = [k for k, b in enumerate(blocks) if isinstance(b, Resample)]
-        self._stream_from = ups[-1] if ups else 0
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        x = run_conv_in(self.conv1, x, cache)
-        for block in self.middle:
-            x = block(x, cache)
-        stages = list(self.upsamples) + [lambda y, c: run_head(self.head, y, c)]
-        return run_streamed(stages, x, cache, self._stream_from)
+        """Frame path (see ``vae_blocks``): every stage runs one frame at a time, so the working
+        set is one frame per stage and no history frame is ever copied."""
+        frame = x[:, :, 0].contiguous(memory_format=torch.channels_last)
+        frame = causal_conv_frame(self.conv1, frame, cache)
+        stages = [b.forward_frame for b in (*self.middle, *self.upsamples)]
+        stages.append(lambda y, c: run_head_frame(self.head, y, c))
+        frames = stream_frames(stages, frame, cache, [])
+        return torch.stack(frames, dim=2)
 
 
 class WanVAE21(CausalVAE):
@@ -110,3 +109,11 @@ class WanVAE21(CausalVAE):
         self.conv1 = CausalConv3d(z_dim * 2, z_dim * 2, 1)
         self.conv2 = CausalConv3d(z_dim, z_dim, 1)
         self.decoder = Decoder21(dim, z_dim, dim_mult, num_res_blocks, temporal[::-1])
+
+    def prepare_weights_(self) -> "WanVAE21":
+        """The decoder runs its causal convs one time slice at a time: store those slices
+        contiguously (see ``time_slice_major_``)."""
+        for module in self.decoder.modules():
+            if isinstance(module, CausalConv3d):
+                time_slice_major_(module)
+        return self

@@ -24,7 +24,7 @@ from wan.testing.tiny_encoders import (TINY_CLIP, TINY_CLIP_TOKENS, TINY_T5, tin
 from wan.testing.tiny_vae import tiny_vae_state_dict
 
 # Bump when what is written changes: an existing folder of another version is rewritten.
-FAMILY_VERSION = 2
+FAMILY_VERSION = 3
 TINY_DIT = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, freq_dim=256, text_dim=TINY_T5["dim"])
 TINY_DIT_VARIANTS: dict[str, dict] = {
     "t2v": {},
@@ -34,12 +34,16 @@ TINY_DIT_VARIANTS: dict[str, dict] = {
     "ti2v": dict(in_dim=48, out_dim=48),
     "fun_inp": dict(in_dim=36, image_dim=TINY_CLIP["dim"]),
     "fun_control": dict(in_dim=48, image_dim=TINY_CLIP["dim"], ref_conv_in=16),
+    "i2v_a14b": dict(in_dim=36),  # Wan 2.2 i2v: image latents in y, no CLIP
 }
 # (file, variant, seed): each file of the family that holds a DiT.
 _DIT_FILES = [
-    *((f"{name}/transformer.safetensors", name, 100 + i) for i, name in enumerate(TINY_DIT_VARIANTS)),
+    *((f"{name}/transformer.safetensors", name, 100 + i) for i, name in enumerate(TINY_DIT_VARIANTS)
+      if name != "i2v_a14b"),
     ("t2v_a14b/high_noise.safetensors", "t2v", 200),
     ("t2v_a14b/low_noise.safetensors", "t2v", 201),
+    ("i2v_a14b/high_noise.safetensors", "i2v_a14b", 202),
+    ("i2v_a14b/low_noise.safetensors", "i2v_a14b", 203),
 ]
 
 
