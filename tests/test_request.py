@@ -33,7 +33,7 @@ def test_one_side_given_keeps_the_default_of_the_other():
 
 
 def test_json_round_trip_is_lossless():
-    r = resolve(prompt="雪中的狐狸 \"quoted\"", loras=[LoraChoice("a.safetensors", "1,0.5;0")], seed=42)
+    r = resolve(prompt="雪中的狐狸 \"quoted\"", seed=42).replace(loras=[LoraChoice("a.safetensors", "1,0.5;0")])
     again = GenerationRequest.from_json(r.to_json())
     assert again == r and again.loras[0].multiplier == "1,0.5;0"
 
@@ -50,6 +50,8 @@ def test_json_round_trip_is_lossless():
     (dict(guidance=-1.0), "guidance", ">= 0"),
     (dict(boundary=0.9), "boundary", "two-expert"),
     (dict(trim_tail=9), "trim_tail", "0..8"),
+    (dict(loras=[LoraChoice("a.safetensors")]), "loras", "LoRA milestone"),
+    (dict(profile="4"), "profile", "profiles milestone"),
 ])
 def test_bad_fields_are_named(kw, field, hint):
     with pytest.raises(RequestError) as e:

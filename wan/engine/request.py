@@ -162,6 +162,7 @@ def resolve_request(req: GenerationRequest, registry: Registry | None = None,
     elif not 0 <= seed <= MAX_SEED:
         raise RequestError("seed", seed, f"-1 (random) or 0..{MAX_SEED}")
     _check_inputs(req, task, check_files)
+    _check_not_yet_supported(req)
     if not 0.0 < req.strength <= 1.0:
         raise RequestError("strength", req.strength, "a number in (0, 1]")
     fps = _positive_int("fps", req.fps if req.fps is not None else d.fps)
@@ -222,6 +223,15 @@ def _check_inputs(req: GenerationRequest, task: str, check_files: bool) -> None:
         for value in ([values] if isinstance(values, str) else values or []):
             if not Path(value).is_file():
                 raise RequestError(name, value, "an existing, readable file")
+
+
+def _check_not_yet_supported(req: GenerationRequest) -> None:
+    """Settings the request can carry but this version cannot apply yet are refused rather than
+    silently ignored (a LoRA that loads without effect is the worst kind of failure)."""
+    if req.loras:
+        raise RequestError("loras", [lo.path for lo in req.loras], "none yet: LoRA support comes with the LoRA milestone")
+    if req.profile is not None:
+        raise RequestError("profile", req.profile, "none yet: profiles come with the profiles milestone")
 
 
 def _positive_int(name: str, v: Any) -> int:
