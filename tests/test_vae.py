@@ -17,7 +17,7 @@ from wan.loading.files import CheckpointError
 from wan.loading.vae import official_to_diffusers
 from wan.models.vae21 import LATENTS_MEAN_21, LATENTS_STD_21
 from wan.models.vae22 import LATENTS_MEAN_22, LATENTS_STD_22
-from wan.models.vae_blocks import TileConfig, run_tiled, tile_spans
+from wan.models.vae_tiling import TileConfig, run_tiled, tile_spans
 from wan.testing.tiny_vae import TINY_VAE_CONFIGS, tiny_vae_state_dict
 
 PARITY_TOL = 1e-4
@@ -270,7 +270,7 @@ def test_tiled_close_to_untiled(tmp_path):
 EXACT_TOL = 1e-6  # float32 summation order only
 
 
-def _random_causal_conv(cin: int, cout: int, seed: int) -> "CausalConv3d":
+def _random_causal_conv(cin: int, cout: int, seed: int):
     from wan.models.vae_blocks import CausalConv3d
     conv = CausalConv3d(cin, cout, 3, padding=1)
     randomize_(conv, seed)
@@ -306,8 +306,13 @@ def test_causal_conv_frame_equals_chunked_conv3d():
     """One frame at a time as per-time-slice 2D convs (history by reference, zero frames skipped,
     oldest history storage recycled for the new activation) == the 3D conv over chunks with
     cached history, with and without the fused norm + SiLU and the residual accumulation."""
-    from wan.models.vae_blocks import (CausalCache, RMS_norm, causal_conv_frame, norm_silu_causal_conv,
-                                       time_slice_major_)
+    from wan.models.vae_blocks import (
+        CausalCache,
+        RMS_norm,
+        causal_conv_frame,
+        norm_silu_causal_conv,
+        time_slice_major_,
+    )
     conv = _random_causal_conv(6, 5, seed=13)
     norm = RMS_norm(6, images=False)
     randomize_(norm, 14)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from wan.models.vae_blocks import (CausalCache, CausalConv3d, CausalVAE, Resample, ResidualBlock,
-                                   causal_conv_frame, make_head, make_middle, run_conv_in, run_head,
-                                   run_head_frame, stream_frames, time_slice_major_)
+from wan.models.vae_base import CausalVAE
+from wan.models.vae_blocks import (CausalCache, CausalConv3d, Resample, ResidualBlock, causal_conv_frame,
+                                  make_head, make_middle, run_conv_in, run_head,
+                                  run_head_frame, stream_frames,
+                                  time_slice_major_)
 
 LATENTS_MEAN_21 = [
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -110,7 +112,7 @@ class WanVAE21(CausalVAE):
         self.conv2 = CausalConv3d(z_dim, z_dim, 1)
         self.decoder = Decoder21(dim, z_dim, dim_mult, num_res_blocks, temporal[::-1])
 
-    def prepare_weights_(self) -> "WanVAE21":
+    def prepare_weights_(self) -> WanVAE21:
         """The decoder runs its causal convs one time slice at a time: store those slices
         contiguously (see ``time_slice_major_``)."""
         for module in self.decoder.modules():

@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wan.models.vae_blocks import (CausalCache, CausalConv3d, CausalVAE, Resample, ResidualBlock, make_head,
-                                   make_middle, run_conv_in, run_head, run_streamed)
+from wan.models.vae_base import CausalVAE
+from wan.models.vae_blocks import (CausalCache, CausalConv3d, Resample, ResidualBlock, make_head, make_middle,
+                                  run_conv_in, run_head, run_streamed)
 
 LATENTS_MEAN_22 = [
     -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,

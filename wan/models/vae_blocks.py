@@ -28,12 +28,12 @@ does the same sums with 2.25x fewer multiplications.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 CACHE_T = 2  # frames of history a 3-tap causal conv needs
 CHANNELS_LAST = torch.channels_last_3d
@@ -51,6 +51,23 @@ class CausalCache:
     def __init__(self) -> None:
         self.frames: dict[nn.Module, object] = {}
         self.first_chunk = True
+        self._spare: torch.Tensor | None = None
+
+    def recycle(self, t: torch.Tensor | None) -> None:
+        """Keeps one dead frame for ``spare``: the frame path then writes new frames into memory
+        it already has instead of fresh allocations, which the OS must map and zero page by page.
+        Only the latest one is kept (a spare of another stage's shape, idle while this stage
+        runs, would only add to the peak memory)."""
+        if t is not None:
+            self._spare = t
+
+    def spare(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """The recycled tensor if it has this shape, dtype and device (contents undefined)."""
+        t = self._spare
+        if t is None or t.shape != torch.Size(shape) or t.dtype != dtype or t.device != device:
+            return None
+        self._spare = None
+        return t
 
     def seen(self, module: nn.Module) -> bool:
         return module in self.frames
@@ -178,10 +195,16 @@ def conv2d_accumulate_(acc: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 
 def _conv_tap(acc: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
-              bias: torch.Tensor | None, padding: Sequence[int]) -> torch.Tensor:
-    """``conv2d(x, weight, bias)``, added into ``acc`` when there is one."""
+              bias: torch.Tensor | None, padding: Sequence[int], cache: CausalCache) -> torch.Tensor:
+    """``conv2d(x, weight, bias)``, added into ``acc`` when there is one. Without ``acc`` the
+    output goes into a recycled frame from ``cache`` if it has one (zeroed, then accumulated)."""
     if acc is None:
-        return F.conv2d(x, weight, bias, padding=list(padding))
+        b, _, h, w = x.shape
+        acc = cache.spare((b, weight.shape[0], h, w), x.dtype, x.device)
+        if acc is None or not _fused_accumulate_ok(acc, x):
+            cache.recycle(acc)
+            return F.conv2d(x, weight, bias, padding=list(padding))
+        acc.zero_()
     return conv2d_accumulate_(acc, x, weight, bias, padding)
 
 
@@ -208,14 +231,20 @@ def causal_conv_frame(conv: CausalConv3d, x: torch.Tensor, cache: CausalCache,
         older, old = cache.get(conv) or (None, None)
     for k, frame in ((0, older), (1, old)):
         if frame is not None:
-            acc, bias = _conv_tap(acc, frame, w[:, :, k], bias, pad), None
+            acc, bias = _conv_tap(acc, frame, w[:, :, k], bias, pad, cache), None
     if norm is not None:
-        recycled = older if older is not None else (x if norm_in_place else None)
-        del older  # the cache still holds it until the put below; nothing reads it after here
-        x = rms_norm_frame(norm, x, out=recycled, silu=True)
+        # ``older`` is dead now (the cache drops it below); it was made here, so no one else
+        # holds it: it takes the new activation, or it is recycled if x itself takes it
+        if norm_in_place:
+            target = x
+            cache.recycle(older)
+        else:
+            target = older
+        del older
+        x = rms_norm_frame(norm, x, out=target, silu=True)
     if conv.time_pad:
         cache.put(conv, (old, x))
-    return _conv_tap(acc, x, w[:, :, -1], bias, pad)
+    return _conv_tap(acc, x, w[:, :, -1], bias, pad, cache)
 
 
 def causal_conv_frame_push(conv: CausalConv3d, x: torch.Tensor, cache: CausalCache,
@@ -262,7 +291,7 @@ def rms_norm_frame(norm: RMS_norm, x: torch.Tensor, out: torch.Tensor | None = N
     per-channel gain broadcast along rows, in four passes: norm, divide, gain, SiLU. The division
     by ``max(norm, 1e-12)`` is ``F.normalize``'s, so a pixel of zeros stays zero.
     """
-    b, c, h, w = x.shape
+    c = x.shape[1]
     x = x.contiguous(memory_format=torch.channels_last)
     if out is None:
         out = torch.empty_like(x, memory_format=torch.channels_last)
@@ -378,11 +407,11 @@ class Upsample(nn.Upsample):
 
 # Per output phase (even, odd row), which of the three 3x3 taps land on low-resolution rows
 # (i-1, i) for the even phase and (i, i+1) for the odd one (see upsample2x_conv).
-_PHASE_TAPS = ((( 1, 0, 0), (0, 1, 1)),   # noqa: E201
-               (( 1, 1, 0), (0, 0, 1)))   # noqa: E201
+_PHASE_TAPS = (((1, 0, 0), (0, 1, 1)),
+               ((1, 1, 0), (0, 0, 1)))
 
 
-def upsample2x_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def upsample2x_conv(conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``conv(nearest_upsample_2x(x))`` for a 3x3, padding-1 conv: x [N, C, h, w] -> [N, Co, 2h, 2w].
 
     Sub-pixel form. Nearest(-exact) 2x upsampling copies x[i] to rows 2i and 2i+1 (at an exact
@@ -397,7 +426,8 @@ def upsample2x_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     For each row phase, its 2 column-phase kernels run as one conv with 2*Co outputs and padding
     1, giving (h+1) x (w+1) positions; an even phase reads positions [0, h), an odd one [1, h+1).
     These are interleaved into the channels-last result (a pixel shuffle); one row phase at a
-    time keeps the temporary at half the output's size.
+    time keeps the temporary at half the output's size. ``out`` (channels-last [N, Co, 2h, 2w],
+    contents ignored) receives the result if given.
     """
     n, _, h, w = x.shape
     co = conv.out_channels
@@ -405,7 +435,9 @@ def upsample2x_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     kernels = torch.einsum("aip,bjq,ocpq->abocij", taps, taps, conv.weight)             # [2, 2, Co, C, 2, 2]
     bias = conv.bias.repeat(2) if conv.bias is not None else None
     x = x.contiguous(memory_format=torch.channels_last)
-    out = torch.empty((n, co, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    if out is None or not out.is_contiguous(memory_format=torch.channels_last):
+        out = torch.empty((n, co, 2 * h, 2 * w), dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last)
     grid = out.permute(0, 2, 3, 1).view(n, h, 2, w, 2, co)  # [n, row, row phase, col, col phase, c]
     for a in (0, 1):
         phases = F.conv2d(x, kernels[a].reshape(2 * co, -1, 2, 2), bias, padding=1)  # [N, 2Co, h+1, w+1]
@@ -466,8 +498,11 @@ class Resample(nn.Module):
                 y = causal_conv_frame(self.time_conv, x, cache)  # [B, 2C, H, W]
                 c = x.shape[1]
                 frames = [y[:, :c], y[:, c:]]  # channel halves are frames 2i and 2i+1
+        conv = self.resample[1]
         for frame in frames:
-            yield upsample2x_conv(self.resample[1], frame)
+            b, _, h, w = frame.shape
+            spare = cache.spare((b, conv.out_channels, 2 * h, 2 * w), frame.dtype, frame.device)
+            yield upsample2x_conv(conv, frame, out=spare)
 
     def _double_frames(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         # The reference leaves the first chunk (frame 0) alone; from the second chunk on,
@@ -538,210 +573,3 @@ def run_streamed(stages: Sequence[Stage], x: torch.Tensor, cache: CausalCache,
             return torch.cat(outs, dim=2)
         x = stage(x, cache)
     return x
-
-
-# ---------------------------------------------------------------------------------------------
-# Spatial tiling
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Spatial tiling, in pixels: tiles of ``tile`` x ``tile`` overlapping by ``overlap``.
-
-    Both are rounded down to multiples of the VAE's spatial stride. Each tile runs the full causal
-    pass on its own; the overlaps are blended with linear ramps.
-    """
-
-    tile: int = 256
-    overlap: int = 64
-
-    def __post_init__(self):
-        if self.tile <= 0 or self.overlap < 0 or self.overlap >= self.tile:
-            raise ValueError(f"TileConfig(tile={self.tile}, overlap={self.overlap}): expected "
-                             f"tile > 0 and 0 <= overlap < tile")
-
-
-def tile_spans(total: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """(start, end) spans of width ``tile`` covering [0, total), each overlapping the previous
-    by at least ``overlap``; the last one is shifted back to end at ``total``."""
-    if tile >= total:
-        return [(0, total)]
-    step = tile - overlap
-    starts = list(range(0, total - tile, step)) + [total - tile]
-    return [(s, s + tile) for s in starts]
-
-
-def _ramp_weights(spans: list[tuple[int, int]], k: int, scale: int, like: torch.Tensor) -> torch.Tensor:
-    """Blend weights along one axis for span ``k`` (output units): linear ramps over the parts
-    shared with the neighbours, 1 elsewhere."""
-    s, e = spans[k]
-    n = (e - s) * scale
-    w = torch.ones(n, dtype=torch.float32, device=like.device)
-    if k > 0:
-        lead = (spans[k - 1][1] - s) * scale
-        w[:lead] = torch.arange(1, lead + 1, dtype=torch.float32, device=like.device) / (lead + 1)
-    if k + 1 < len(spans):
-        tail = (e - spans[k + 1][0]) * scale
-        w[n - tail:] = torch.minimum(
-            w[n - tail:], torch.arange(tail, 0, -1, dtype=torch.float32, device=like.device) / (tail + 1))
-    return w
-
-
-def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
-              in_scale: int, out_scale: int) -> torch.Tensor:
-    """Applies ``fn`` to overlapping spatial tiles of ``x`` and blends the results linearly.
-
-    Tiles are laid on a grid of latent pixels: one grid unit is ``in_scale`` pixels of ``x`` and
-    ``out_scale`` pixels of the output (encode: stride and 1; decode: 1 and stride).
-
-    Args:
-        fn: [B, C, T, h, w] -> [B, C', T', h/in_scale*out_scale, w/in_scale*out_scale].
-        x: [B, C, T, H, W] with H, W multiples of ``in_scale``.
-        tile, overlap: tile size and overlap in grid units.
-    """
-    gh, gw = x.shape[3] // in_scale, x.shape[4] // in_scale
-    hs, ws = tile_spans(gh, tile, overlap), tile_spans(gw, tile, overlap)
-    if len(hs) == 1 and len(ws) == 1:
-        return fn(x)
-    acc = weight = None
-    for i, (h0, h1) in enumerate(hs):
-        for j, (w0, w1) in enumerate(ws):
-            part = fn(x[:, :, :, h0 * in_scale:h1 * in_scale, w0 * in_scale:w1 * in_scale])
-            if acc is None:
-                b, c, t = part.shape[:3]
-                acc = part.new_zeros((b, c, t, gh * out_scale, gw * out_scale), dtype=torch.float32)
-                weight = part.new_zeros((gh * out_scale, gw * out_scale), dtype=torch.float32)
-            m = _ramp_weights(hs, i, out_scale, part)[:, None] * _ramp_weights(ws, j, out_scale, part)[None, :]
-            ys, xs = slice(h0 * out_scale, h1 * out_scale), slice(w0 * out_scale, w1 * out_scale)
-            acc[..., ys, xs].add_(part.float() * m)
-            weight[ys, xs].add_(m)
-            del part
-    return acc.div_(weight)
-
-
-# ---------------------------------------------------------------------------------------------
-# The encode/decode driver shared by both versions
-
-
-class CausalVAE(nn.Module):
-    """Public API of a Wan VAE: chunked causal encode/decode with latent normalisation.
-
-    Subclasses build ``encoder``, ``conv1`` (z_dim*2 -> z_dim*2, 1x1x1), ``conv2`` (z_dim -> z_dim,
-    1x1x1), ``decoder`` and set ``version``, ``z_dim``, ``stride``, ``patch``, ``latents_mean`` and
-    ``latents_std`` (plain Python lists: the model keeps no buffers outside its state dict).
-    """
-
-    version: str
-    z_dim: int
-    stride: tuple[int, int, int]
-    patch: int = 1
-    latents_mean: list[float]
-    latents_std: list[float]
-    encoder: nn.Module
-    decoder: nn.Module
-    conv1: CausalConv3d
-    conv2: CausalConv3d
-
-    # -- public ------------------------------------------------------------------------------
-
-    def encode(self, video: torch.Tensor, tile: TileConfig | None = None) -> torch.Tensor:
-        """video [B, 3, T, H, W] in [-1, 1], T = 1 + 4k, H and W multiples of the spatial stride
-        -> normalised latents ``(mu - mean) / std`` [B, z_dim, 1 + k, H/s, W/s], float32."""
-        st, ss = self.stride[0], self.stride[1]
-        if video.dim() != 5 or video.shape[1] != 3 or video.shape[2] % st != 1 \
-                or video.shape[3] % ss or video.shape[4] % ss:
-            raise ValueError(
-                f"Wan {self.version} VAE encode: video has shape {tuple(video.shape)}; expected "
-                f"[B, 3, T, H, W] with T = 1 + {st}k and H, W multiples of {ss}")
-        x = video.to(self.conv1.weight.dtype)
-        if tile is not None:
-            mu = run_tiled(self._encode_mu, x, *self._tile_units(tile), in_scale=ss, out_scale=1)
-        else:
-            mu = self._encode_mu(x)
-        mean, inv_std = self._latent_constants(mu.device)
-        return (mu.float() - mean) * inv_std
-
-    def decode(self, z: torch.Tensor, tile: TileConfig | None = None) -> torch.Tensor:
-        """z [B, z_dim, F, h, w] normalised latents -> video [B, 3, 1 + 4(F-1), h*s, w*s] in
-        [-1, 1], float32."""
-        if z.dim() != 5 or z.shape[1] != self.z_dim:
-            raise ValueError(f"Wan {self.version} VAE decode: latents have shape {tuple(z.shape)}; "
-                             f"expected [B, {self.z_dim}, F, h, w]")
-        mean, inv_std = self._latent_constants(z.device)
-        z = (z.float() / inv_std + mean).to(self.conv2.weight.dtype)
-        if tile is not None:
-            video = run_tiled(self._decode_frames, z, *self._tile_units(tile), in_scale=1,
-                              out_scale=self.stride[1])
-        else:
-            video = self._decode_frames(z)
-        return video.float().clamp_(-1.0, 1.0)
-
-    def prepare_weights_(self) -> "CausalVAE":
-        """Lays out weights for the fastest inference path after they are loaded (values and state
-        dict unchanged); the default is a no-op."""
-        return self
-
-    # -- chunked passes ----------------------------------------------------------------------
-
-    def _encode_mu(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, T, H, W] -> raw mu [B, z_dim, F, h, w]: frame 0 alone, then chunks of 4."""
-        x = patchify(x, self.patch)
-        cache = CausalCache()
-        outs = []
-        for start in range(0, x.shape[2], self.stride[0]):
-            chunk = x[:, :, :1] if start == 0 else x[:, :, start - self.stride[0] + 1:start + 1]
-            cache.first_chunk = start == 0
-            outs.append(self.encoder(chunk, cache))
-        h = torch.cat(outs, dim=2)
-        return self.conv1(h)[:, :self.z_dim].contiguous()
-
-    def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
-        """[B, z_dim, F, h, w] raw latents -> [B, 3, 1 + 4(F-1), H, W], one latent frame at a time,
-        written into one preallocated output (no growing concatenation)."""
-        x = self.conv2(z)
-        cache = CausalCache()
-        out, pos = None, 0
-        for i in range(x.shape[2]):
-            cache.first_chunk = i == 0
-            y = unpatchify(self.decoder(x[:, :, i:i + 1], cache), self.patch)
-            if out is None:
-                b, c, _, hh, ww = y.shape
-                frames = 1 + self.stride[0] * (x.shape[2] - 1)
-                out = torch.empty((b, c, frames, hh, ww), dtype=y.dtype, device=y.device)
-            out[:, :, pos:pos + y.shape[2]] = y
-            pos += y.shape[2]
-            del y
-        return out
-
-    # -- helpers -----------------------------------------------------------------------------
-
-    def _latent_constants(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, self.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.latents_mean, dtype=torch.float32, device=device).view(shape)
-        std = torch.tensor(self.latents_std, dtype=torch.float32, device=device).view(shape)
-        return mean, 1.0 / std  # the reference multiplies by 1/std and divides by it to undo
-
-    def _tile_units(self, tile: TileConfig) -> tuple[int, int]:
-        s = self.stride[1]
-        if tile.tile < s:
-            raise ValueError(f"TileConfig.tile={tile.tile}: must be at least the spatial stride {s}")
-        return tile.tile // s, tile.overlap // s
-
-
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """[B, C, T, H*p, W*p] -> [B, C*p*p, T, H, W], channels ordered (c, w-offset, h-offset)."""
-    if p == 1:
-        return x
-    b, c, t, h, w = x.shape
-    x = x.reshape(b, c, t, h // p, p, w // p, p)
-    return x.permute(0, 1, 6, 4, 2, 3, 5).reshape(b, c * p * p, t, h // p, w // p)
-
-
-def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """Inverse of ``patchify``: [B, C*p*p, T, H, W] -> [B, C, T, H*p, W*p]."""
-    if p == 1:
-        return x
-    b, cpp, t, h, w = x.shape
-    c = cpp // (p * p)
-    x = x.reshape(b, c, p, p, t, h, w)  # (c, w-offset r, h-offset q)
-    return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(b, c, t, h * p, w * p)
