@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from wan.engine.conditioning import Conditioning, build_conditioning
-from wan.engine.loop import CancelToken, ExpertPlan, StepInfo, denoise
+from wan.engine.loop import CancelToken, ExpertPlan, StepInfo, StepSavers, denoise
 from wan.engine.models import ModelManager, ModelSet
 from wan.engine.request import GenerationRequest, resolve_request
 from wan.registry import Registry, default_registry
@@ -60,7 +60,8 @@ class Engine:
         return self.models.device
 
     def generate(self, request: GenerationRequest, progress: Callable[[StepInfo], None] | None = None,
-                 cancel: CancelToken | None = None, write: bool = True) -> GenerationResult:
+                 cancel: CancelToken | None = None, write: bool = True,
+                 savers: StepSavers | None = None) -> GenerationResult:
         """Runs one request end to end.
 
         Raises:
@@ -76,7 +77,7 @@ class Engine:
             if progress is not None:
                 progress(info)
 
-        latent, cond = self.denoise(req, nets, progress=on_step, cancel=cancel)
+        latent, cond = self.denoise(req, nets, progress=on_step, cancel=cancel, savers=savers)
         video = nets.vae.decode(latent[None].float())[0]
         metadata = self.metadata(req)
         files: list[Path] = []
@@ -89,7 +90,7 @@ class Engine:
         return GenerationResult(files, req, metadata, latent, video, steps)
 
     def denoise(self, req: GenerationRequest, nets: ModelSet, *, noise: torch.Tensor | None = None,
-                progress=None, cancel=None) -> tuple[torch.Tensor, Conditioning]:
+                progress=None, cancel=None, savers: StepSavers | None = None) -> tuple[torch.Tensor, Conditioning]:
         """Conditioning, text, noise and the sampling loop for a resolved request; returns the final
         latent (VACE reference frames removed) and the conditioning."""
         from wan.engine.samplers import make_sampler
@@ -110,7 +111,7 @@ class Engine:
         extra = cond.dit_kwargs
         latent = denoise(nets.dits, sampler, latent, {"context": context[None].to(device), **extra},
                          {"context": context_neg[None].to(device), **extra}, plan, cond, start=start,
-                         progress=progress, cancel=cancel)
+                         progress=progress, cancel=cancel, savers=savers)
         return latent[:, cond.drop_front:], cond
 
     @staticmethod

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
+
+from wan.optim.guidance import GuidanceSettings, StepGuidance
+from wan.optim.step_cache import StepRunner, calibrate_teacache, teacache_schedule, time_embeddings
 
 
 class Cancelled(Exception):
@@ -33,6 +37,7 @@ class StepInfo:
     elapsed: float       # seconds since the loop started
     eta: float           # seconds left, from the mean step time so far
     latent: torch.Tensor | None = None  # the current latent, for previews (not copied: do not modify)
+    passes: tuple[str, ...] = ()        # model passes this step ran (cond, uncond, uncond_skip, cond_skip)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,38 @@ class ExpertPlan:
         return "low_noise", self.guidance
 
 
+@dataclass(frozen=True)
+class StepSavers:
+    """The step savers of one generation (from the profile, with per-job overrides).
+
+    TeaCache is on when ``teacache_speedup`` (calibrated threshold) or ``teacache_threshold`` is
+    set; it is left off for two-expert models, whose residuals change network mid-run.
+    """
+
+    guidance: GuidanceSettings = field(default_factory=GuidanceSettings)
+    teacache_speedup: float | None = None
+    teacache_threshold: float | None = None
+    teacache_start: float = 0.1
+    teacache_coefficients: tuple | None = None
+    batched_cfg: bool = False
+
+    def runner(self, networks: Mapping, sampler, start: int) -> StepRunner | None:
+        needs_runner = self.guidance.slg.mode != "none"
+        schedule = None
+        if (self.teacache_speedup is not None or self.teacache_threshold is not None) and len(networks) == 1:
+            dit = next(iter(networks.values()))
+            emb = time_embeddings(dit, sampler.timesteps[start:])
+            first = max(1, int(self.teacache_start * len(emb)))
+            if self.teacache_threshold is not None:
+                part = teacache_schedule(emb, self.teacache_threshold, self.teacache_coefficients, first)
+            else:
+                _, part = calibrate_teacache(emb, self.teacache_speedup, self.teacache_coefficients, first)
+            schedule = [True] * start + part
+        if schedule is None and not needs_runner:
+            return None
+        return StepRunner(schedule=schedule)
+
+
 class CancelToken:
     """Set from any thread to stop a generation at the next step boundary."""
 
@@ -69,7 +106,7 @@ class CancelToken:
 def denoise(networks: Mapping[str, Callable], sampler, latent: torch.Tensor, cond: dict, uncond: dict,
             plan: ExpertPlan, conditioning, *, start: int = 0,
             progress: Callable[[StepInfo], None] | None = None,
-            cancel: CancelToken | None = None) -> torch.Tensor:
+            cancel: CancelToken | None = None, savers: StepSavers | None = None) -> torch.Tensor:
     """Runs the sampler's steps from ``start`` and returns the final latent [C, F, H, W].
 
     Args:
@@ -81,6 +118,24 @@ def denoise(networks: Mapping[str, Callable], sampler, latent: torch.Tensor, con
             timesteps and first-frame replacement of TI2V).
     """
     steps = len(sampler.timesteps)
+    savers = savers or StepSavers()
+    guidance_plan = StepGuidance(savers.guidance, steps)
+    runner = savers.runner(networks, sampler, start)
+    if runner is not None:
+        for dit in networks.values():
+            dit.block_runner = runner
+    try:
+        return _steps(networks, sampler, latent, cond, uncond, plan, conditioning, start, progress, cancel,
+                      guidance_plan, runner, savers.batched_cfg)
+    finally:
+        if runner is not None:
+            for dit in networks.values():
+                dit.block_runner = None
+
+
+def _steps(networks, sampler, latent, cond, uncond, plan, conditioning, start, progress, cancel,
+           guidance_plan: StepGuidance, runner: StepRunner | None, batched: bool) -> torch.Tensor:
+    steps = len(sampler.timesteps)
     begin = time.perf_counter()
     for i in range(start, steps):
         if cancel is not None and cancel.cancelled:
@@ -89,12 +144,20 @@ def denoise(networks: Mapping[str, Callable], sampler, latent: torch.Tensor, con
         expert, guidance = plan.at(float(t))
         dit = networks[expert]
         timestep = conditioning.token_timesteps(t.to(latent.device), dit.config.patch_size)
-        x = latent[None]
+        passes = guidance_plan.passes(i, guidance)
         with torch.inference_mode():
-            flow = dit(x, timestep, **cond)[0]
-            if guidance != 1.0:  # at 1 the negative pass cannot change the result
-                flow_u = dit(x, timestep, **uncond)[0]
-                flow = flow_u + guidance * (flow - flow_u)
+            if batched and passes == ("cond", "uncond"):
+                if runner is not None:
+                    runner.begin(i, f"{expert}/cond+uncond")
+                flows = _batched_passes(dit, latent, timestep, cond, uncond)
+            else:
+                flows = {}
+                for name in passes:
+                    if runner is not None:
+                        runner.begin(i, f"{expert}/{name}", guidance_plan.skip_layers(name))
+                    kwargs = cond if name.startswith("cond") else uncond
+                    flows[name] = dit(latent[None], timestep, **kwargs)[0]
+            flow = guidance_plan.combine(i, flows, guidance, latent)
             latent = sampler.step(flow, i, latent)
             if conditioning.fixed_mask is not None:
                 latent = (1 - conditioning.fixed_mask) * conditioning.fixed_latent + conditioning.fixed_mask * latent
@@ -102,5 +165,19 @@ def denoise(networks: Mapping[str, Callable], sampler, latent: torch.Tensor, con
             done = i + 1 - start
             elapsed = time.perf_counter() - begin
             progress(StepInfo(step=i + 1, total=steps, timestep=float(t), expert=expert, guidance=guidance,
-                              elapsed=elapsed, eta=elapsed / done * (steps - i - 1), latent=latent))
+                              elapsed=elapsed, eta=elapsed / done * (steps - i - 1), latent=latent,
+                              passes=passes))
     return latent
+
+
+def _batched_passes(dit, latent, timestep, cond: dict, uncond: dict) -> dict[str, torch.Tensor]:
+    """The prompt and negative-prompt passes as one batch of two (text padded with zero rows, which
+    the DiT's padding fold makes exact)."""
+    ctx_c, ctx_u = cond["context"], uncond["context"]
+    n = max(ctx_c.shape[1], ctx_u.shape[1])
+    kwargs = {"context": torch.cat([F.pad(c, (0, 0, 0, n - c.shape[1])) for c in (ctx_c, ctx_u)])}
+    for key, value in cond.items():
+        if key != "context":
+            kwargs[key] = torch.cat([value, uncond[key]]) if torch.is_tensor(value) else value
+    out = dit(torch.cat([latent[None]] * 2), torch.cat([timestep] * 2), **kwargs)
+    return {"cond": out[0], "uncond": out[1]}

@@ -304,6 +304,22 @@ class ImageEmbedding(nn.Module):
         return self.proj[4](h)
 
 
+@dataclass
+class BlockInputs:
+    """What every main block receives besides the tokens, for a block runner.
+
+    ``e`` [B, 1|L, dim] is the time embedding (TeaCache measures its change between steps).
+    """
+
+    e: torch.Tensor
+    e0: torch.Tensor
+    context: TextContext
+    context_img: torch.Tensor | None
+    rope: tuple[torch.Tensor, torch.Tensor]
+    hints: list[torch.Tensor] | None
+    vace_scale: float
+
+
 # ---------------------------------------------------------------------------------------------
 # The network
 
@@ -336,6 +352,9 @@ class WanDiT(nn.Module):
             self.vace_blocks = nn.ModuleList(VaceBlock(cfg, first=(i == 0)) for i in range(len(cfg.vace_layers)))
         # The attention kernel; wan.optim swaps it for a faster backend.
         self.attention: AttentionFn = sdpa_attention
+        # Runs the main blocks: None runs them all (run_blocks). Step caches and skip-layer
+        # guidance install a callable (dit, tokens, BlockInputs) -> tokens here, from outside.
+        self.block_runner = None
 
     @classmethod
     def keep_in_fp32(cls, name: str) -> bool:
@@ -379,14 +398,26 @@ class WanDiT(nn.Module):
         hints = None
         if vace_context is not None:
             hints = self._vace_hints(tokens, vace_context, e0, context, context_img, rope)
-        hint_at = {layer: i for i, layer in enumerate(cfg.vace_layers)}
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, context, context_img, rope, self.attention)
-            if hints is not None and i in hint_at:
-                tokens = tokens + hints[hint_at[i]] * vace_scale
+        inputs = BlockInputs(e, e0, context, context_img, rope, hints, vace_scale)
+        if self.block_runner is not None:
+            tokens = self.block_runner(self, tokens, inputs)
+        else:
+            tokens = self.run_blocks(tokens, inputs)
 
         out = self.head(tokens, e)[:, n_ref:]
         return self._unpatchify(out, (f - (1 if n_ref else 0), h, w))
+
+    def run_blocks(self, tokens: torch.Tensor, inputs: "BlockInputs", skip: frozenset[int] = frozenset()) -> torch.Tensor:
+        """The main blocks in order, with VACE hints added after their layers; blocks whose index
+        is in ``skip`` are left out (skip-layer guidance)."""
+        hint_at = {layer: i for i, layer in enumerate(self.config.vace_layers)}
+        for i, block in enumerate(self.blocks):
+            if i in skip:
+                continue
+            tokens = block(tokens, inputs.e0, inputs.context, inputs.context_img, inputs.rope, self.attention)
+            if inputs.hints is not None and i in hint_at:
+                tokens = tokens + inputs.hints[hint_at[i]] * inputs.vace_scale
+        return tokens
 
     # -- pieces of forward ----------------------------------------------------------------------
 

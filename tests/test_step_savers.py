@@ -1,0 +1,132 @@
+"""Step savers: CFG skipping, skip-layer guidance, CFG-Zero*, TeaCache, batched CFG."""
+
+import numpy as np
+import pytest
+import torch
+
+from wan.engine import Engine, GenerationRequest
+from wan.engine.loop import StepSavers
+from wan.optim.guidance import (GuidanceSettings, SkipLayerGuidance, StepGuidance, cfg_apply_pattern,
+                                cfg_zero_star_alpha)
+from wan.optim.step_cache import calibrate_teacache, teacache_schedule
+from wan.testing.tiny_family import ensure_tiny_checkpoints
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    ensure_tiny_checkpoints(root)
+    return Engine(checkpoint_dir=root, device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("mode,pattern", [
+    ("early", "SSSSAAAAAA"), ("late", "AAAAAASSSS"), ("middle", "AAASSSSAAA"),
+    ("early_late", "SSAAAAAASS"), ("alternate", "SASASAASAS"), ("none", "AAAAAAAAAA"),
+])
+def test_cfg_skip_patterns(mode, pattern):
+    assert "".join("A" if a else "S" for a in cfg_apply_pattern(mode, 0.6, 10)) == pattern
+
+
+def test_cfg_skip_runs_one_pass_on_skipped_steps(engine):
+    seen = []
+    engine.generate(GenerationRequest(model="test-tiny-t2v", prompt="x", steps=5, seed=1), write=False,
+                    progress=lambda s: seen.append(s.passes),
+                    savers=StepSavers(GuidanceSettings(cfg_skip_mode="early", cfg_skip_ratio=0.6)))
+    assert seen == [("cond",)] * 2 + [("cond", "uncond")] * 3
+
+
+def test_slg_blocks_run_in_each_pass_and_step(engine):
+    """Skip-layer guidance, SD3.5 mode, layer 1 of 2, active for steps int(0.25*4)..int(0.75*4)-1."""
+    nets = engine.models.get(engine.registry.get("test-tiny-t2v"))
+    dit = nets.dit
+    log = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: log.append((dit.block_runner.step,
+                                                                       dit.block_runner.pass_name, i)))
+             for i, b in enumerate(dit.blocks)]
+    slg = SkipLayerGuidance(mode="original", layers=(1,), scale=2.0, start=0.25, end=0.75)
+    try:
+        engine.generate(GenerationRequest(model="test-tiny-t2v", prompt="x", steps=4, seed=1), write=False,
+                        savers=StepSavers(GuidanceSettings(slg=slg)))
+    finally:
+        for h in hooks:
+            h.remove()
+    expected = []
+    for step in range(4):
+        passes = ["cond", "uncond"] + (["cond_skip"] if step in (1, 2) else [])
+        for p in passes:
+            expected += [(step, f"transformer/{p}", b) for b in (0, 1) if not (p == "cond_skip" and b == 1)]
+    assert log == expected
+    assert dit.block_runner is None  # removed after the generation
+
+
+def test_guidance_combinations_by_hand():
+    g = torch.Generator().manual_seed(0)
+    cond, uncond, skip = (torch.randn(4, 3, 2, 2, generator=g) for _ in range(3))
+    plain = StepGuidance(GuidanceSettings(), 10).combine(0, {"cond": cond, "uncond": uncond}, 5.0, cond)
+    assert torch.allclose(plain, uncond + 5.0 * (cond - uncond))
+    slg = StepGuidance(GuidanceSettings(slg=SkipLayerGuidance(mode="original", scale=3.0)), 10)
+    out = slg.combine(5, {"cond": cond, "uncond": uncond, "cond_skip": skip}, 5.0, cond)
+    assert torch.allclose(out, uncond + 5.0 * (cond - uncond) + 3.0 * (cond - skip))
+    wan2gp = StepGuidance(GuidanceSettings(slg=SkipLayerGuidance(mode="uncond")), 10)
+    assert wan2gp.passes(5, 5.0) == ("cond", "uncond_skip")
+    assert torch.allclose(wan2gp.combine(5, {"cond": cond, "uncond_skip": skip}, 5.0, cond), skip + 5.0 * (cond - skip))
+
+
+def test_cfg_zero_star_scale_and_zero_init_by_hand():
+    g = torch.Generator().manual_seed(1)
+    cond, uncond = torch.randn(16, 2, 4, 4, generator=g), torch.randn(16, 2, 4, 4, generator=g)
+    c, u = cond.double().numpy().ravel(), uncond.double().numpy().ravel()
+    alpha = (c @ u) / (u @ u + 1e-8)
+    assert cfg_zero_star_alpha(cond[None], uncond[None]).item() == pytest.approx(alpha, rel=1e-5)
+    z = StepGuidance(GuidanceSettings(cfg_zero_star=True, zero_init_steps=2), 10)
+    assert z.passes(0, 5.0) == () and z.passes(1, 5.0) == () and z.passes(2, 5.0) == ("cond", "uncond")
+    assert torch.equal(z.combine(0, {}, 5.0, cond), torch.zeros_like(cond))
+    expected = alpha * u + 5.0 * (c - alpha * u)
+    got = z.combine(3, {"cond": cond, "uncond": uncond}, 5.0, cond).double().numpy().ravel()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_teacache_threshold_zero_is_exactly_uncached(engine):
+    req = GenerationRequest(model="test-tiny-t2v", prompt="a fox", steps=6, seed=2)
+    plain = engine.generate(req, write=False)
+    cached = engine.generate(req, write=False, savers=StepSavers(teacache_threshold=0.0))
+    assert torch.equal(plain.latent, cached.latent)
+
+
+def test_teacache_speedup_computes_the_target_number_of_steps(engine):
+    steps, speedup = 20, 2.0
+    nets = engine.models.get(engine.registry.get("test-tiny-t2v"))
+    from wan.engine.samplers import make_sampler
+    from wan.optim.step_cache import time_embeddings
+    emb = time_embeddings(nets.dit, make_sampler("unipc", steps, 5.0).timesteps)
+    threshold, schedule = calibrate_teacache(emb, speedup, start_steps=2)
+    assert schedule[0] and schedule[1] and schedule[-1]  # first steps and the last are computed
+    assert abs(sum(schedule) - steps / speedup) <= 1
+    assert teacache_schedule(emb, threshold, start_steps=2) == schedule
+
+    runs = []
+    dit = nets.dit
+    hook = dit.blocks[0].register_forward_hook(lambda m, a, o: runs.append(dit.block_runner.step))
+    try:
+        result = engine.generate(GenerationRequest(model="test-tiny-t2v", prompt="a fox", steps=steps, seed=3),
+                                 write=False, savers=StepSavers(teacache_speedup=speedup, teacache_start=0.1))
+    finally:
+        hook.remove()
+    computed_steps = sorted(set(runs))
+    assert len(computed_steps) == sum(schedule)  # both passes computed exactly on the scheduled steps
+    assert len(runs) == 2 * sum(schedule)
+    assert torch.isfinite(result.latent).all()
+
+
+def test_batched_cfg_matches_separate_passes(engine):
+    req = GenerationRequest(model="test-tiny-i2v", prompt="a much longer prompt than the negative one", steps=3,
+                            seed=4, negative_prompt="blur")
+    from PIL import Image
+    import tempfile
+    path = tempfile.mktemp(suffix=".png")
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(path)
+    req = req.replace(image=path)
+    separate = engine.generate(req, write=False)
+    batched = engine.generate(req, write=False, savers=StepSavers(batched_cfg=True))
+    err = ((separate.latent - batched.latent).abs().max() / separate.latent.abs().max()).item()
+    assert err <= 1e-5
