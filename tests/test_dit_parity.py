@@ -155,3 +155,16 @@ def test_fun_ref_conv_tokens_are_prepended_and_removed():
         plain = model(x, t, ctx, clip_fea=clip, y=y)
     assert out.shape == x.shape
     assert rel_err(out, plain) > 1e-3
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_fused_linear_gelu_equals_plain(dtype, tol):
+    """The FFN's fused matmul + GELU(tanh) computes the plain form (up to rounding: bf16 has
+    8 bits of mantissa, so 2e-2 relative there)."""
+    from wan.models.ops import linear_gelu_tanh
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 96).to(dtype)
+    randomize_(lin, seed=1)
+    x = torch.randn(33, 64, generator=g).to(dtype)
+    plain = torch.nn.functional.gelu(lin(x), approximate="tanh")
+    assert rel_err(linear_gelu_tanh(lin, x), plain) <= tol

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wan.models.attention import AttentionFn, attention_with_key_counts, sdpa_attention
+from wan.models.ops import linear_gelu_tanh
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,8 @@ class Block(nn.Module):
         x = torch.addcmul(x, self.self_attn(h.to(cdt), rope, attention).float(), gate_sa)
         x = x + self.cross_attn(self.norm3(x).to(cdt), context, context_img, attention).float()
         h = torch.addcmul(shift_ff, self.norm2(x), 1 + scale_ff)
-        return torch.addcmul(x, self.ffn(h.to(cdt)).float(), gate_ff)
+        ffn = self.ffn[2](linear_gelu_tanh(self.ffn[0], h.to(cdt)))  # = self.ffn(h), GELU fused
+        return torch.addcmul(x, ffn.float(), gate_ff)
 
 
 class VaceBlock(Block):
