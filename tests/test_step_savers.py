@@ -130,3 +130,25 @@ def test_batched_cfg_matches_separate_passes(engine):
     batched = engine.generate(req, write=False, savers=StepSavers(batched_cfg=True))
     err = ((separate.latent - batched.latent).abs().max() / separate.latent.abs().max()).item()
     assert err <= 1e-5
+
+
+def test_riflex_changes_only_the_kth_frame_frequency():
+    from wan.models.dit import rope_angles
+    cos, sin = rope_angles((21, 2, 2), 128)
+    cos_r, sin_r = rope_angles((21, 2, 2), 128, riflex=(6, 21))
+    changed = ((cos - cos_r).abs() > 0).any(0) | ((sin - sin_r).abs() > 0).any(0)
+    assert changed.nonzero().flatten().tolist() == [5]  # frame frequencies are pairs 0..21; k=6 is pair 5
+    positions = torch.arange(21).repeat_interleave(4).double()
+    assert torch.allclose(cos_r[:, 5].double(), torch.cos(positions * 0.9 * 2 * np.pi / 21), atol=1e-6)
+
+
+def test_riflex_auto_turns_on_for_long_clips_only(engine):
+    s = StepSavers()
+    assert s.riflex_setting(21, 81, 16) is None and s.riflex_setting(31, 121, 16) == (6, 31)
+    assert StepSavers(riflex="on").riflex_setting(3, 9, 16) == (6, 3)
+    req = GenerationRequest(model="test-tiny-t2v", prompt="x", steps=2, seed=1)
+    plain = engine.generate(req, write=False)
+    assert torch.equal(plain.latent, engine.generate(req, write=False, savers=StepSavers(riflex="off")).latent)
+    on = engine.generate(req, write=False, savers=StepSavers(riflex="on"))
+    assert not torch.equal(plain.latent, on.latent)
+    assert engine.models.current.dit.riflex is None  # reset after the generation

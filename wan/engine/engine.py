@@ -109,9 +109,17 @@ class Engine:
             latent = (1 - cond.fixed_mask) * cond.fixed_latent + cond.fixed_mask * latent
         plan = ExpertPlan(req.boundary, req.guidance, req.guidance_high_noise)
         extra = cond.dit_kwargs
-        latent = denoise(nets.dits, sampler, latent, {"context": context[None].to(device), **extra},
-                         {"context": context_neg[None].to(device), **extra}, plan, cond, start=start,
-                         progress=progress, cancel=cancel, savers=savers)
+        savers = savers or StepSavers()
+        riflex = savers.riflex_setting(cond.noise_shape[1], req.frames, req.fps)
+        for dit in nets.dits.values():
+            dit.riflex = riflex
+        try:
+            latent = denoise(nets.dits, sampler, latent, {"context": context[None].to(device), **extra},
+                             {"context": context_neg[None].to(device), **extra}, plan, cond, start=start,
+                             progress=progress, cancel=cancel, savers=savers)
+        finally:
+            for dit in nets.dits.values():
+                dit.riflex = None
         return latent[:, cond.drop_front:], cond
 
     @staticmethod

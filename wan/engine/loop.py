@@ -57,6 +57,10 @@ class ExpertPlan:
         return "low_noise", self.guidance
 
 
+RIFLEX_K = 6
+RIFLEX_AUTO_SECONDS = 6  # Wan was trained on clips of about 5 s; past 6 s RIFLEx keeps motion coherent
+
+
 @dataclass(frozen=True)
 class StepSavers:
     """The step savers of one generation (from the profile, with per-job overrides).
@@ -71,6 +75,15 @@ class StepSavers:
     teacache_start: float = 0.1
     teacache_coefficients: tuple | None = None
     batched_cfg: bool = False
+    riflex: str = "auto"             # "auto": on for clips longer than RIFLEX_AUTO_SECONDS at the model's fps
+
+    def riflex_setting(self, latent_frames: int, frames: int, fps: int) -> tuple[int, int] | None:
+        """(k, latent frames) when RIFLEx applies, k = 6 as for Wan in the RIFLEx paper and Wan2GP."""
+        if self.riflex == "on" or (self.riflex == "auto" and frames > RIFLEX_AUTO_SECONDS * fps + 1):
+            return (RIFLEX_K, latent_frames)
+        if self.riflex not in ("auto", "on", "off"):
+            raise ValueError(f"riflex: {self.riflex!r} is not allowed; auto, on or off")
+        return None
 
     def runner(self, networks: Mapping, sampler, start: int) -> StepRunner | None:
         needs_runner = self.guidance.slg.mode != "none"

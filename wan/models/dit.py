@@ -94,12 +94,16 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
 
 
-def rope_angles(grid: tuple[int, int, int], head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(grid: tuple[int, int, int], head_dim: int, device=None,
+                riflex: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """3-D RoPE tables for a (frames, height, width) token grid.
 
     The head dimension is split into frame/height/width parts of ``d - 4*(d//6)``, ``2*(d//6)``,
     ``2*(d//6)`` channels (44/42/42 for d=128), each with its own frequency ladder, positions being
     integer grid indices from 0. Angles are computed in float64 as the reference does.
+
+    ``riflex`` = (k, latent_frames) applies RIFLEx for long clips: the k-th (1-based) frame
+    frequency becomes 0.9 * 2pi / latent_frames, so it does not complete a period within the clip.
 
     Returns:
         cos, sin: ``[f*h*w, head_dim // 2]`` float32, tokens in (f, h, w) order.
@@ -108,11 +112,14 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, device=None) -> tuple
     d_hw = 2 * (head_dim // 6)
     d_t = head_dim - 2 * d_hw
 
-    def axis(n: int, dim_axis: int) -> torch.Tensor:
+    def axis(n: int, dim_axis: int, riflex=None) -> torch.Tensor:
         inv = 1.0 / torch.pow(10000.0, torch.arange(0, dim_axis, 2, dtype=torch.float64, device=device) / dim_axis)
+        if riflex is not None:
+            k, frames = riflex
+            inv[k - 1] = 0.9 * 2 * math.pi / frames
         return torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv)
 
-    at, ah, aw = axis(f, d_t), axis(h, d_hw), axis(w, d_hw)
+    at, ah, aw = axis(f, d_t, riflex), axis(h, d_hw), axis(w, d_hw)
     angles = torch.cat([
         at[:, None, None, :].expand(f, h, w, -1),
         ah[None, :, None, :].expand(f, h, w, -1),
@@ -357,6 +364,8 @@ class WanDiT(nn.Module):
         # Runs the main blocks: None runs them all (run_blocks). Step caches and skip-layer
         # guidance install a callable (dit, tokens, BlockInputs) -> tokens here, from outside.
         self.block_runner = None
+        # RIFLEx (k, latent frames) for long clips, set per generation from outside; None: off.
+        self.riflex: tuple[int, int] | None = None
 
     @classmethod
     def keep_in_fp32(cls, name: str) -> bool:
@@ -392,7 +401,7 @@ class WanDiT(nn.Module):
             n_ref = ref.shape[1]
             tokens = torch.cat([ref, tokens], dim=1)
             f += 1
-        rope = rope_angles((f, h, w), cfg.head_dim, device=x.device)
+        rope = rope_angles((f, h, w), cfg.head_dim, device=x.device, riflex=self.riflex)
 
         e, e0 = self._time_embedding(timestep, n_ref)
         context, context_img = self._context(context, clip_fea, cdt)
