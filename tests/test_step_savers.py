@@ -152,3 +152,37 @@ def test_riflex_auto_turns_on_for_long_clips_only(engine):
     on = engine.generate(req, write=False, savers=StepSavers(riflex="on"))
     assert not torch.equal(plain.latent, on.latent)
     assert engine.models.current.dit.riflex is None  # reset after the generation
+
+
+def test_magcache_schedule_rules():
+    from wan.optim.step_cache import calibrate_magcache, magcache_schedule
+    ratios = [1.0] + [0.99] * 19
+    assert magcache_schedule(ratios, 0.0) == [True] * 20
+    sched = magcache_schedule(ratios, 10.0, max_skips=2, start_steps=4)
+    assert sched[:4] == [True] * 4 and sched[-1]
+    assert "FFF" not in "".join("T" if c else "F" for c in sched)  # never more than 2 skips in a row
+    _, best = calibrate_magcache(ratios, 2.0, max_skips=2, start_steps=2)
+    assert abs(sum(best) - 10) <= 1
+
+
+def test_magcache_calibrated_on_the_model_then_threshold_zero_is_exact(engine):
+    from wan.optim.step_cache import MagnitudeRecorder
+    req = GenerationRequest(model="test-tiny-t2v", prompt="a fox", steps=8, seed=5)
+    dit = engine.models.get(engine.registry.get(req.model)).dit
+    rec = MagnitudeRecorder()
+    dit.block_runner = rec
+
+    class Recording(StepSavers):  # the loop's runner hook returns our recorder
+        def runner(self, networks, sampler, start):
+            return rec
+    try:
+        plain = engine.generate(req, write=False, savers=Recording())
+    finally:
+        dit.block_runner = None
+    ratios = rec.ratios("transformer/cond")
+    assert len(ratios) == 8 and all(r > 0 for r in ratios)
+    exact = engine.generate(req, write=False, savers=StepSavers(magcache_ratios=tuple(ratios), magcache_threshold=0.0))
+    assert torch.equal(exact.latent, plain.latent)
+    fast = engine.generate(req, write=False, savers=StepSavers(magcache_ratios=tuple(ratios), magcache_speedup=2.0,
+                                                               magcache_start=0.25))
+    assert torch.isfinite(fast.latent).all()

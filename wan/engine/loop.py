@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from wan.optim.guidance import GuidanceSettings, StepGuidance
-from wan.optim.step_cache import StepRunner, calibrate_teacache, teacache_schedule, time_embeddings
+from wan.optim.step_cache import (StepRunner, calibrate_magcache, calibrate_teacache, magcache_schedule,
+                                  teacache_schedule, time_embeddings)
 
 
 class Cancelled(Exception):
@@ -74,6 +75,11 @@ class StepSavers:
     teacache_threshold: float | None = None
     teacache_start: float = 0.1
     teacache_coefficients: tuple | None = None
+    magcache_ratios: tuple[float, ...] | None = None  # per-step table for this step count (calibrated)
+    magcache_speedup: float | None = None
+    magcache_threshold: float | None = None
+    magcache_max_skips: int = 2
+    magcache_start: float = 0.2
     batched_cfg: bool = False
     riflex: str = "auto"             # "auto": on for clips longer than RIFLEX_AUTO_SECONDS at the model's fps
 
@@ -97,6 +103,16 @@ class StepSavers:
             else:
                 _, part = calibrate_teacache(emb, self.teacache_speedup, self.teacache_coefficients, first)
             schedule = [True] * start + part
+        elif self.magcache_ratios is not None and (self.magcache_speedup is not None or self.magcache_threshold is not None):
+            ratios = list(self.magcache_ratios)
+            if len(ratios) != len(sampler.timesteps):
+                raise ValueError(f"magcache ratios: {len(ratios)} values for {len(sampler.timesteps)} steps; "
+                                 "calibrate for this step count")
+            first = max(1, int(self.magcache_start * len(ratios)))
+            if self.magcache_threshold is not None:
+                schedule = magcache_schedule(ratios, self.magcache_threshold, self.magcache_max_skips, first)
+            else:
+                _, schedule = calibrate_magcache(ratios, self.magcache_speedup, self.magcache_max_skips, first)
         if schedule is None and not needs_runner:
             return None
         return StepRunner(schedule=schedule)

@@ -130,3 +130,69 @@ class StepRunner:
         if self.schedule is not None:
             self.residuals[self.pass_name] = out - tokens
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# MagCache
+
+
+def magcache_schedule(ratios: list[float], threshold: float, max_skips: int = 2, start_steps: int = 1) -> list[bool]:
+    """MagCache: which steps compute the blocks, from the magnitude ratios of the blocks' residual
+    between consecutive steps (``ratios[i]`` = |residual_i| / |residual_{i-1}|, ratios[0] unused).
+
+    While skipping, the product of the ratios since the last computed step estimates how far the
+    cached residual is off; the error |1 - product| accumulates, and a step is computed when it
+    reaches ``threshold`` or after ``max_skips`` skips in a row. The first steps and the last are
+    always computed; a threshold <= 0 computes every step.
+    """
+    steps = len(ratios)
+    if threshold <= 0:
+        return [True] * steps
+    out, ratio, err, skips = [], 1.0, 0.0, 0
+    for i, r in enumerate(ratios):
+        if i < max(1, start_steps) or i == steps - 1:
+            compute = True
+        else:
+            ratio *= r
+            err += abs(1.0 - ratio)
+            compute = err >= threshold or skips >= max_skips
+        if compute:
+            ratio, err, skips = 1.0, 0.0, 0
+        else:
+            skips += 1
+        out.append(compute)
+    return out
+
+
+def calibrate_magcache(ratios: list[float], speedup: float, max_skips: int = 2,
+                       start_steps: int = 1) -> tuple[float, list[bool]]:
+    """The smallest threshold (0.01 steps up to 1.0) whose computed-step count is closest to
+    ``steps / speedup``, and its schedule (max_skips bounds what any threshold can reach)."""
+    target = len(ratios) / speedup
+    best = min((abs(sum(magcache_schedule(ratios, k / 100, max_skips, start_steps)) - target), k / 100)
+               for k in range(1, 101))
+    return best[1], magcache_schedule(ratios, best[1], max_skips, start_steps)
+
+
+class MagnitudeRecorder:
+    """A block runner that records |residual| of each pass at each step (MagCache calibration).
+
+    ``ratios(pass)`` gives the per-step ratio table of one pass from a plain run.
+    """
+
+    def __init__(self):
+        self.step, self.pass_name, self.skip = 0, "cond", frozenset()
+        self.norms: dict[str, dict[int, float]] = {}
+
+    def begin(self, step: int, pass_name: str, skip: frozenset[int] = frozenset()) -> None:
+        self.step, self.pass_name, self.skip = step, pass_name, skip
+
+    def __call__(self, dit, tokens: torch.Tensor, inputs) -> torch.Tensor:
+        out = dit.run_blocks(tokens, inputs, self.skip)
+        self.norms.setdefault(self.pass_name, {})[self.step] = (out - tokens).float().norm(dim=-1).mean().item()
+        return out
+
+    def ratios(self, pass_name: str) -> list[float]:
+        norms = self.norms[pass_name]
+        steps = sorted(norms)
+        return [1.0] + [norms[b] / norms[a] for a, b in zip(steps, steps[1:])]
