@@ -3,6 +3,7 @@
     python wgp.py [serve] [--server-name HOST] [--server-port N] [--listen] [--share]
     python wgp.py generate --model ID --prompt TEXT [...]   headless generation (see wan/cli_generate.py)
     python wgp.py models                 list the models of the registry
+    python wgp.py profiles [--model ID]  list the profiles and the memory plan each gives here
     python wgp.py download MODEL [--variant bf16|fp16|fp8] [--checkpoint-dir DIR]
 
 Exit codes: 0 success, 1 runtime failure, 2 bad input (a clear message, never a traceback).
@@ -29,6 +30,11 @@ def _serve(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from wan.cli_generate import run
     return run(args, args.parser)
+
+
+def _profiles(args: argparse.Namespace) -> int:
+    from wan.cli_profiles import run
+    return run(args)
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -72,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(gen)
     gen.set_defaults(func=_generate, parser=gen)
 
+    from wan.cli_profiles import add_arguments as add_profile_arguments
+    prof = sub.add_parser("profiles", help="list the profiles and the memory plan each gives on this machine")
+    add_profile_arguments(prof)
+    prof.set_defaults(func=_profiles)
+
     models = sub.add_parser("models", help="list the models of the registry")
     models.set_defaults(func=_models)
 
@@ -85,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     parser = build_parser()
-    commands = {"serve", "generate", "models", "download", "-h", "--help"}
+    commands = {"serve", "generate", "models", "profiles", "download", "-h", "--help"}
     if not argv or argv[0] not in commands:
         argv = ["serve", *argv]  # flags alone start the app
     args = parser.parse_args(argv)
