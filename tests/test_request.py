@@ -51,7 +51,8 @@ def test_json_round_trip_is_lossless():
     (dict(boundary=0.9), "boundary", "two-expert"),
     (dict(trim_tail=9), "trim_tail", "0..8"),
     (dict(loras=[LoraChoice("a.safetensors")]), "loras", "LoRA milestone"),
-    (dict(profile="4"), "profile", "profiles milestone"),
+    (dict(profile="nope"), "profile", "nope"),
+    (dict(profile="4", profile_overrides={"step_savers.teacache.colour": 1}), "profile", "colour"),
 ])
 def test_bad_fields_are_named(kw, field, hint):
     with pytest.raises(RequestError) as e:
@@ -70,3 +71,11 @@ def test_missing_and_unreadable_inputs(tmp_path):
 def test_unknown_field_in_json():
     with pytest.raises(RequestError, match="colour: .*not a request field"):
         GenerationRequest.from_dict({"model": "test-tiny-t2v", "colour": "red"})
+
+
+def test_profiles_by_number_and_name_resolve_the_same():
+    from wan.optim.apply import resolve_profile
+    assert resolve_profile("4") == resolve_profile("LowRAM_LowVRAM")
+    assert resolve(profile="4").profile == "4"
+    over = resolve_profile("quality", {"step_savers.teacache.enabled": True})
+    assert over.step_savers.teacache.enabled

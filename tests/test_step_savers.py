@@ -186,3 +186,17 @@ def test_magcache_calibrated_on_the_model_then_threshold_zero_is_exact(engine):
     fast = engine.generate(req, write=False, savers=StepSavers(magcache_ratios=tuple(ratios), magcache_speedup=2.0,
                                                                magcache_start=0.25))
     assert torch.isfinite(fast.latent).all()
+
+
+def test_a_profile_switches_savers_on_through_the_engine(engine):
+    """The fast_preview profile's savers run (fewer passes than plain); a per-job override turns
+    one off again; both give finite latents."""
+    req = GenerationRequest(model="test-tiny-t2v", prompt="a fox", steps=10, seed=6)
+    plain, fast = [], []
+    engine.generate(req, write=False, progress=lambda s: plain.append(len(s.passes)))
+    engine.generate(req.replace(profile="fast_preview"), write=False, progress=lambda s: fast.append(len(s.passes)))
+    assert sum(fast) < sum(plain)
+    off = []
+    engine.generate(req.replace(profile="fast_preview", profile_overrides={"step_savers.cfg_skip.mode": "none"}),
+                    write=False, progress=lambda s: off.append(len(s.passes)))
+    assert sum(off) == sum(plain)

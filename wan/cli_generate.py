@@ -71,7 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--lora", action="append", default=[], metavar="FILE[:MULT]", help="repeatable")
     a("--lora_weight", nargs="+", default=[])
     a("--lora_multiplier", nargs="+", default=[])
-    a("--profile")
+    a("--profile", help="profile name or number (python wgp.py profiles), e.g. 4 or fast_preview")
+    a("--set", dest="profile_overrides", action="append", default=[], metavar="KEY=VALUE",
+      help="override one profile setting for this job, e.g. --set step_savers.teacache.enabled=true")
     a("--output_dir", "--save_path", dest="output_dir", default="outputs")
     a("--name_template", default="{time}_seed{seed}_{prompt}")
     a("--fps", type=int)
@@ -107,7 +109,8 @@ def base_request(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
         guidance_high_noise=args.guidance_high_noise, boundary=boundary, shift=args.shift, sampler=args.sampler,
         seed=args.seed, image=args.image, end_image=args.end_image, video=args.video, strength=args.strength,
         control_video=args.control_video, mask_video=args.mask_video, ref_images=list(args.ref_images),
-        vace_scale=args.vace_scale, loras=_loras(args), profile=args.profile, output_dir=args.output_dir,
+        vace_scale=args.vace_scale, loras=_loras(args), profile=args.profile,
+        profile_overrides=_overrides(args.profile_overrides), output_dir=args.output_dir,
         name_template=args.name_template, fps=args.fps, quality=args.quality, save_latents=args.save_latents,
         trim_tail=args.trim_tail, cpu_noise=args.cpu_noise)
 
@@ -127,6 +130,18 @@ def _request_from_output(args: argparse.Namespace, parser) -> GenerationRequest:
         if name in vars(args) and getattr(args, name) != parser.get_default(name):
             changes[name] = getattr(args, name)
     return saved.replace(**changes)
+
+
+def _overrides(items: list[str]) -> dict:
+    from wan.optim.profiles import ProfileError, parse_override
+    out = {}
+    for item in items:
+        try:
+            key, value = parse_override(item)
+        except ProfileError as e:
+            raise RequestError("set", item, str(e)) from None
+        out[key] = value
+    return out
 
 
 def _loras(args) -> list[LoraChoice]:

@@ -18,7 +18,7 @@ import torch
 from wan.engine.conditioning import Conditioning, build_conditioning
 from wan.engine.loop import CancelToken, ExpertPlan, StepInfo, StepSavers, denoise
 from wan.engine.models import ModelManager, ModelSet
-from wan.engine.request import GenerationRequest, resolve_request
+from wan.engine.request import GenerationRequest, RequestError, resolve_request
 from wan.registry import Registry, default_registry
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,13 @@ class Engine:
             Cancelled: ``cancel`` was set; nothing was written.
         """
         req, spec = resolve_request(request, self.registry)
+        if savers is None:
+            from wan.optim.apply import resolve_profile, savers_from_profile
+            from wan.optim.profiles import ProfileError
+            try:
+                savers = savers_from_profile(resolve_profile(req.profile, req.profile_overrides), spec)
+            except ProfileError as e:
+                raise RequestError("profile", req.profile, str(e)) from None
         nets = self.models.get(spec)
         steps: list[StepInfo] = []
 

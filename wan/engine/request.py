@@ -78,7 +78,8 @@ class GenerationRequest:
     ref_images: list[str] = field(default_factory=list)
     vace_scale: float = 1.0
     loras: list[LoraChoice] = field(default_factory=list)
-    profile: str | None = None
+    profile: str | None = None                # name or number (1-5) of a profile in profiles/
+    profile_overrides: dict[str, Any] = field(default_factory=dict)  # "step_savers.teacache.enabled": True ...
     # output
     output_dir: str = "outputs"
     name_template: str = "{time}_seed{seed}_{prompt}"
@@ -105,6 +106,7 @@ class GenerationRequest:
         data = dict(data)
         data["loras"] = [lo if isinstance(lo, LoraChoice) else LoraChoice(**lo) for lo in data.get("loras", [])]
         data["ref_images"] = list(data.get("ref_images", []))
+        data["profile_overrides"] = dict(data.get("profile_overrides", {}))
         return cls(**data)
 
     @classmethod
@@ -230,8 +232,15 @@ def _check_not_yet_supported(req: GenerationRequest) -> None:
     silently ignored (a LoRA that loads without effect is the worst kind of failure)."""
     if req.loras:
         raise RequestError("loras", [lo.path for lo in req.loras], "none yet: LoRA support comes with the LoRA milestone")
-    if req.profile is not None:
-        raise RequestError("profile", req.profile, "none yet: profiles come with the profiles milestone")
+    if req.profile is not None or req.profile_overrides:
+        from wan.optim.apply import resolve_profile
+        from wan.optim.profiles import ProfileError
+        try:
+            resolve_profile(req.profile, req.profile_overrides)
+        except ProfileError as e:
+            field_name = "profile_overrides" if req.profile_overrides and req.profile is None else "profile"
+            raise RequestError(field_name, req.profile if field_name == "profile" else req.profile_overrides,
+                               str(e)) from None
 
 
 def _positive_int(name: str, v: Any) -> int:

@@ -1,0 +1,50 @@
+"""From a profile to what one generation uses: the step savers, the attention backend, RIFLEx.
+
+The memory side of a profile (offload, quantisation) is applied when models are loaded
+(wan.engine.models); this module covers what can change from one job to the next.
+"""
+
+from __future__ import annotations
+
+from wan.engine.loop import StepSavers
+from wan.optim.guidance import GuidanceSettings, SkipLayerGuidance
+from wan.optim.profiles import Profile, ProfileError, apply_overrides, load_profiles
+from wan.optim.step_cache import teacache_coefficients
+
+
+def resolve_profile(name: str | int | None, overrides: dict | None = None) -> Profile | None:
+    """The named profile (by name or number) with per-job overrides applied; None when no
+    profile was asked for and there are no overrides.
+
+    Raises:
+        ProfileError: unknown name, or an override naming an unknown key or a bad value.
+    """
+    if name is None and not overrides:
+        return None
+    profile = load_profiles().get(name if name is not None else "default")
+    return apply_overrides(profile, overrides) if overrides else profile
+
+
+def savers_from_profile(profile: Profile | None, spec) -> StepSavers:
+    """The step savers a profile turns on, for model ``spec`` (TeaCache uses the published
+    polynomial of the model when there is one)."""
+    if profile is None:
+        return StepSavers()
+    s = profile.step_savers
+    if s.magcache.enabled:
+        raise ProfileError(f"profile {profile.name}: step_savers.magcache needs a magnitude-ratio table for "
+                           f"{spec.id}, which this version does not ship; use TeaCache, or calibrate one with "
+                           "wan.optim.step_cache.MagnitudeRecorder and pass it to StepSavers")
+    guidance = GuidanceSettings(
+        cfg_skip_mode=s.cfg_skip.mode, cfg_skip_ratio=s.cfg_skip.ratio,
+        slg=SkipLayerGuidance(mode=s.slg.mode, layers=tuple(s.slg.layers), scale=s.slg.scale,
+                              start=s.slg.start, end=s.slg.end),
+        cfg_zero_star=s.cfg_zero_star.enabled, zero_init_steps=s.cfg_zero_star.zero_init_steps)
+    tea = s.teacache
+    return StepSavers(
+        guidance=guidance,
+        teacache_speedup=tea.speedup if tea.enabled and tea.threshold is None else None,
+        teacache_threshold=tea.threshold if tea.enabled else None,
+        teacache_start=tea.start,
+        teacache_coefficients=teacache_coefficients(spec.id, spec.arch.dim, spec.arch.model_type),
+        batched_cfg=s.batched_cfg, riflex=s.riflex)
