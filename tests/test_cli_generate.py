@@ -13,7 +13,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from wan.engine import Engine, request_from_metadata, resolve_request
