@@ -190,3 +190,19 @@ def describe_keys(keys: list[str]) -> str:
             return guess
     sample = ", ".join(keys[:3])
     return f"first keys: {sample}" if sample else "it holds no tensors"
+
+
+def open_transformer(path: str | os.PathLike | Sequence, *, num_heads: int | None = None
+                     ) -> tuple[DiTConfig, dict[str, Callable[[], torch.Tensor]], Checkpoint, torch.dtype]:
+    """Opens a DiT checkpoint without loading it, for tools that read it tensor by tensor
+    (block streaming in ``wan.optim.offload``).
+
+    Returns:
+        the config, one reader per official parameter name (each returns the tensor exactly as
+        :func:`load_transformer` would before its dtype/device conversion: fp8 dequantised), the
+        open checkpoint, and the dtype :func:`load_transformer` would pick when given none.
+    """
+    ckpt = _open(path)
+    keys = _WanKeys(ckpt)
+    cfg = infer_config(keys.shapes(), ckpt.config, num_heads=num_heads, source=str(ckpt.root))
+    return cfg, dict(keys.readers()), ckpt, _default_dtype(ckpt)
