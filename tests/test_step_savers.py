@@ -200,3 +200,11 @@ def test_a_profile_switches_savers_on_through_the_engine(engine):
     engine.generate(req.replace(profile="fast_preview", profile_overrides={"step_savers.cfg_skip.mode": "none"}),
                     write=False, progress=lambda s: off.append(len(s.passes)))
     assert sum(off) == sum(plain)
+
+
+def test_profile_attention_preference_falls_back_with_a_notice_on_cpu(engine):
+    result = engine.generate(GenerationRequest(model="test-tiny-t2v", prompt="x", steps=1, profile="fast_preview"),
+                             write=False)
+    assert any("sdpa" in n for n in result.notices)
+    plain = engine.generate(GenerationRequest(model="test-tiny-t2v", prompt="x", steps=1), write=False)
+    assert plain.notices == []

@@ -212,6 +212,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
             kind = "" if isinstance(e, DownloadError) else f"{type(e).__name__}: "
             print(f"error: {label}{kind}{e}", file=sys.stderr)
             return EXIT_FAILED
+        for note in result.notices:
+            print(f"note: {label}{note}", file=sys.stderr)
         for f in result.files:
             print(f)
         return EXIT_OK

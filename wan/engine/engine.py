@@ -36,6 +36,7 @@ class GenerationResult:
     latent: torch.Tensor | None = None  # final latent [C, F, H, W] (VACE reference frames removed)
     video: torch.Tensor | None = None   # decoded [3, T, H, W] in [-1, 1]
     steps: list[StepInfo] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # e.g. an attention backend that fell back
 
 
 def draw_noise(shape, seed: int, device: torch.device, on_cpu: bool = False) -> torch.Tensor:
@@ -69,14 +70,19 @@ class Engine:
             Cancelled: ``cancel`` was set; nothing was written.
         """
         req, spec = resolve_request(request, self.registry)
-        if savers is None:
-            from wan.optim.apply import resolve_profile, savers_from_profile
-            from wan.optim.profiles import ProfileError
-            try:
-                savers = savers_from_profile(resolve_profile(req.profile, req.profile_overrides), spec)
-            except ProfileError as e:
-                raise RequestError("profile", req.profile, str(e)) from None
+        from wan.optim.apply import resolve_profile, savers_from_profile
+        from wan.optim.attention import apply_attention
+        from wan.optim.profiles import ProfileError
+        try:
+            profile = resolve_profile(req.profile, req.profile_overrides)
+            if savers is None:
+                savers = savers_from_profile(profile, spec)
+        except ProfileError as e:
+            raise RequestError("profile", req.profile, str(e)) from None
         nets = self.models.get(spec)
+        notices: list[str] = []
+        for dit in nets.dits.values():  # each job sets its kernel: the model outlives the job
+            notices = apply_attention(dit, profile.attention if profile else ("sdpa",)).notices
         steps: list[StepInfo] = []
 
         def on_step(info: StepInfo) -> None:
@@ -94,7 +100,7 @@ class Engine:
                                     save_latents=req.save_latents, trim_tail_frames=req.trim_tail)
             files = save_outputs(to_uint8_frames(video), req.fps, metadata, options, seed=req.seed, prompt=req.prompt,
                                  latents=latent if req.save_latents else None, model=spec.id, task=req.task)
-        return GenerationResult(files, req, metadata, latent, video, steps)
+        return GenerationResult(files, req, metadata, latent, video, steps, notices)
 
     def denoise(self, req: GenerationRequest, nets: ModelSet, *, noise: torch.Tensor | None = None,
                 progress=None, cancel=None, savers: StepSavers | None = None) -> tuple[torch.Tensor, Conditioning]:
