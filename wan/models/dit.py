@@ -195,9 +195,16 @@ class LayerNorm32(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
 
 
+def compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a layer computes in: a quantised layer says so (``compute_dtype``), a plain one
+    computes in its weight's dtype."""
+    cdt = getattr(layer, "compute_dtype", None)
+    return cdt if cdt is not None else layer.weight.dtype
+
+
 def _linear_in(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Feeds ``x`` to a layer in the dtype of the layer's weight (autocast without autocast)."""
-    return layer(x.to(layer.weight.dtype))
+    """Feeds ``x`` to a layer in the layer's compute dtype (autocast without autocast)."""
+    return layer(x.to(compute_dtype(layer)))
 
 
 class SelfAttention(nn.Module):
@@ -261,7 +268,7 @@ class Block(nn.Module):
 
     def forward(self, x, e0, context, context_img, rope, attention: AttentionFn):
         """x [B, L, dim] float32 residual stream; e0 [B, 1|L, 6, dim] float32."""
-        cdt = self.ffn[0].weight.dtype
+        cdt = compute_dtype(self.ffn[0])
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float().unsqueeze(0) + e0).unbind(2)
         h = torch.addcmul(shift_sa, self.norm1(x), 1 + scale_sa)
         x = torch.addcmul(x, self.self_attn(h.to(cdt), rope, attention).float(), gate_sa)
@@ -390,7 +397,7 @@ class WanDiT(nn.Module):
             [B, out_dim, F, H, W] float32.
         """
         cfg = self.config
-        cdt = self.blocks[0].ffn[0].weight.dtype
+        cdt = compute_dtype(self.blocks[0].ffn[0])
         if y is not None:
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         tokens = self._patchify(self.patch_embedding, x)
@@ -451,7 +458,7 @@ class WanDiT(nn.Module):
         """Text states padded with zeros to text_len and embedded; CLIP features embedded."""
         cfg = self.config
         rows, log_counts = fold_padding(context, cfg.text_len)
-        rows = self.text_embedding(rows.to(self.text_embedding[0].weight.dtype)).to(cdt)
+        rows = self.text_embedding(rows.to(compute_dtype(self.text_embedding[0]))).to(cdt)
         context = TextContext(rows, log_counts)
         context_img = None
         if clip_fea is not None:
