@@ -77,12 +77,13 @@ class Engine:
             profile = resolve_profile(req.profile, req.profile_overrides)
             if savers is None:
                 savers = savers_from_profile(profile, spec)
+            nets = self.models.get(spec, profile)
         except ProfileError as e:
             raise RequestError("profile", req.profile, str(e)) from None
-        nets = self.models.get(spec)
-        notices: list[str] = []
+        notices: list[str] = list(nets.notes)
         for dit in nets.dits.values():  # each job sets its kernel: the model outlives the job
-            notices = apply_attention(dit, profile.attention if profile else ("sdpa",)).notices
+            selection = apply_attention(dit, profile.attention if profile else ("sdpa",))
+        notices += selection.notices
         steps: list[StepInfo] = []
 
         def on_step(info: StepInfo) -> None:

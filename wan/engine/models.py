@@ -34,6 +34,9 @@ class ModelSet:
     text_encoder: torch.nn.Module
     clip: torch.nn.Module | None = None
     paths: dict = field(default_factory=dict)
+    load_key: tuple = ()                          # the load settings this set was built with
+    handles: list = field(default_factory=list)   # block-streaming handles, closed on release
+    notes: list[str] = field(default_factory=list)  # what the profile changed at load, in words
 
     @property
     def dit(self):
@@ -64,39 +67,84 @@ class ModelManager:
     def current(self) -> ModelSet | None:
         return self._current
 
-    def get(self, spec: ModelSpec) -> ModelSet:
-        """The loaded set of ``spec``, loading it (and releasing another) if needed."""
+    def get(self, spec: ModelSpec, profile=None) -> ModelSet:
+        """The loaded set of ``spec`` under ``profile``'s memory settings, loading it (and
+        releasing another) when the model or those settings change."""
+        key = (spec.id, *load_settings(profile))
         with self._lock:
-            if self._current is not None and self._current.spec.id == spec.id:
+            if self._current is not None and self._current.load_key == key:
                 return self._current
             self.release()
-            self._current = self._load(spec)
+            self._current = self._load(spec, profile)
+            self._current.load_key = key
             return self._current
 
     def release(self) -> None:
         """Drops the loaded set so its memory can be reused."""
         if self._current is not None:
             log.info("releasing model %s", self._current.spec.id)
+            for handle in self._current.handles:
+                handle.close()
         self._current = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _load(self, spec: ModelSpec) -> ModelSet:
+    def _load(self, spec: ModelSpec, profile=None) -> ModelSet:
         from wan.loading.download import ensure_files
         variant = "fp32" if spec.test_model else self.variant
         paths = ensure_files(spec, self.checkpoint_dir, variant=variant)
         log.info("loading model %s", spec.id)
-        dits = {}
+        stream, prefetch, swap, quant_dit, quant_te = load_settings(profile)
+        dits, handles, notes = {}, [], []
         for role in spec.transformer_roles:
             expert = role.removeprefix("transformer_") if role != "transformer" else role
-            dits[expert] = wan.load_transformer(paths[role], device=self.device, dtype=self.dtype)
+            dits[expert], handle = self._load_dit(paths[role], stream, prefetch, swap, quant_dit, notes)
+            if handle is not None:
+                handles.append(handle)
         te_dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         text_encoder = wan.load_text_encoder(paths["text_encoder"], device=self.device, dtype=te_dtype,
                                              tokenizer=paths.get("tokenizer"))
+        if quant_te != "none":
+            from wan.optim.quant import keep_from_traits, quantize_
+            notes.append(f"text encoder: {quantize_(text_encoder, quant_te, keep=keep_from_traits(text_encoder)).summary}")
         vae = wan.load_vae(paths["vae"], device=self.device, dtype=torch.float32)
         clip = None
         if spec.needs_clip:
             clip = wan.load_clip(paths["clip"], device=self.device,
                                  dtype=torch.float32 if self.device.type == "cpu" else torch.float16)
-        return ModelSet(spec, dits, vae, text_encoder, clip, dict(paths))
+        return ModelSet(spec, dits, vae, text_encoder, clip, dict(paths), handles=handles, notes=notes)
+
+    def _load_dit(self, path, stream: bool, prefetch: int, swap: int | None, quant: str, notes: list[str]):
+        """One DiT, streamed block by block from its checkpoint or loaded whole, then quantised."""
+        if stream:
+            from wan.optim.offload import load_transformer_streamed
+            from wan.loading.transformer import open_transformer
+            layers = open_transformer(path)[0].num_layers
+            budget = max(0, layers - swap) if swap is not None else None
+            dit, handle = load_transformer_streamed(path, device=self.device, dtype=self.dtype, prefetch=prefetch,
+                                                    budget_blocks=budget)
+            notes.append(f"transformer: streamed block by block from {Path(path).name}, prefetch {prefetch}"
+                         + (f", {budget} of {layers} blocks resident" if budget else ""))
+            return dit, handle
+        dit = wan.load_transformer(path, device=self.device, dtype=self.dtype)
+        if quant != "none":
+            from wan.optim.quant import quantize_
+            from wan.models.dit import WanDiT
+            notes.append(f"transformer: {quantize_(dit, quant, keep=WanDiT.keep_in_fp32).summary}")
+        return dit, None
+
+
+def load_settings(profile) -> tuple[bool, int, int | None, str, str]:
+    """(stream blocks, prefetch, blocks_to_swap, transformer quantisation, text encoder quantisation)
+    of a profile: the part of it that decides how models are loaded."""
+    if profile is None:
+        return (False, 1, None, "none", "none")
+    mem, quant = profile.memory, profile.quantize
+    stream = mem.offload == "blocks" or mem.blocks_to_swap is not None
+    if stream and quant.transformer != "none":
+        from wan.optim.profiles import ProfileError
+        raise ProfileError(f"profile {profile.name}: quantize.transformer={quant.transformer} with block streaming "
+                           "is not supported yet (streamed blocks are re-read from the checkpoint each step); "
+                           "use a pre-quantised fp8 file, or memory.offload none/model")
+    return (stream, mem.prefetch_blocks, mem.blocks_to_swap, quant.transformer, quant.text_encoder)

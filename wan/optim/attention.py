@@ -148,8 +148,9 @@ def apply_attention(dit: nn.Module, preference: Sequence[str] | str,
     """
     if not hasattr(dit, "attention"):
         raise TypeError(f"{type(dit).__name__} has no 'attention' attribute to set; expected a WanDiT")
-    if dtype is None:  # a streamed block's meta placeholder still has the right dtype
-        dtype = next(p for n, p in dit.named_parameters() if n.endswith("ffn.0.weight")).dtype
+    if dtype is None:  # a streamed block's meta placeholder still has the right dtype; a quantised
+        from wan.models.dit import compute_dtype  # layer states its compute dtype
+        dtype = compute_dtype(dit.blocks[0].ffn[0])
     if device is None:  # the resident weights tell, when the blocks are streamed
         device = next((p.device for p in dit.parameters() if not p.is_meta), torch.device("cpu"))
     selection = select_attention(preference, device, dtype)
