@@ -230,3 +230,11 @@ def test_profile_quantising_the_transformer_stays_close(engine):
     assert any("transformer" in n and "int8" in n for n in q.notices)
     err = ((q.latent - plain.latent).abs().max() / plain.latent.abs().max()).item()
     assert 0 < err < 0.05  # int8 weights with per-row scales: about 1% on this tiny model
+
+
+def test_profile_compile_compiles_the_blocks_and_keeps_the_output(engine):
+    req = GenerationRequest(model="test-tiny-t2v", prompt="a fox", steps=2, seed=10)
+    plain = engine.generate(req, write=False)
+    compiled = engine.generate(req.replace(profile="quality", profile_overrides={"compile": True}), write=False)
+    assert any("blocks compiled" in n for n in compiled.notices)
+    assert ((compiled.latent - plain.latent).abs().max() / plain.latent.abs().max()).item() <= 1e-4

@@ -95,13 +95,17 @@ class ModelManager:
         variant = "fp32" if spec.test_model else self.variant
         paths = ensure_files(spec, self.checkpoint_dir, variant=variant)
         log.info("loading model %s", spec.id)
-        stream, prefetch, swap, quant_dit, quant_te = load_settings(profile)
+        stream, prefetch, swap, quant_dit, quant_te, compile_blocks = load_settings(profile)
         dits, handles, notes = {}, [], []
         for role in spec.transformer_roles:
             expert = role.removeprefix("transformer_") if role != "transformer" else role
             dits[expert], handle = self._load_dit(paths[role], stream, prefetch, swap, quant_dit, notes)
             if handle is not None:
                 handles.append(handle)
+            if compile_blocks:
+                from wan.optim.compile import compile_blocks_
+                notes.append(f"{expert}: {compile_blocks_(dits[expert])} blocks compiled with torch.compile "
+                             "(the first step pays the compile time)")
         te_dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         text_encoder = wan.load_text_encoder(paths["text_encoder"], device=self.device, dtype=te_dtype,
                                              tokenizer=paths.get("tokenizer"))
@@ -135,11 +139,11 @@ class ModelManager:
         return dit, None
 
 
-def load_settings(profile) -> tuple[bool, int, int | None, str, str]:
-    """(stream blocks, prefetch, blocks_to_swap, transformer quantisation, text encoder quantisation)
-    of a profile: the part of it that decides how models are loaded."""
+def load_settings(profile) -> tuple[bool, int, int | None, str, str, bool]:
+    """(stream blocks, prefetch, blocks_to_swap, transformer quantisation, text encoder quantisation,
+    compile) of a profile: the part of it that decides how models are loaded."""
     if profile is None:
-        return (False, 1, None, "none", "none")
+        return (False, 1, None, "none", "none", False)
     mem, quant = profile.memory, profile.quantize
     stream = mem.offload == "blocks" or mem.blocks_to_swap is not None
     if stream and quant.transformer != "none":
@@ -147,4 +151,8 @@ def load_settings(profile) -> tuple[bool, int, int | None, str, str]:
         raise ProfileError(f"profile {profile.name}: quantize.transformer={quant.transformer} with block streaming "
                            "is not supported yet (streamed blocks are re-read from the checkpoint each step); "
                            "use a pre-quantised fp8 file, or memory.offload none/model")
-    return (stream, mem.prefetch_blocks, mem.blocks_to_swap, quant.transformer, quant.text_encoder)
+    if stream and profile.compile:
+        from wan.optim.profiles import ProfileError
+        raise ProfileError(f"profile {profile.name}: compile with block streaming is not supported yet (the "
+                           "streaming hooks around each block break the compiled graph); choose one")
+    return (stream, mem.prefetch_blocks, mem.blocks_to_swap, quant.transformer, quant.text_encoder, profile.compile)

@@ -30,7 +30,10 @@ def linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(linear(x))``; on the CPU one oneDNN call, which saves a pass over the (wide)
     FFN activation. Results equal the plain form up to rounding (the GELU runs inside the matmul's
     epilogue)."""
-    if (type(linear) is nn.Linear and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    # Under torch.compile the plain form is used: inductor fuses the GELU itself, and cannot lower
+    # this private op.
+    if (not torch.compiler.is_compiling() and type(linear) is nn.Linear and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16)
             and linear.weight.dtype == x.dtype and _fused_linear_gelu_available()):
         return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "tanh")
     return F.gelu(linear(x), approximate="tanh")
