@@ -14,9 +14,8 @@ import torch
 import torch.nn as nn
 
 from wan.models.vae_base import CausalVAE
-from wan.models.vae_blocks import (CausalCache, CausalConv3d, Resample, ResidualBlock, causal_conv_frame,
-                                  make_head, make_middle, run_conv_in, run_head,
-                                  run_head_frame, stream_frames,
+from wan.models.vae_blocks import (CausalEncoder, CausalCache, CausalConv3d, Resample, ResidualBlock, causal_conv_frame,
+                                  make_head, make_middle, run_head_frame, stream_frames,
                                   time_slice_major_)
 
 LATENTS_MEAN_21 = [
@@ -27,7 +26,7 @@ LATENTS_STD_21 = [
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
 
 
-class Encoder21(nn.Module):
+class Encoder21(CausalEncoder):
     """[B, 3, T, H, W] -> [B, 2*z_dim, 1 + (T-1)/4, H/8, W/8] (one chunk at a time)."""
 
     def __init__(self, dim: int, z2: int, dim_mult: list[int], num_res_blocks: int,
@@ -45,14 +44,6 @@ class Encoder21(nn.Module):
         self.downsamples = nn.Sequential(*blocks)
         self.middle = make_middle(dims[-1])
         self.head = make_head(dims[-1], z2)
-
-    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        x = run_conv_in(self.conv1, x, cache)
-        for block in self.downsamples:
-            x = block(x, cache)
-        for block in self.middle:
-            x = block(x, cache)
-        return run_head(self.head, x, cache)
 
 
 class Decoder21(nn.Module):

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wan.models.vae_base import CausalVAE
-from wan.models.vae_blocks import (CausalCache, CausalConv3d, Resample, ResidualBlock, make_head, make_middle,
+from wan.models.vae_blocks import (CausalEncoder, CausalCache, CausalConv3d, Resample, ResidualBlock, make_head, make_middle,
                                   run_conv_in, run_head, run_streamed)
 
 LATENTS_MEAN_22 = [
@@ -128,7 +128,7 @@ class Up_ResidualBlock(nn.Module):  # noqa: N801 (official name)
         return y.add_(self.avg_shortcut(x, cache.first_chunk))
 
 
-class Encoder22(nn.Module):
+class Encoder22(CausalEncoder):
     """[B, 12, T, H, W] (patchified) -> [B, 2*z_dim, 1 + (T-1)/4, H/8, W/8], one chunk at a time."""
 
     def __init__(self, dim: int, z2: int, dim_mult: list[int], num_res_blocks: int,
@@ -143,14 +143,6 @@ class Encoder22(nn.Module):
             for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:]))])
         self.middle = make_middle(dims[-1])
         self.head = make_head(dims[-1], z2)
-
-    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        x = run_conv_in(self.conv1, x, cache)
-        for block in self.downsamples:
-            x = block(x, cache)
-        for block in self.middle:
-            x = block(x, cache)
-        return run_head(self.head, x, cache)
 
 
 class Decoder22(nn.Module):

@@ -528,6 +528,19 @@ class Resample(nn.Module):
         return self.time_conv(torch.cat([previous, x], dim=2))
 
 
+class CausalEncoder(nn.Module):
+    """The forward both Wan encoders share: ``conv1``, ``downsamples``, ``middle``, ``head``
+    (subclasses build those modules under the official names), one chunk at a time."""
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        x = run_conv_in(self.conv1, x, cache)
+        for block in self.downsamples:
+            x = block(x, cache)
+        for block in self.middle:
+            x = block(x, cache)
+        return run_head(self.head, x, cache)
+
+
 def make_head(dim: int, out: int) -> nn.Sequential:
     """Output head of encoders and decoders: [RMS_norm, SiLU, CausalConv3d 3x3x3] (keys head.0/2)."""
     return nn.Sequential(RMS_norm(dim, images=False), nn.SiLU(), CausalConv3d(dim, out, 3, padding=1))
