@@ -238,3 +238,19 @@ def test_profile_compile_compiles_the_blocks_and_keeps_the_output(engine):
     compiled = engine.generate(req.replace(profile="quality", profile_overrides={"compile": True}), write=False)
     assert any("blocks compiled" in n for n in compiled.notices)
     assert ((compiled.latent - plain.latent).abs().max() / plain.latent.abs().max()).item() <= 1e-4
+
+
+def test_profile_precision_and_vae_tiling_take_effect(engine):
+    req = GenerationRequest(model="test-tiny-t2v", prompt="a fox", steps=2, seed=11)
+    plain = engine.generate(req, write=False)
+    bf16 = engine.generate(req.replace(profile="quality", profile_overrides={"precision": "bf16"}), write=False)
+    assert engine.models.current.dit.blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    assert not torch.equal(plain.latent, bf16.latent)
+    tiled = engine.generate(req.replace(profile="quality", profile_overrides={"vae.tiling": "on", "vae.tile_px": 32,
+                                                                               "vae.overlap_px": 16}), write=False)
+    assert torch.equal(plain.latent, tiled.latent)      # tiling changes only the decode
+    assert not torch.equal(plain.video, tiled.video)
+    from wan.engine.engine import vae_tiling
+    from wan.optim.apply import resolve_profile
+    assert vae_tiling(resolve_profile("quality"), (832, 480)) is None
+    assert vae_tiling(resolve_profile("quality"), (1920, 1088)) is not None

@@ -39,6 +39,21 @@ class GenerationResult:
     notices: list[str] = field(default_factory=list)  # e.g. an attention backend that fell back
 
 
+# Frames larger than Wan's largest size (1280x720) are decoded in tiles when tiling is "auto".
+AUTO_TILING_PIXELS = 1280 * 720
+
+
+def vae_tiling(profile, size: tuple[int, int]):
+    """The VAE tiling a profile asks for at this output size (None: decode whole frames)."""
+    from wan.models.vae_tiling import TileConfig
+    if profile is None:
+        return None
+    v = profile.vae
+    if v.tiling == "on" or (v.tiling == "auto" and size[0] * size[1] > AUTO_TILING_PIXELS):
+        return TileConfig(tile=v.tile_px, overlap=v.overlap_px)
+    return None
+
+
 def draw_noise(shape, seed: int, device: torch.device, on_cpu: bool = False) -> torch.Tensor:
     """One ``torch.randn`` of the latent shape from a generator seeded with ``seed``, as the official
     scripts draw it (on the device; ``on_cpu`` draws on the CPU for the same noise on every device)."""
@@ -92,7 +107,7 @@ class Engine:
                 progress(info)
 
         latent, cond = self.denoise(req, nets, progress=on_step, cancel=cancel, savers=savers)
-        video = nets.vae.decode(latent[None].float())[0]
+        video = nets.vae.decode(latent[None].float(), tile=vae_tiling(profile, cond.size))[0]
         metadata = self.metadata(req)
         files: list[Path] = []
         if write:

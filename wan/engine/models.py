@@ -70,7 +70,7 @@ class ModelManager:
     def get(self, spec: ModelSpec, profile=None) -> ModelSet:
         """The loaded set of ``spec`` under ``profile``'s memory settings, loading it (and
         releasing another) when the model or those settings change."""
-        key = (spec.id, *load_settings(profile))
+        key = (spec.id, *load_settings(profile), self._dit_dtype(profile))
         with self._lock:
             if self._current is not None and self._current.load_key == key:
                 return self._current
@@ -96,10 +96,11 @@ class ModelManager:
         paths = ensure_files(spec, self.checkpoint_dir, variant=variant)
         log.info("loading model %s", spec.id)
         stream, prefetch, swap, quant_dit, quant_te, compile_blocks = load_settings(profile)
+        dtype = self._dit_dtype(profile)
         dits, handles, notes = {}, [], []
         for role in spec.transformer_roles:
             expert = role.removeprefix("transformer_") if role != "transformer" else role
-            dits[expert], handle = self._load_dit(paths[role], stream, prefetch, swap, quant_dit, notes)
+            dits[expert], handle = self._load_dit(paths[role], dtype, stream, prefetch, swap, quant_dit, notes)
             if handle is not None:
                 handles.append(handle)
             if compile_blocks:
@@ -119,19 +120,24 @@ class ModelManager:
                                  dtype=torch.float32 if self.device.type == "cpu" else torch.float16)
         return ModelSet(spec, dits, vae, text_encoder, clip, dict(paths), handles=handles, notes=notes)
 
-    def _load_dit(self, path, stream: bool, prefetch: int, swap: int | None, quant: str, notes: list[str]):
+    def _dit_dtype(self, profile) -> torch.dtype:
+        """The DiT's weights dtype: the profile's precision, or the manager's default ("auto")."""
+        precision = profile.precision if profile is not None else "auto"
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, self.dtype)
+
+    def _load_dit(self, path, dtype, stream: bool, prefetch: int, swap: int | None, quant: str, notes: list[str]):
         """One DiT, streamed block by block from its checkpoint or loaded whole, then quantised."""
         if stream:
             from wan.optim.offload import load_transformer_streamed
             from wan.loading.transformer import open_transformer
             layers = open_transformer(path)[0].num_layers
             budget = max(0, layers - swap) if swap is not None else None
-            dit, handle = load_transformer_streamed(path, device=self.device, dtype=self.dtype, prefetch=prefetch,
+            dit, handle = load_transformer_streamed(path, device=self.device, dtype=dtype, prefetch=prefetch,
                                                     budget_blocks=budget)
             notes.append(f"transformer: streamed block by block from {Path(path).name}, prefetch {prefetch}"
                          + (f", {budget} of {layers} blocks resident" if budget else ""))
             return dit, handle
-        dit = wan.load_transformer(path, device=self.device, dtype=self.dtype)
+        dit = wan.load_transformer(path, device=self.device, dtype=dtype)
         if quant != "none":
             from wan.optim.quant import quantize_
             from wan.models.dit import WanDiT
