@@ -223,3 +223,30 @@ def test_a14b_root_folder_asks_for_one_expert(tmp_path, official_state):
     with pytest.raises(CheckpointError, match="two experts"):
         wan.load_transformer(tmp_path)
     assert wan.load_transformer(tmp_path / "high_noise_model").config == CFG
+
+
+def test_fp8_file_kept_quantised(tmp_path, official_state, probe):
+    """keep_fp8: the file's fp8 weights stay fp8 in memory (about half of bf16), and the model
+    computes what the dequantised model computes."""
+    from wan.optim.quant import QuantLinear, module_bytes
+    state, dequantised = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}, {}
+    for k, v in official_state.items():
+        if _is_quantised(k, v):
+            scale = v.abs().max() / 448.0
+            q = (v / scale).to(torch.float8_e4m3fn)
+            state[f"model.diffusion_model.{k}"], dequantised[k] = q, q.float() * scale
+            state[f"model.diffusion_model.{k[:-len('.weight')]}.scale_weight"] = scale.reshape(1)
+        else:
+            state[f"model.diffusion_model.{k}"] = dequantised[k] = v
+    save_file(state, tmp_path / "wan_fp8_scaled.safetensors")
+    kept = wan.load_transformer(tmp_path / "wan_fp8_scaled.safetensors", dtype=torch.float32, keep_fp8=True)
+    assert isinstance(kept.blocks[0].self_attn.q, QuantLinear)
+    assert kept.blocks[0].self_attn.q.qweight.dtype == torch.float8_e4m3fn
+    assert not isinstance(kept.head.head, QuantLinear)  # float32 islands stay plain
+    assert rel_err(run(kept, probe), reference_output(dequantised, probe)) <= 1e-6
+    # memory: in bf16, every quantised weight takes 1 byte instead of 2, plus a 4-byte scale per layer
+    kept16 = wan.load_transformer(tmp_path / "wan_fp8_scaled.safetensors", dtype=torch.bfloat16, keep_fp8=True)
+    whole = wan.load_transformer(tmp_path / "wan_fp8_scaled.safetensors", dtype=torch.bfloat16)
+    layers = [m for m in kept16.modules() if isinstance(m, QuantLinear)]
+    saved = sum(m.qweight.numel() for m in layers) - 4 * len(layers)
+    assert module_bytes(whole) - module_bytes(kept16) == saved > 0

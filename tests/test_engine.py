@@ -101,3 +101,21 @@ def test_choosing_another_model_releases_the_previous_one(engine):
     gc.collect()
     assert engine.models.current.spec.id == "test-tiny-ti2v"
     assert old() is None  # nothing holds the previous DiT any more
+
+
+def test_model_manager_keeps_fp8_files_and_quantises_others(tmp_path):
+    from safetensors.torch import save_file
+    from wan.engine.models import ModelManager
+    from wan.optim.quant import QuantLinear
+    from wan.testing.tiny_family import tiny_dit_state_dict
+    state = tiny_dit_state_dict("t2v", seed=1)
+    fp8 = {k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 and k.startswith("blocks.") else v) for k, v in state.items()}
+    save_file(fp8, tmp_path / "fp8.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, tmp_path / "bf16.safetensors")
+    manager = ModelManager(device="cpu", dtype=torch.float32)
+    notes = []
+    kept, _ = manager._load_dit(tmp_path / "fp8.safetensors", torch.bfloat16, False, 1, None, "fp8", notes)
+    assert "kept quantised" in notes[-1] and isinstance(kept.blocks[0].ffn[0], QuantLinear)
+    converted, _ = manager._load_dit(tmp_path / "bf16.safetensors", torch.bfloat16, False, 1, None, "fp8", notes)
+    assert "kept quantised" not in notes[-1] and "fp8" in notes[-1]
+    assert isinstance(converted.blocks[0].ffn[0], QuantLinear)

@@ -92,10 +92,14 @@ class ModelManager:
 
     def _load(self, spec: ModelSpec, profile=None) -> ModelSet:
         from wan.loading.download import ensure_files
+        stream, prefetch, swap, quant_dit, quant_te, compile_blocks = load_settings(profile)
         variant = "fp32" if spec.test_model else self.variant
+        if quant_dit in ("fp8", "fp8_scaled") and profile.quantize.prefer_prequantized and not spec.test_model:
+            # a pre-quantised file of the registry, kept in fp8, rather than quantising at load
+            variant = {"transformer": "fp8_scaled" if quant_dit == "fp8_scaled" else "fp8_e4m3fn",
+                       "text_encoder": self.variant}
         paths = ensure_files(spec, self.checkpoint_dir, variant=variant)
         log.info("loading model %s", spec.id)
-        stream, prefetch, swap, quant_dit, quant_te, compile_blocks = load_settings(profile)
         dtype = self._dit_dtype(profile)
         dits, handles, notes = {}, [], []
         for role in spec.transformer_roles:
@@ -137,8 +141,12 @@ class ModelManager:
             notes.append(f"transformer: streamed block by block from {Path(path).name}, prefetch {prefetch}"
                          + (f", {budget} of {layers} blocks resident" if budget else ""))
             return dit, handle
-        dit = wan.load_transformer(path, device=self.device, dtype=dtype)
-        if quant != "none":
+        keep_fp8 = quant in ("fp8", "fp8_scaled")
+        dit = wan.load_transformer(path, device=self.device, dtype=dtype, keep_fp8=keep_fp8)
+        from wan.optim.quant import QuantLinear
+        if keep_fp8 and any(isinstance(m, QuantLinear) for m in dit.modules()):
+            notes.append(f"transformer: fp8 weights of {Path(path).name} kept quantised (no requantisation)")
+        elif quant != "none":
             from wan.optim.quant import quantize_
             from wan.models.dit import WanDiT
             notes.append(f"transformer: {quantize_(dit, quant, keep=WanDiT.keep_in_fp32).summary}")

@@ -342,6 +342,7 @@ def materialize(factory: Callable[[], torch.nn.Module],
                 tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]],
                 *, device: str | torch.device, dtype: torch.dtype,
                 keep_fp32: Callable[[str], bool] = lambda name: False,
+                keep_dtype: Callable[[str], bool] = lambda name: False,
                 source: str = "checkpoint") -> torch.nn.Module:
     """Builds a module on the meta device and fills it tensor by tensor.
 
@@ -354,6 +355,7 @@ def materialize(factory: Callable[[], torch.nn.Module],
         tensors: ``(module key, reader)`` pairs, readers return tensors already in module layout.
         device, dtype: placement and floating dtype of the result.
         keep_fp32: names of parameters that stay float32 whatever ``dtype`` is.
+        keep_dtype: names of tensors kept in the dtype they are read in (fp8 weights kept quantised).
         source: the checkpoint's name, for error messages.
     """
     with torch.device("meta"):
@@ -368,7 +370,9 @@ def materialize(factory: Callable[[], torch.nn.Module],
         if tuple(t.shape) != tuple(want.shape):
             raise CheckpointError(
                 f"{source}: tensor '{name}' has shape {tuple(t.shape)}, the model expects {tuple(want.shape)}")
-        if t.is_floating_point():
+        if keep_dtype(name):
+            t = t.to(device=device)
+        elif t.is_floating_point():
             t = t.to(device=device, dtype=torch.float32 if keep_fp32(name) else dtype)
         else:
             t = t.to(device=device)

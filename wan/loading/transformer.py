@@ -30,7 +30,8 @@ _EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")
 
 
 def load_transformer(path: str | os.PathLike | Sequence, device: str | torch.device = "cpu",
-                     dtype: torch.dtype | None = None, *, num_heads: int | None = None) -> WanDiT:
+                     dtype: torch.dtype | None = None, *, num_heads: int | None = None,
+                     keep_fp8: bool = False) -> WanDiT:
     """Loads a Wan DiT, ready for inference (eval mode, no grad).
 
     Args:
@@ -40,13 +41,40 @@ def load_transformer(path: str | os.PathLike | Sequence, device: str | torch.dev
         dtype: floating dtype of the weights; None keeps the file's (fp8 files become bfloat16).
             Norms, modulation, time embedding and head stay float32 (as the reference computes them).
         num_heads: only for non-public shapes whose width is not a multiple of 128.
+        keep_fp8: linear layers stored in fp8 in the file (ComfyUI fp8 files, with or without
+            ``scale_weight``) stay fp8 in memory as quantised layers computing in ``dtype``, instead
+            of being dequantised: half the memory of bf16, no requantisation error.
     """
     ckpt = _open(path)
     keys = _WanKeys(ckpt)
     cfg = infer_config(keys.shapes(), ckpt.config, num_heads=num_heads, source=str(ckpt.root))
     target = dtype or _default_dtype(ckpt)
-    return materialize(lambda: WanDiT(cfg), keys.readers(), device=device, dtype=target,
-                       keep_fp32=WanDiT.keep_in_fp32, source=f"transformer checkpoint {ckpt.root}")
+    source = f"transformer checkpoint {ckpt.root}"
+    fp8 = keys.fp8_linears() if keep_fp8 else {}
+    if not fp8:
+        return materialize(lambda: WanDiT(cfg), keys.readers(), device=device, dtype=target,
+                           keep_fp32=WanDiT.keep_in_fp32, source=source)
+    quantized = {f"{name}.{leaf}" for name in fp8 for leaf in ("qweight", "weight_scale")}
+    return materialize(lambda: _with_fp8_layers(WanDiT(cfg), fp8, target), keys.fp8_readers(fp8), device=device,
+                       dtype=target, keep_fp32=WanDiT.keep_in_fp32, keep_dtype=quantized.__contains__,
+                       source=source)
+
+
+def _with_fp8_layers(dit: WanDiT, fp8: dict[str, tuple], compute: torch.dtype) -> WanDiT:
+    """Replaces (on the meta device) the named linear layers by quantised layers of the file's
+    fp8 dtype and scale shape, to be filled by materialize."""
+    from wan.optim.quant import QuantLinear
+    for name, (dtype, scale_shape) in fp8.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = dit.get_submodule(owner_name)
+        old = getattr(owner, leaf)
+        layer = QuantLinear(old.in_features, old.out_features, "fp8" if scale_shape is None else "fp8_scaled",
+                            torch.empty(old.out_features, old.in_features, dtype=dtype),
+                            None if scale_shape is None else torch.empty(scale_shape, dtype=torch.float32),
+                            None if old.bias is None else torch.empty(old.out_features, dtype=compute),
+                            compute)
+        setattr(owner, leaf, layer)
+    return dit
 
 
 def _open(path) -> Checkpoint:
@@ -102,6 +130,30 @@ class _WanKeys:
     def readers(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
         for name, raw in self.names.items():
             yield name, weight_reader(self.ckpt, raw)
+
+    def fp8_linears(self) -> dict[str, tuple[torch.dtype, tuple[int, ...] | None]]:
+        """Linear layers whose weight the file stores in fp8 (layers the network keeps in float32
+        excepted): module name -> (fp8 dtype, shape of its scale_weight or None)."""
+        out = {}
+        for name, raw in self.names.items():
+            if name.endswith(".weight") and self.ckpt.dtype(raw) in FP8_DTYPES and len(self.ckpt.shape(raw)) == 2 \
+                    and not WanDiT.keep_in_fp32(name):
+                scale = raw[: -len(".weight")] + ".scale_weight"
+                out[name[: -len(".weight")]] = (self.ckpt.dtype(raw),
+                                                self.ckpt.shape(scale) if scale in self.ckpt else None)
+        return out
+
+    def fp8_readers(self, fp8: dict) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+        """Readers under the quantised layers' names: raw fp8 weights and float32 scales."""
+        for name, raw in self.names.items():
+            module = name[: -len(".weight")] if name.endswith(".weight") else None
+            if module in fp8:
+                yield f"{module}.qweight", (lambda raw=raw: self.ckpt.tensor(raw))
+                if fp8[module][1] is not None:
+                    scale = raw[: -len(".weight")] + ".scale_weight"
+                    yield f"{module}.weight_scale", (lambda scale=scale: self.ckpt.tensor(scale).float())
+            else:
+                yield name, weight_reader(self.ckpt, raw)
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], config_json: dict | None = None, *,
