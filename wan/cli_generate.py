@@ -188,6 +188,9 @@ def read_prompt_file(path: str) -> list[tuple[int, str]]:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
     """Runs the generate command; returns the exit code."""
+    import logging
+    # the CLI prints each job's notices itself (a fallback is also logged by the library)
+    logging.getLogger("wan.optim.attention").setLevel(logging.ERROR)
     try:
         base = base_request(args, parser)
     except RequestError as e:
