@@ -119,3 +119,32 @@ def test_model_manager_keeps_fp8_files_and_quantises_others(tmp_path):
     converted, _ = manager._load_dit(tmp_path / "bf16.safetensors", torch.bfloat16, False, 1, None, "fp8", notes)
     assert "kept quantised" not in notes[-1] and "fp8" in notes[-1]
     assert isinstance(converted.blocks[0].ffn[0], QuantLinear)
+
+
+def test_on_cuda_with_mmgp_the_profile_becomes_mmgp_settings(tmp_path, monkeypatch):
+    """The CUDA path's logic, checked on the CPU: with CUDA and mmgp present (faked), models load
+    into RAM and are handed to mmgp with the profile's budgets and pinning."""
+    import importlib.util
+    from wan.engine.models import ModelManager
+    from wan.optim import mmgp_backend
+    from wan.optim.apply import mmgp_settings_from_profile, resolve_profile
+    from wan.registry import get_model
+    p4 = resolve_profile("4")
+    s = mmgp_settings_from_profile(p4, ["transformer", "text_encoder", "vae"])
+    assert s.budgets_mb == {"transformer": 100, "*": 3000} and s.pinned == ("transformer",)
+    assert mmgp_settings_from_profile(resolve_profile("default").__class__(), ["transformer"]) is not None
+    assert mmgp_backend.mmgp_arguments(s, ["transformer", "text_encoder", "vae"])["pinnedMemory"] == ["transformer"]
+
+    handed = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "mmgp" else real_find_spec(n, *a))
+    monkeypatch.setattr(mmgp_backend, "apply_mmgp", lambda models, settings: handed.update(models=models, s=settings))
+    ensure_tiny_checkpoints(tmp_path)
+    manager = ModelManager(tmp_path, device="cpu")
+    manager.device = torch.device("cuda")  # as on a GPU machine; nothing below touches CUDA
+    nets = manager._load(get_model("test-tiny-t2v"), p4)
+    assert set(handed["models"]) == {"transformer", "text_encoder", "vae"}
+    assert handed["s"].budgets_mb["transformer"] == 100
+    assert nets.dit.blocks[0].ffn[0].weight.device.type == "cpu"  # loaded into RAM for mmgp
+    assert not nets.handles and any("mmgp" in n for n in nets.notes)  # no own streaming with mmgp

@@ -97,7 +97,7 @@ class Engine:
             raise RequestError("profile", req.profile, str(e)) from None
         notices: list[str] = list(nets.notes)
         for dit in nets.dits.values():  # each job sets its kernel: the model outlives the job
-            selection = apply_attention(dit, profile.attention if profile else ("sdpa",))
+            selection = apply_attention(dit, profile.attention if profile else ("sdpa",), device=self.device)
         notices += selection.notices
         steps: list[StepInfo] = []
 

@@ -100,11 +100,16 @@ class ModelManager:
                        "text_encoder": self.variant}
         paths = ensure_files(spec, self.checkpoint_dir, variant=variant)
         log.info("loading model %s", spec.id)
+        mmgp = self._mmgp_settings(spec, profile)
+        if mmgp is not None:  # on CUDA with mmgp: models load into RAM, mmgp moves them to the GPU
+            stream = compile_blocks = False
+        device = torch.device("cpu") if mmgp is not None else self.device
         dtype = self._dit_dtype(profile)
         dits, handles, notes = {}, [], []
         for role in spec.transformer_roles:
             expert = role.removeprefix("transformer_") if role != "transformer" else role
-            dits[expert], handle = self._load_dit(paths[role], dtype, stream, prefetch, swap, quant_dit, notes)
+            dits[expert], handle = self._load_dit(paths[role], dtype, stream, prefetch, swap, quant_dit, notes,
+                                                  device=device)
             if handle is not None:
                 handles.append(handle)
             if compile_blocks:
@@ -112,37 +117,57 @@ class ModelManager:
                 notes.append(f"{expert}: {compile_blocks_(dits[expert])} blocks compiled with torch.compile "
                              "(the first step pays the compile time)")
         te_dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        text_encoder = wan.load_text_encoder(paths["text_encoder"], device=self.device, dtype=te_dtype,
+        text_encoder = wan.load_text_encoder(paths["text_encoder"], device=device, dtype=te_dtype,
                                              tokenizer=paths.get("tokenizer"))
         if quant_te != "none":
             from wan.optim.quant import keep_from_traits, quantize_
             notes.append(f"text encoder: {quantize_(text_encoder, quant_te, keep=keep_from_traits(text_encoder)).summary}")
-        vae = wan.load_vae(paths["vae"], device=self.device, dtype=torch.float32)
+        vae = wan.load_vae(paths["vae"], device=device, dtype=torch.float32)
         clip = None
         if spec.needs_clip:
-            clip = wan.load_clip(paths["clip"], device=self.device,
+            clip = wan.load_clip(paths["clip"], device=device,
                                  dtype=torch.float32 if self.device.type == "cpu" else torch.float16)
+        if mmgp is not None:
+            from wan.optim.mmgp_backend import apply_mmgp
+            models = {("transformer" if e == "transformer" else f"transformer_{e}"): d for e, d in dits.items()}
+            models.update(text_encoder=text_encoder, vae=vae, **({"clip": clip} if clip is not None else {}))
+            apply_mmgp(models, mmgp)
+            notes.append(f"mmgp offload: budgets {dict(mmgp.budgets_mb) or 'none'}, pinned {list(mmgp.pinned) or 'none'}")
         return ModelSet(spec, dits, vae, text_encoder, clip, dict(paths), handles=handles, notes=notes)
+
+    def _mmgp_settings(self, spec: ModelSpec, profile):
+        """mmgp settings when this machine can use it (CUDA and mmgp installed) and the profile
+        offloads; None otherwise (then the project's own block streaming executes the plan)."""
+        if profile is None or self.device.type != "cuda" or not torch.cuda.is_available():
+            return None
+        import importlib.util
+        if importlib.util.find_spec("mmgp") is None:
+            return None
+        from wan.optim.apply import mmgp_settings_from_profile
+        ids = ["transformer" if r == "transformer" else r for r in spec.transformer_roles]
+        return mmgp_settings_from_profile(profile, ids + ["text_encoder", "vae"] + (["clip"] if spec.needs_clip else []))
 
     def _dit_dtype(self, profile) -> torch.dtype:
         """The DiT's weights dtype: the profile's precision, or the manager's default ("auto")."""
         precision = profile.precision if profile is not None else "auto"
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, self.dtype)
 
-    def _load_dit(self, path, dtype, stream: bool, prefetch: int, swap: int | None, quant: str, notes: list[str]):
+    def _load_dit(self, path, dtype, stream: bool, prefetch: int, swap: int | None, quant: str, notes: list[str],
+                  device: torch.device | None = None):
         """One DiT, streamed block by block from its checkpoint or loaded whole, then quantised."""
+        device = device or self.device
         if stream:
             from wan.optim.offload import load_transformer_streamed
             from wan.loading.transformer import open_transformer
             layers = open_transformer(path)[0].num_layers
             budget = max(0, layers - swap) if swap is not None else None
-            dit, handle = load_transformer_streamed(path, device=self.device, dtype=dtype, prefetch=prefetch,
+            dit, handle = load_transformer_streamed(path, device=device, dtype=dtype, prefetch=prefetch,
                                                     budget_blocks=budget)
             notes.append(f"transformer: streamed block by block from {Path(path).name}, prefetch {prefetch}"
                          + (f", {budget} of {layers} blocks resident" if budget else ""))
             return dit, handle
         keep_fp8 = quant in ("fp8", "fp8_scaled")
-        dit = wan.load_transformer(path, device=self.device, dtype=dtype, keep_fp8=keep_fp8)
+        dit = wan.load_transformer(path, device=device, dtype=dtype, keep_fp8=keep_fp8)
         from wan.optim.quant import QuantLinear
         if keep_fp8 and any(isinstance(m, QuantLinear) for m in dit.modules()):
             notes.append(f"transformer: fp8 weights of {Path(path).name} kept quantised (no requantisation)")

@@ -48,3 +48,25 @@ def savers_from_profile(profile: Profile | None, spec) -> StepSavers:
         teacache_start=tea.start,
         teacache_coefficients=teacache_coefficients(spec.id, spec.arch.dim, spec.arch.model_type),
         batched_cfg=s.batched_cfg, riflex=s.riflex)
+
+
+def mmgp_settings_from_profile(profile: Profile, model_ids: list[str]):
+    """What a profile's memory section asks of mmgp on a CUDA machine, for these models; None
+    when the profile keeps everything on the GPU (offload "none").
+
+    Budgets: with block offload, the transformer(s) get ``transformer_budget_mb`` and the other
+    models ``other_budget_mb`` (0, mmgp's "no limit", when unset); with model offload every model
+    moves whole (budget 0). Pinning: all models, the transformer(s) only, or none.
+    """
+    from wan.optim.mmgp_backend import MmgpSettings
+    mem = profile.memory
+    if mem.offload == "none":
+        return None
+    transformers = [m for m in model_ids if m.startswith("transformer")]
+    budgets: dict[str, int] = {}
+    if mem.offload in ("blocks", "auto"):
+        budgets = {m: mem.transformer_budget_mb or 0 for m in transformers}
+        budgets["*"] = mem.other_budget_mb or 0
+    pinned = {"all": ("*",), "transformer": tuple(transformers), "none": ()}[mem.pin]
+    return MmgpSettings(budgets_mb=budgets, pinned=pinned, async_transfers=mem.async_transfers,
+                        compile=tuple(transformers) if profile.compile else ())
