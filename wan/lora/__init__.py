@@ -1,0 +1,1 @@
+"""LoRA support: file formats, compatibility checks, conversion and run-time application."""
