@@ -50,7 +50,7 @@ def test_json_round_trip_is_lossless():
     (dict(guidance=-1.0), "guidance", ">= 0"),
     (dict(boundary=0.9), "boundary", "two-expert"),
     (dict(trim_tail=9), "trim_tail", "0..8"),
-    (dict(loras=[LoraChoice("a.safetensors")]), "loras", "LoRA milestone"),
+    (dict(loras=[LoraChoice("a.safetensors", "1,x")]), "loras", "1,x"),
     (dict(profile="nope"), "profile", "nope"),
     (dict(profile="4", profile_overrides={"step_savers.teacache.colour": 1}), "profile", "colour"),
 ])

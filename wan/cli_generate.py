@@ -71,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--lora", action="append", default=[], metavar="FILE[:MULT]", help="repeatable")
     a("--lora_weight", nargs="+", default=[])
     a("--lora_multiplier", nargs="+", default=[])
+    a("--lora_dir", "--lora-dir", dest="lora_dir", default="loras", help="folder LoRA names are looked up in")
     a("--profile", help="profile name or number (python wgp.py profiles), e.g. 4 or fast_preview")
     a("--set", dest="profile_overrides", action="append", default=[], metavar="KEY=VALUE",
       help="override one profile setting for this job, e.g. --set step_savers.teacache.enabled=true")
@@ -203,7 +204,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None)
         try:
             resolve_request(req, check_files=True)  # bad input is reported before any model loads
             if engine is None:
-                engine = Engine(checkpoint_dir=args.checkpoint_dir, device=args.device)
+                engine = Engine(checkpoint_dir=args.checkpoint_dir, device=args.device, lora_dir=args.lora_dir)
             result = engine.generate(req, progress=None if args.quiet else _progress_bar(label))
         except RequestError as e:
             return _report_bad(f"{label}{e}")

@@ -66,8 +66,10 @@ class Engine:
     """Turns requests into videos and images. Models stay loaded between requests."""
 
     def __init__(self, checkpoint_dir: str | Path = "checkpoints", device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, registry: Registry | None = None, variant: str = "bf16"):
+                 dtype: torch.dtype | None = None, registry: Registry | None = None, variant: str = "bf16",
+                 lora_dir: str | Path | None = "loras"):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.lora_dir = lora_dir
         self.registry = registry or default_registry()
         self.models = ModelManager(checkpoint_dir, device, dtype, variant)
 
@@ -106,7 +108,15 @@ class Engine:
             if progress is not None:
                 progress(info)
 
-        latent, cond = self.denoise(req, nets, progress=on_step, cancel=cancel, savers=savers)
+        from wan.lora.job import prepare_loras
+        loras = prepare_loras(req.loras, nets.dits, self.lora_dir)
+        notices += loras.notices
+        loras.attach(nets.dits)
+        try:
+            latent, cond = self.denoise(req, nets, progress=on_step, cancel=cancel, savers=savers,
+                                        on_step=loras.on_step)
+        finally:
+            loras.detach()
         video = nets.vae.decode(latent[None].float(), tile=vae_tiling(profile, cond.size))[0]
         metadata = self.metadata(req)
         files: list[Path] = []
@@ -119,7 +129,8 @@ class Engine:
         return GenerationResult(files, req, metadata, latent, video, steps, notices)
 
     def denoise(self, req: GenerationRequest, nets: ModelSet, *, noise: torch.Tensor | None = None,
-                progress=None, cancel=None, savers: StepSavers | None = None) -> tuple[torch.Tensor, Conditioning]:
+                progress=None, cancel=None, savers: StepSavers | None = None,
+                on_step=None) -> tuple[torch.Tensor, Conditioning]:
         """Conditioning, text, noise and the sampling loop for a resolved request; returns the final
         latent (VACE reference frames removed) and the conditioning."""
         from wan.engine.samplers import make_sampler
@@ -145,7 +156,7 @@ class Engine:
         try:
             latent = denoise(nets.dits, sampler, latent, {"context": context[None].to(device), **extra},
                              {"context": context_neg[None].to(device), **extra}, plan, cond, start=start,
-                             progress=progress, cancel=cancel, savers=savers)
+                             progress=progress, cancel=cancel, savers=savers, on_step=on_step)
         finally:
             for dit in nets.dits.values():
                 dit.riflex = None

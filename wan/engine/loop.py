@@ -135,7 +135,8 @@ class CancelToken:
 def denoise(networks: Mapping[str, Callable], sampler, latent: torch.Tensor, cond: dict, uncond: dict,
             plan: ExpertPlan, conditioning, *, start: int = 0,
             progress: Callable[[StepInfo], None] | None = None,
-            cancel: CancelToken | None = None, savers: StepSavers | None = None) -> torch.Tensor:
+            cancel: CancelToken | None = None, savers: StepSavers | None = None,
+            on_step: Callable[[int, int, str, int | None], None] | None = None) -> torch.Tensor:
     """Runs the sampler's steps from ``start`` and returns the final latent [C, F, H, W].
 
     Args:
@@ -155,7 +156,7 @@ def denoise(networks: Mapping[str, Callable], sampler, latent: torch.Tensor, con
             dit.block_runner = runner
     try:
         return _steps(networks, sampler, latent, cond, uncond, plan, conditioning, start, progress, cancel,
-                      guidance_plan, runner, savers.batched_cfg)
+                      guidance_plan, runner, savers.batched_cfg, on_step)
     finally:
         if runner is not None:
             for dit in networks.values():
@@ -163,9 +164,11 @@ def denoise(networks: Mapping[str, Callable], sampler, latent: torch.Tensor, con
 
 
 def _steps(networks, sampler, latent, cond, uncond, plan, conditioning, start, progress, cancel,
-           guidance_plan: StepGuidance, runner: StepRunner | None, batched: bool) -> torch.Tensor:
+           guidance_plan: StepGuidance, runner: StepRunner | None, batched: bool, on_step=None) -> torch.Tensor:
     steps = len(sampler.timesteps)
     begin = time.perf_counter()
+    # first step of the low-noise expert (two-expert models), for per-expert LoRA schedules
+    switch = next((i for i, t in enumerate(sampler.timesteps) if plan.at(float(t))[0] == "low_noise"), None)
     for i in range(start, steps):
         if cancel is not None and cancel.cancelled:
             raise Cancelled(f"cancelled before step {i + 1} of {steps}")
@@ -174,6 +177,8 @@ def _steps(networks, sampler, latent, cond, uncond, plan, conditioning, start, p
         dit = networks[expert]
         timestep = conditioning.token_timesteps(t.to(latent.device), dit.config.patch_size)
         passes = guidance_plan.passes(i, guidance)
+        if on_step is not None:
+            on_step(i, steps, expert, switch)
         with torch.inference_mode():
             if batched and passes == ("cond", "uncond"):
                 if runner is not None:

@@ -164,7 +164,7 @@ def resolve_request(req: GenerationRequest, registry: Registry | None = None,
     elif not 0 <= seed <= MAX_SEED:
         raise RequestError("seed", seed, f"-1 (random) or 0..{MAX_SEED}")
     _check_inputs(req, task, check_files)
-    _check_not_yet_supported(req)
+    _check_profile_and_loras(req)
     if not 0.0 < req.strength <= 1.0:
         raise RequestError("strength", req.strength, "a number in (0, 1]")
     fps = _positive_int("fps", req.fps if req.fps is not None else d.fps)
@@ -227,11 +227,14 @@ def _check_inputs(req: GenerationRequest, task: str, check_files: bool) -> None:
                 raise RequestError(name, value, "an existing, readable file")
 
 
-def _check_not_yet_supported(req: GenerationRequest) -> None:
-    """Settings the request can carry but this version cannot apply yet are refused rather than
-    silently ignored (a LoRA that loads without effect is the worst kind of failure)."""
-    if req.loras:
-        raise RequestError("loras", [lo.path for lo in req.loras], "none yet: LoRA support comes with the LoRA milestone")
+def _check_profile_and_loras(req: GenerationRequest) -> None:
+    """Profiles and LoRA multipliers are checked here, before any model loads."""
+    for lora in req.loras:  # files are found and checked against the model when the job runs
+        from wan.lora.schedule import parse_multiplier
+        try:
+            parse_multiplier(lora.multiplier)
+        except ValueError as e:
+            raise RequestError("loras", f"{lora.path}:{lora.multiplier}", str(e)) from None
     if req.profile is not None or req.profile_overrides:
         from wan.optim.apply import resolve_profile
         from wan.optim.profiles import ProfileError

@@ -1,0 +1,85 @@
+"""The LoRAs of one job: load each file, check it against the model, attach it for the job's
+duration, and move the multipliers along the steps and experts.
+
+A LoRA that matches nothing in the model is an error naming the file and the model family it
+seems to be for, never a silent no-op; a partial match is a notice with the count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wan.engine.request import RequestError
+from wan.lora.apply import LoraRuntime, LoraUse
+
+
+@dataclass
+class JobLoras:
+    """The runtimes of one job, one per network (expert), and what the checks found."""
+
+    runtimes: dict[str, LoraRuntime] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
+
+    def attach(self, dits: dict) -> None:
+        for expert, rt in self.runtimes.items():
+            rt.attach(dits[expert])
+
+    def detach(self) -> None:
+        for rt in self.runtimes.values():
+            rt.detach()
+
+    def on_step(self, step: int, steps: int, expert: str, switch_step: int | None = None) -> None:
+        rt = self.runtimes.get(expert)
+        if rt is not None:
+            rt.set_step(step, steps, expert, switch_step)
+
+
+def resolve_lora_path(path: str, lora_dir: str | Path | None) -> Path:
+    """A LoRA given as a file path, or as a name inside the LoRA folder (which it cannot leave)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if lora_dir is not None and not p.is_absolute() and ".." not in p.parts:
+        candidate = (Path(lora_dir) / p).resolve()
+        if candidate.is_file() and Path(lora_dir).resolve() in candidate.parents:
+            return candidate
+    raise RequestError("loras", path, f"an existing LoRA file, or a name inside the LoRA folder {lora_dir}")
+
+
+def prepare_loras(choices, dits: dict, lora_dir: str | Path | None = None) -> JobLoras:
+    """Loads and checks the request's LoRAs (``LoraChoice`` list) for the job's networks."""
+    from wan.loading.files import CheckpointError
+    from wan.lora.compat import check_lora, linear_shapes
+    from wan.lora.formats import load_lora
+    from wan.lora.schedule import parse_multiplier
+    job = JobLoras()
+    if not choices:
+        return job
+    per_expert: dict[str, list[LoraUse]] = {e: [] for e in dits}
+    for choice in choices:
+        try:
+            multiplier = parse_multiplier(choice.multiplier)
+            if "transformer" in dits:  # one network: a "high;low" string has nothing to apply to
+                multiplier.at(0, 1, "transformer")
+        except ValueError as e:
+            raise RequestError("loras", f"{choice.path}:{choice.multiplier}", str(e)) from None
+        path = resolve_lora_path(choice.path, lora_dir)
+        try:
+            lora = load_lora(path)
+        except (CheckpointError, ValueError, OSError) as e:
+            raise RequestError("loras", choice.path, f"a readable LoRA file ({e})") from None
+        any_dit = next(iter(dits.values()))
+        compat = check_lora(lora, linear_shapes(any_dit))
+        if compat.status == "none":
+            raise RequestError("loras", choice.path, f"a LoRA for this model; it matches none of its layers "
+                                                     f"({compat.guess})")
+        if compat.status == "partial":
+            job.notices.append(f"LoRA {path.name}: {compat.matched} of {compat.total} tensors match this model")
+        if getattr(compat, "dropped_i2v", None):
+            job.notices.append(f"LoRA {path.name}: {len(compat.dropped_i2v)} image cross-attention tensors dropped "
+                               "(trained on i2v, this model has no image input)")
+        for expert in dits:
+            per_expert[expert].append(LoraUse(lora, multiplier))
+    job.runtimes = {e: LoraRuntime(uses) for e, uses in per_expert.items()}
+    return job
