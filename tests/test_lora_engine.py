@@ -86,3 +86,32 @@ def test_per_expert_strengths_on_a_two_expert_model(setup):
     with pytest.raises(RequestError, match="loras"):
         engine.generate(GenerationRequest(model="test-tiny-t2v", prompt="x", steps=2,
                                           loras=[LoraChoice("style.safetensors", "1;0")]), write=False)
+
+
+def test_cli_lora_check_convert_and_list(setup, tmp_path):
+    _, _, loras = setup
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+
+    def wgp(*args):
+        return subprocess.run([sys.executable, str(ROOT / "wgp.py"), "lora", *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=120)
+    ok = wgp("check", loras / "style.safetensors", "--model", "test-tiny-t2v")
+    assert ok.returncode == 0 and "full" in ok.stdout
+    bad = wgp("check", loras / "big.safetensors", "--model", "test-tiny-t2v")
+    assert bad.returncode == 2 and "none" in bad.stdout
+    real = wgp("check", loras / "style.safetensors", "--model", "wan2.1-t2v-1.3B")
+    assert real.returncode == 2 and "none" in real.stdout  # a 256-wide LoRA does not fit the 1536-wide 1.3B
+    conv = wgp("convert", loras / "style.safetensors", tmp_path / "comfy.safetensors", "--to", "comfy")
+    assert conv.returncode == 0, conv.stderr
+    back = wgp("convert", tmp_path / "comfy.safetensors", tmp_path / "musubi.safetensors", "--to", "musubi")
+    assert back.returncode == 0
+    from safetensors.torch import load_file
+    a, b = load_file(str(loras / "style.safetensors")), load_file(str(tmp_path / "musubi.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    family = tmp_path / "loras" / "wan2.1-t2v-1.3B"
+    family.mkdir(parents=True)
+    (family / "style.safetensors").write_bytes((loras / "style.safetensors").read_bytes())
+    listed = wgp("list", "--lora_dir", tmp_path / "loras")
+    assert listed.returncode == 0 and "wan2.1-t2v-1.3B/style  rank 4" in listed.stdout
+    missing = wgp("check", tmp_path / "nope.safetensors", "--model", "test-tiny-t2v")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr

@@ -4,6 +4,7 @@
     python wgp.py generate --model ID --prompt TEXT [...]   headless generation (see wan/cli_generate.py)
     python wgp.py models                 list the models of the registry
     python wgp.py profiles [--model ID]  list the profiles and the memory plan each gives here
+    python wgp.py lora list|check|convert  the LoRA folder, compatibility, format conversion
     python wgp.py download MODEL [--variant bf16|fp16|fp8] [--checkpoint-dir DIR]
 
 Exit codes: 0 success, 1 runtime failure, 2 bad input (a clear message, never a traceback).
@@ -34,6 +35,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _profiles(args: argparse.Namespace) -> int:
     from wan.cli_profiles import run
+    return run(args)
+
+
+def _lora(args: argparse.Namespace) -> int:
+    from wan.cli_lora import run
     return run(args)
 
 
@@ -83,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_arguments(prof)
     prof.set_defaults(func=_profiles)
 
+    from wan.cli_lora import add_arguments as add_lora_arguments
+    lora = sub.add_parser("lora", help="list, check and convert LoRAs")
+    add_lora_arguments(lora)
+    lora.set_defaults(func=_lora)
+
     models = sub.add_parser("models", help="list the models of the registry")
     models.set_defaults(func=_models)
 
@@ -96,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     parser = build_parser()
-    commands = {"serve", "generate", "models", "profiles", "download", "-h", "--help"}
+    commands = {"serve", "generate", "models", "profiles", "lora", "download", "-h", "--help"}
     if not argv or argv[0] not in commands:
         argv = ["serve", *argv]  # flags alone start the app
     args = parser.parse_args(argv)
