@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from memory import peak_bytes, reset_peak  # noqa: E402
+from memory import peak_bytes, reset_peak, run_case  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 SHAPE_13B = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
@@ -141,8 +140,7 @@ def case_forward(path: Path, impl: str, frames: int, size: int) -> dict:
 
 
 def in_subprocess(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--case", *args], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_case(__file__, *args)
 
 
 # -- main -----------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from bench_dit import checkpoint_path, make_inputs, write_checkpoint  # noqa: E402
-from memory import peak_bytes, reset_peak  # noqa: E402
+from memory import peak_bytes, reset_peak, run_case  # noqa: E402
 
 DTYPE = torch.bfloat16
 
@@ -74,8 +73,7 @@ def case_time(path: Path, prefetch: int, frames: int, size: int, runs: int) -> d
 
 
 def in_subprocess(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--case", *args], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_case(__file__, *args)
 
 
 def main() -> None:

@@ -5,6 +5,9 @@ the current size, so the peak of one phase (a load, a forward) can be read on it
 """
 
 import gc
+import json
+import subprocess
+import sys
 
 
 def _status_kib(field: str) -> int:
@@ -29,3 +32,10 @@ def reset_peak() -> int:
 
 def peak_bytes() -> int:
     return _status_kib("VmHWM") * 1024
+
+
+def run_case(script: str, *args: str) -> dict:
+    """Runs ``script --case ARGS`` in a fresh Python process and returns the JSON object it prints
+    last (each memory case gets a process of its own, so peaks do not mix)."""
+    out = subprocess.run([sys.executable, script, "--case", *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -15,6 +15,7 @@ from helpers import rel_err
 from test_dit_parity import diffusers_model
 from test_vae import _diffusers_vae
 from wan.engine import Engine, GenerationRequest, draw_noise, resolve_request
+from wan.engine.conditioning import build_conditioning
 from wan.testing.tiny_family import ensure_tiny_checkpoints
 
 TOL = 1e-4
@@ -51,8 +52,7 @@ def diffusers_parts(nets):
 def our_run(engine, request, noise=None):
     req, spec = resolve_request(request)
     nets = engine.models.get(spec)
-    cond = __import__("wan.engine.conditioning", fromlist=["build_conditioning"]).build_conditioning(
-        req, spec, nets, engine.device)
+    cond = build_conditioning(req, spec, nets, engine.device)
     if noise is None:
         noise = draw_noise(cond.noise_shape, req.seed, engine.device)
     latent, cond = engine.denoise(req, nets, noise=noise)

@@ -241,7 +241,6 @@ def _v2v(req, spec, nets, device, inputs) -> Conditioning:
 def _fun_control(req, spec, nets, device, inputs) -> Conditioning:
     """Fun Control: y = [control video latents (16), reference image latents (16, frame 0 only)];
     Fun V1.1 models also take the reference latent through ref_conv."""
-    stride = spec.vae.stride
     control = inputs.video("control_video", req.frames, req.height, req.width)
     cond = _text(req, spec, nets, device, inputs)
     control_lat = _encode(nets.vae, control, device)
@@ -256,7 +255,6 @@ def _fun_control(req, spec, nets, device, inputs) -> Conditioning:
     if cfg.image_dim:
         clip_in = image if image is not None else torch.zeros(3, req.height, req.width)
         kwargs["clip_fea"] = nets.clip(clip_in[None].to(device))
-    del stride
     return Conditioning(cond.noise_shape, cond.size, kwargs)
 
 

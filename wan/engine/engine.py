@@ -103,7 +103,7 @@ class Engine:
         notices += selection.notices
         steps: list[StepInfo] = []
 
-        def on_step(info: StepInfo) -> None:
+        def record(info: StepInfo) -> None:
             steps.append(info)
             if progress is not None:
                 progress(info)
@@ -113,7 +113,7 @@ class Engine:
         notices += loras.notices
         loras.attach(nets.dits)
         try:
-            latent, cond = self.denoise(req, nets, progress=on_step, cancel=cancel, savers=savers,
+            latent, cond = self.denoise(req, nets, progress=record, cancel=cancel, savers=savers,
                                         on_step=loras.on_step)
         finally:
             loras.detach()

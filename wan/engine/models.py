@@ -144,8 +144,8 @@ class ModelManager:
         if importlib.util.find_spec("mmgp") is None:
             return None
         from wan.optim.apply import mmgp_settings_from_profile
-        ids = ["transformer" if r == "transformer" else r for r in spec.transformer_roles]
-        return mmgp_settings_from_profile(profile, ids + ["text_encoder", "vae"] + (["clip"] if spec.needs_clip else []))
+        ids = [*spec.transformer_roles, "text_encoder", "vae", *(["clip"] if spec.needs_clip else [])]
+        return mmgp_settings_from_profile(profile, ids)
 
     def _dit_dtype(self, profile) -> torch.dtype:
         """The DiT's weights dtype: the profile's precision, or the manager's default ("auto")."""

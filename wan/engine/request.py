@@ -229,8 +229,8 @@ def _check_inputs(req: GenerationRequest, task: str, check_files: bool) -> None:
 
 def _check_profile_and_loras(req: GenerationRequest) -> None:
     """Profiles and LoRA multipliers are checked here, before any model loads."""
+    from wan.lora.schedule import parse_multiplier
     for lora in req.loras:  # files are found and checked against the model when the job runs
-        from wan.lora.schedule import parse_multiplier
         try:
             parse_multiplier(lora.multiplier)
         except ValueError as e:

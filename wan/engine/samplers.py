@@ -175,6 +175,15 @@ class _Multistep(Sampler):
             raise ValueError(f"{self.name} sampler: expected step index {self._next}, got {index}; "
                              "a sampler holds one generation's history, make a new one per generation")
 
+    def _begin(self, flow: torch.Tensor, index: int, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checks a step's inputs and returns (sample, predicted clean sample x0 = x - sigma * flow)
+        in the solver's working dtype."""
+        self._check_inputs(flow, index, sample)
+        self._check_order(index)
+        dtype = _compute_dtype(flow, sample)
+        x = sample.to(dtype)
+        return x, x - self.sigmas[index] * flow.to(dtype)
+
     def _push(self, x0: torch.Tensor, index: int) -> None:
         self._x0 = (self._x0 + [x0])[-2:]
         self._next = index + 1
@@ -199,11 +208,7 @@ class UniPCSampler(_Multistep):
         self._last_order = 0
 
     def step(self, flow: torch.Tensor, index: int, sample: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(flow, index, sample)
-        self._check_order(index)
-        dtype = _compute_dtype(flow, sample)
-        x = sample.to(dtype)
-        x0 = x - self.sigmas[index] * flow.to(dtype)
+        x, x0 = self._begin(flow, index, sample)
         if self._last_sample is not None:
             x = self._correct(x0, index)
         order = min(2, self.steps - index, len(self._x0) + 1)
@@ -281,11 +286,7 @@ class DPMSolverSampler(_Multistep):
     name = "dpm++"
 
     def step(self, flow: torch.Tensor, index: int, sample: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(flow, index, sample)
-        self._check_order(index)
-        dtype = _compute_dtype(flow, sample)
-        x = sample.to(dtype)
-        x0 = x - self.sigmas[index] * flow.to(dtype)
+        x, x0 = self._begin(flow, index, sample)
         first_order = not self._x0 or index == self.steps - 1
         self._push(x0, index)
         sigma_t, sigma_s0 = self.sigmas[index + 1], self.sigmas[index]
