@@ -63,6 +63,23 @@ def test_incompatible_and_partial_loras(setup):
         engine.generate(req.replace(loras=[LoraChoice("../style.safetensors")]), write=False)
 
 
+def test_include_and_exclude_patterns(setup):
+    """musubi's patterns: a LoRA limited to block 0 differs from the whole LoRA and from none;
+    excluding every module it targets gives the base exactly; a bad regex names the field."""
+    engine, _, _ = setup
+    req = GenerationRequest(model="test-tiny-t2v", prompt="a fox", steps=2, seed=4)
+    plain = engine.generate(req, write=False).latent
+
+    def run(**kw):
+        return engine.generate(req.replace(loras=[LoraChoice("style.safetensors", "1.0", **kw)]), write=False).latent
+    whole, block0 = run(), run(include=[r"^blocks\.0\."])
+    assert not torch.equal(block0, plain) and not torch.equal(block0, whole)
+    assert torch.equal(run(exclude=["self_attn"]), plain)
+    assert torch.equal(run(include=[r"^blocks\.0\."], exclude=[r"\.0\."]), plain)
+    with pytest.raises(RequestError, match="loras.*not a valid regular expression"):
+        run(include=["blocks[0"])
+
+
 def test_cli_lora_flag(setup, tmp_path):
     _, root, loras = setup
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -72,6 +89,13 @@ def test_cli_lora_flag(setup, tmp_path):
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run(base + ["--lora", "big.safetensors"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "matches none" in bad.stderr and "Traceback" not in bad.stderr
+    two = ["--lora_weight", "style.safetensors", "partial.safetensors"]
+    miscount = subprocess.run(base + two + ["--include_patterns", "blocks"], capture_output=True, text=True,
+                              env=env, timeout=300)
+    assert miscount.returncode == 2 and "include_patterns" in miscount.stderr and "one pattern per LoRA" in miscount.stderr
+    patterned = subprocess.run(base + two + ["--exclude_patterns", "blocks.1", "blocks.0"], capture_output=True,
+                               text=True, env=env, timeout=300)
+    assert patterned.returncode == 0, patterned.stderr
 
 
 def test_per_expert_strengths_on_a_two_expert_model(setup):

@@ -71,6 +71,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--lora", action="append", default=[], metavar="FILE[:MULT]", help="repeatable")
     a("--lora_weight", nargs="+", default=[])
     a("--lora_multiplier", nargs="+", default=[])
+    a("--include_patterns", nargs="+", default=[], metavar="REGEX",
+      help="one per LoRA, in order (--lora files first, then --lora_weight): the LoRA applies only to "
+           "modules whose official name matches")
+    a("--exclude_patterns", nargs="+", default=[], metavar="REGEX",
+      help="one per LoRA, in order: modules whose official name matches are left alone")
     a("--lora_dir", "--lora-dir", dest="lora_dir", default="loras", help="folder LoRA names are looked up in")
     a("--profile", help="profile name or number (python wgp.py profiles), e.g. 4 or fast_preview")
     a("--set", dest="profile_overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -156,6 +161,12 @@ def _loras(args) -> list[LoraChoice]:
                            f"one multiplier per --lora_weight file ({len(args.lora_weight)} given)")
     mults = args.lora_multiplier or ["1.0"] * len(args.lora_weight)
     out += [LoraChoice(w, m) for w, m in zip(args.lora_weight, mults)]
+    for flag, attr in (("include_patterns", "include"), ("exclude_patterns", "exclude")):
+        patterns = getattr(args, flag)
+        if patterns and len(patterns) != len(out):
+            raise RequestError(flag, patterns, f"one pattern per LoRA ({len(out)} given), in the order of the LoRAs")
+        for choice, pattern in zip(out, patterns):
+            getattr(choice, attr).append(pattern)
     return out
 
 

@@ -44,10 +44,14 @@ class RequestError(ValueError):
 
 @dataclass
 class LoraChoice:
-    """One LoRA of a request: a file (or a name in the LoRA folder) and its multiplier string."""
+    """One LoRA of a request: a file (or a name in the LoRA folder), its multiplier string, and
+    regular expressions on module names limiting where it applies (musubi-tuner's
+    ``--include_patterns`` / ``--exclude_patterns``; empty: everywhere)."""
 
     path: str
     multiplier: str = "1.0"
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -52,7 +52,7 @@ def prepare_loras(choices, dits: dict, lora_dir: str | Path | None = None) -> Jo
     from wan.loading.files import CheckpointError
     from wan.lora.compat import check_lora, linear_shapes
     from wan.lora.formats import load_lora
-    from wan.lora.schedule import parse_multiplier
+    from wan.lora.schedule import include_exclude, parse_multiplier
     job = JobLoras()
     if not choices:
         return job
@@ -60,6 +60,7 @@ def prepare_loras(choices, dits: dict, lora_dir: str | Path | None = None) -> Jo
     for choice in choices:
         try:
             multiplier = parse_multiplier(choice.multiplier)
+            allow = include_exclude(choice.include, choice.exclude)
             if "transformer" in dits:  # one network: a "high;low" string has nothing to apply to
                 multiplier.at(0, 1, "transformer")
         except ValueError as e:
@@ -80,6 +81,6 @@ def prepare_loras(choices, dits: dict, lora_dir: str | Path | None = None) -> Jo
             job.notices.append(f"LoRA {path.name}: {len(compat.dropped_i2v)} image cross-attention tensors dropped "
                                "(trained on i2v, this model has no image input)")
         for expert in dits:
-            per_expert[expert].append(LoraUse(lora, multiplier))
+            per_expert[expert].append(LoraUse(lora, multiplier, allow))
     job.runtimes = {e: LoraRuntime(uses) for e, uses in per_expert.items()}
     return job
