@@ -1,6 +1,6 @@
 """Command table of ``wgp.py``: one small function per command.
 
-    python wgp.py [serve] [--server-name HOST] [--server-port N] [--listen] [--share]
+    python wgp.py [serve] [--listen] [--server-port N] [--share] [--auth U:P] [--model ID] ...  the web app
     python wgp.py generate --model ID --prompt TEXT [...]   headless generation (see wan/cli_generate.py)
     python wgp.py models                 list the models of the registry
     python wgp.py profiles [--model ID]  list the profiles and the memory plan each gives here
@@ -20,11 +20,16 @@ DEFAULT_CHECKPOINT_DIR = "checkpoints"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from wan.app.placeholder import serve
-    host = "0.0.0.0" if args.listen else args.server_name
-    if args.share:
-        print("warning: --share makes the app reachable from the internet by anyone with the link", file=sys.stderr)
-    serve(host=host, port=args.server_port, share=args.share)
+    from wan.app.settings import SettingsError, load_settings
+    try:
+        settings = load_settings(args)
+        from wan.app.server import serve
+        serve(settings, args.config)
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
     return EXIT_OK
 
 
@@ -72,11 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wgp.py", description="Wan Studio: Wan 2.1 / 2.2 video generation")
     sub = parser.add_subparsers(dest="command")
 
+    from wan.app.settings import add_server_arguments
     serve = sub.add_parser("serve", help="start the web app (the default command)")
-    serve.add_argument("--server-name", default="127.0.0.1", help="interface to listen on (default localhost)")
-    serve.add_argument("--server-port", type=int, default=7860)
-    serve.add_argument("--listen", action="store_true", help="listen on all interfaces")
-    serve.add_argument("--share", action="store_true", help="create a public Gradio link")
+    add_server_arguments(serve)
     serve.set_defaults(func=_serve)
 
     from wan.cli_generate import add_arguments

@@ -2,8 +2,22 @@
 
     from wan.engine import Engine, GenerationRequest
     result = Engine().generate(GenerationRequest(model="wan2.1-t2v-1.3B", prompt="a fox in snow"))
+
+Names are imported on first use, so ``wan.engine.request`` (plain data) does not import torch:
+the web app serves its first page before any model code loads.
 """
 
-from wan.engine.engine import Engine, GenerationResult, draw_noise, request_from_metadata  # noqa: F401
-from wan.engine.loop import Cancelled, CancelToken, ExpertPlan, StepInfo  # noqa: F401
-from wan.engine.request import GenerationRequest, LoraChoice, RequestError, resolve_request  # noqa: F401
+import importlib
+
+_EXPORTS = {
+    "Engine": "engine", "GenerationResult": "engine", "draw_noise": "engine", "request_from_metadata": "engine",
+    "Cancelled": "loop", "CancelToken": "loop", "ExpertPlan": "loop", "StepInfo": "loop",
+    "GenerationRequest": "request", "LoraChoice": "request", "RequestError": "request", "resolve_request": "request",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'wan.engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"wan.engine.{_EXPORTS[name]}"), name)

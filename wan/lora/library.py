@@ -33,7 +33,10 @@ FAMILY_FOLDERS: dict[str, str] = {
     "wan2.1-i2v-14B": "wan2.1-i2v-14B",
     "wan2.2-a14b": "wan2.2-a14b",
     "wan2.2-ti2v-5B": "wan2.2-ti2v-5B",
+    "test": "test",  # the tiny TEST models of the registry (tests and demos)
 }
+# DiT width -> LoRA family, for models of one expert and no image input
+_FAMILY_BY_WIDTH = {1536: "wan2.1-t2v-1.3B", 3072: "wan2.2-ti2v-5B", 5120: "wan2.1-t2v-14B"}
 PRESETS_FOLDER = "presets"
 LORA_SUFFIXES = (".safetensors", ".sft")
 PRESET_SUFFIX = ".json"
@@ -107,6 +110,20 @@ def scan_loras(root: Path, family: str | None = None) -> list[LoraInfo]:
         for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file()):
             found.append(_cached_info(path, folder, fam))
     return found
+
+
+def family_for_model(spec) -> str | None:
+    """The LoRA family folder a registry model (``ModelSpec``) reads its LoRAs from, or None for an
+    architecture no family folder covers. LoRAs are shared by shape, so finetunes of a family and
+    its VACE/Fun variants read the same folder; i2v/flf2v 14B models (image cross-attention) and
+    the Wan 2.2 A14B experts have their own."""
+    if spec.test_model:
+        return "test"
+    if spec.arch.experts:
+        return "wan2.2-a14b"
+    if spec.arch.dim == 5120 and spec.arch.model_type in ("i2v", "flf2v"):
+        return "wan2.1-i2v-14B"
+    return _FAMILY_BY_WIDTH.get(spec.arch.dim)
 
 
 def _check_family(family: str) -> str:

@@ -1,0 +1,190 @@
+"""The studio in a real browser: Playwright drives Debian's headless Chromium against the real
+server (``python wgp.py serve``) started on the TEST model family in a subprocess."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from tests.app_harness import (StudioServer, add_job, choose, job_id_of, launch_chromium, open_studio, set_number,
+                               wait_for_status)
+from wan.engine.engine import request_from_metadata
+from wan.engine.media_out import read_metadata
+from wan.testing.tiny_family import ensure_tiny_checkpoints
+
+T2V = "TEST tiny Wan 2.1 t2v [test model]"
+I2V = "TEST tiny Wan 2.1 i2v (CLIP) [test model]"
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    checkpoints = tmp_path_factory.mktemp("ckpt")
+    ensure_tiny_checkpoints(checkpoints)
+    server = StudioServer(tmp_path_factory.mktemp("studio"), checkpoints).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(chromium, studio):
+    context = chromium.new_context(viewport={"width": 1400, "height": 1800})
+    yield open_studio(context, studio.url)
+    context.close()
+
+
+def request_of(path):
+    return request_from_metadata(read_metadata(path))
+
+
+def outputs_of(studio, job_id: str, suffix=".mp4") -> list:
+    """Files of one job, from the queue file the server keeps."""
+    import json
+    jobs = json.loads((studio.state_dir / "queue.json").read_text())["jobs"]
+    job = next(j for j in jobs if j["id"] == job_id)
+    return [f for f in job["files"] if f.endswith(suffix)]
+
+
+def video_frames(path) -> np.ndarray:
+    import imageio.v3 as iio
+    return iio.imread(path)
+
+
+def test_generate_t2v_shows_the_video_in_the_gallery_and_writes_the_file(page, studio):
+    choose(page, "task", "t2v")
+    set_number(page, "steps", 2)
+    job = job_id_of(add_job(page, "a red fox running in fresh snow"))
+    wait_for_status(page, job, "done")
+    page.wait_for_selector("#gallery video")
+    files = outputs_of(studio, job)
+    assert len(files) == 1 and files[0].startswith(str(studio.output_dir.resolve()))
+    req = request_of(files[0])
+    assert req.prompt == "a red fox running in fresh snow" and req.steps == 2 and req.task == "t2v"
+    assert video_frames(files[0]).shape[0] == req.frames
+
+
+def test_i2v_with_an_uploaded_image(page, studio, tmp_path):
+    choose(page, "model", I2V)
+    page.wait_for_selector("#image input[type=file]", state="attached")
+    picture = tmp_path / "my start.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(picture)
+    page.set_input_files("#image input[type=file]", str(picture))
+    page.wait_for_selector("#image img")
+    set_number(page, "steps", 2)
+    job = job_id_of(add_job(page, "the picture comes alive"))
+    wait_for_status(page, job, "done")
+    req = request_of(outputs_of(studio, job)[0])
+    assert req.task == "i2v" and req.model == "test-tiny-i2v"
+    stored = studio.state_dir.resolve() / "uploads"
+    assert req.image.startswith(str(stored)) and "start" not in req.image  # a fresh name, never the browser's
+
+
+def test_queue_two_jobs_and_abort_the_first(page, studio):
+    set_number(page, "frames", 41)
+    set_number(page, "steps", 150)  # long enough to be caught running
+    slow = job_id_of(add_job(page, "a slow one"))
+    set_number(page, "frames", 9)
+    set_number(page, "steps", 2)
+    quick = job_id_of(add_job(page, "a quick one"))
+    wait_for_status(page, slow, "running")
+    page.get_by_role("button", name="Abort running job", exact=True).click()
+    wait_for_status(page, slow, "cancelled")
+    wait_for_status(page, quick, "done")
+    assert outputs_of(studio, slow) == [] and len(outputs_of(studio, quick)) == 1
+
+
+def musubi_lora(path, dim=256, rank=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for b in (0, 1):
+        key = f"lora_unet_blocks_{b}_self_attn_q"
+        state[f"{key}.lora_down.weight"] = torch.randn(rank, dim, generator=g) * 0.3
+        state[f"{key}.lora_up.weight"] = torch.randn(dim, rank, generator=g) * 0.3
+        state[f"{key}.alpha"] = torch.tensor(float(rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+
+
+def test_a_lora_dropped_in_the_folder_appears_after_refresh_and_changes_the_output(page, studio):
+    page.click("#lora-browser")  # open the accordion
+    page.get_by_role("button", name="Refresh", exact=True).click()
+    page.wait_for_selector("#lora-table")
+    assert "drop_in" not in page.inner_text("#lora-browser")
+    musubi_lora(studio.lora_dir / "test" / "drop_in.safetensors")
+    page.get_by_role("button", name="Refresh", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#lora-table').innerText.includes('drop_in')")
+    set_number(page, "steps", 2)
+    set_number(page, "seed", 11)
+    plain = job_id_of(add_job(page, "same seed twice"))
+    choose(page, "loras", "✓ drop_in (test)")
+    page.fill("#lora-multipliers textarea, #lora-multipliers input", "1.0")
+    styled = job_id_of(add_job(page))
+    wait_for_status(page, styled, "done")
+    a, b = outputs_of(studio, plain)[0], outputs_of(studio, styled)[0]
+    assert request_of(b).loras[0].path == "test/drop_in.safetensors" and request_of(a).seed == request_of(b).seed
+    assert np.abs(video_frames(a).astype(int) - video_frames(b).astype(int)).max() > 0
+    # a preset name that would leave the preset folder is refused, and nothing is written
+    page.fill("#preset input", "../evil")
+    page.get_by_role("button", name="Save preset", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#lora-status').innerText.includes('not allowed')")
+    assert not (studio.lora_dir / "evil.json").exists() and not list(studio.base.glob("**/evil.json"))
+
+
+def test_load_settings_from_an_earlier_output(page, studio):
+    set_number(page, "steps", 3)
+    set_number(page, "seed", 1234)
+    job = job_id_of(add_job(page, "settings to restore later"))
+    wait_for_status(page, job, "done")
+    page.fill("#prompt textarea", "something else")
+    set_number(page, "steps", 7)
+    page.locator("#gallery video, #gallery img").first.click()
+    page.wait_for_function("() => document.querySelector('#output-settings').innerText.includes('settings to restore')")
+    page.get_by_role("button", name="Load these settings into the form", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#prompt textarea').value === 'settings to restore later'")
+    assert page.input_value("#steps input") == "3" and page.input_value("#seed input") == "1234"
+    # dropping the file itself restores the same settings
+    page.fill("#prompt textarea", "changed again")
+    page.set_input_files("#drop-output input[type=file]", outputs_of(studio, job)[0])
+    page.wait_for_function("() => document.querySelector('#prompt textarea').value === 'settings to restore later'")
+
+
+def test_an_invalid_field_is_named_and_the_server_keeps_serving(page, studio):
+    set_number(page, "frames", 10)
+    message = add_job(page, "ten frames cannot be")
+    assert message.startswith("⚠️") and "frames" in message and "10" in message
+    set_number(page, "frames", 9)
+    set_number(page, "steps", 2)
+    job = job_id_of(add_job(page, "nine frames can"))
+    wait_for_status(page, job, "done")
+
+
+def test_two_sessions_each_get_their_own_results(chromium, studio):
+    pages = [open_studio(chromium.new_context(), studio.url) for _ in range(2)]
+    jobs = {}
+    for i, p in enumerate(pages):
+        set_number(p, "steps", 2)
+        jobs[i] = [job_id_of(add_job(p, f"session {i} job {k}")) for k in range(2)]
+    for i, p in enumerate(pages):
+        for job in jobs[i]:
+            wait_for_status(p, job, "done")
+    for i, p in enumerate(pages):
+        p.wait_for_function("() => document.querySelectorAll('#gallery video').length === 2")
+        mine = [outputs_of(studio, j)[0] for j in jobs[i]]
+        assert all(request_of(f).prompt.startswith(f"session {i}") for f in mine)
+    import json
+    saved = {j["id"]: j for j in json.loads((studio.state_dir / "queue.json").read_text())["jobs"]}
+    sessions = [{saved[j]["session"] for j in jobs[i]} for i in range(2)]
+    assert all(len(s) == 1 for s in sessions) and sessions[0] != sessions[1]  # one queue, two sessions
+    assert all(saved[j]["status"] == "done" for j in jobs[0] + jobs[1])
+    for p in pages:
+        p.context.close()

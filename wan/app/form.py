@@ -1,0 +1,182 @@
+"""The generation form as plain data: form values <-> requests, with no gradio in sight.
+
+The UI's keys are the request's field names wherever a field maps one to one (``prompt``,
+``frames``, ``guidance`` ...). A few controls are conveniences over request fields and get their
+own keys: ``resolution`` ("832x480" or "custom" with ``width``/``height``), ``random_seed``,
+``one_per_line`` (one job per prompt line), the step-saver pickers (``teacache`` ... ``riflex``,
+each "profile" to keep what the profile says) that become ``profile_overrides``, ``overrides``
+(free ``key=value`` lines, the CLI's ``--set``), and ``loras`` + ``lora_multipliers`` (Wan2GP's
+space-separated multiplier string, one entry per selected LoRA, each with the schedule syntax).
+
+``form_to_requests`` is what the "Add to queue" button calls; ``request_to_form`` loads an earlier
+output's settings back into the form. Both are tested without a browser.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from wan.engine.request import INPUT_FIELDS, GenerationRequest, LoraChoice, RequestError
+
+KEEP = "profile"  # picker value: leave the profile's setting alone
+CUSTOM = "custom"
+
+# picker key -> (profile setting it overrides, how the picked value is read)
+SAVER_PICKERS: dict[str, tuple[str, Any]] = {
+    "teacache": ("step_savers.teacache.enabled", lambda v: v == "on"),
+    "magcache": ("step_savers.magcache.enabled", lambda v: v == "on"),
+    "slg_mode": ("step_savers.slg.mode", str),
+    "cfg_skip_mode": ("step_savers.cfg_skip.mode", str),
+    "cfg_zero_star": ("step_savers.cfg_zero_star.enabled", lambda v: v == "on"),
+    "riflex": ("step_savers.riflex", str),
+}
+# numbers that go with a picker; they apply only when their picker is not "profile"
+SAVER_NUMBERS: dict[str, tuple[str, str]] = {
+    "teacache_speedup": ("teacache", "step_savers.teacache.speedup"),
+    "magcache_speedup": ("magcache", "step_savers.magcache.speedup"),
+    "slg_scale": ("slg_mode", "step_savers.slg.scale"),
+    "slg_start": ("slg_mode", "step_savers.slg.start"),
+    "slg_end": ("slg_mode", "step_savers.slg.end"),
+    "cfg_skip_ratio": ("cfg_skip_mode", "step_savers.cfg_skip.ratio"),
+    "cfg_zero_init_steps": ("cfg_zero_star", "step_savers.cfg_zero_star.zero_init_steps"),
+}
+SLG_LAYERS = ("slg_layers", "slg_mode", "step_savers.slg.layers")
+PICKER_CHOICES = {
+    "teacache": (KEEP, "off", "on"), "magcache": (KEEP, "off", "on"), "cfg_zero_star": (KEEP, "off", "on"),
+    "slg_mode": (KEEP, "none", "original", "uncond"),
+    "cfg_skip_mode": (KEEP, "none", "early", "late", "middle", "early_late", "alternate"),
+    "riflex": (KEEP, "auto", "on", "off"),
+}
+# request fields copied as they are (None or "" meaning "the model's default" where allowed)
+PLAIN_FIELDS = ("model", "task", "negative_prompt", "frames", "steps", "guidance", "guidance_high_noise", "boundary",
+                "shift", "sampler", "strength", "vace_scale", "fps", "quality", "profile")
+INT_FIELDS = ("frames", "steps", "fps", "quality", "seed", "width", "height", "cfg_zero_init_steps")
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """``"832x480"`` -> (832, 480); a RequestError on "resolution" otherwise."""
+    w, sep, h = str(text).lower().replace(" ", "").partition("x")
+    if not sep or not w.isdigit() or not h.isdigit():
+        raise RequestError("resolution", text, 'WIDTHxHEIGHT such as "832x480", or "custom"')
+    return int(w), int(h)
+
+
+def resolution_choices(sizes) -> list[str]:
+    return [f"{w}x{h}" for w, h in sizes] + [CUSTOM]
+
+
+def _number(key: str, value: Any) -> Any:
+    """Form numbers arrive as floats (or None / ""): whole-number fields become int."""
+    if value is None or value == "":
+        return None
+    if key in INT_FIELDS:
+        if isinstance(value, float) and not value.is_integer():
+            raise RequestError(key, value, "a whole number")
+        return int(value)
+    return value
+
+
+def _overrides(values: Mapping[str, Any]) -> dict[str, Any]:
+    from wan.optim.profiles import ProfileError, parse_override
+    out: dict[str, Any] = {}
+    for key, (setting, read) in SAVER_PICKERS.items():
+        picked = values.get(key) or KEEP
+        if picked not in PICKER_CHOICES[key]:
+            raise RequestError(key, picked, f"one of: {', '.join(PICKER_CHOICES[key])}")
+        if picked != KEEP:
+            out[setting] = read(picked)
+    for key, (picker, setting) in SAVER_NUMBERS.items():
+        if (values.get(picker) or KEEP) != KEEP and values.get(key) not in (None, ""):
+            out[setting] = _number(key, values[key])
+    key, picker, setting = SLG_LAYERS
+    if (values.get(picker) or KEEP) != KEEP and str(values.get(key) or "").strip():
+        try:
+            out[setting] = [int(t) for t in str(values[key]).replace(",", " ").split()]
+        except ValueError:
+            raise RequestError(key, values[key], "block numbers separated by spaces or commas, e.g. 9 or 8,9") from None
+    for line in str(values.get("overrides") or "").splitlines():
+        if line.strip() and not line.strip().startswith("#"):
+            try:
+                k, v = parse_override(line.strip())
+            except ProfileError as e:
+                raise RequestError("overrides", line.strip(), str(e)) from None
+            out[k] = v
+    return out
+
+
+def _loras(values: Mapping[str, Any]) -> list[LoraChoice]:
+    names = list(values.get("loras") or [])
+    mults = str(values.get("lora_multipliers") or "").split()
+    if mults and len(mults) != len(names):
+        raise RequestError("lora_multipliers", values.get("lora_multipliers"),
+                           f"one entry per selected LoRA ({len(names)} selected), separated by spaces, "
+                           "e.g. 1.0 0.8,0.6 1;0")
+    return [LoraChoice(name, mults[i] if mults else "1.0") for i, name in enumerate(names)]
+
+
+def form_to_requests(values: Mapping[str, Any]) -> list[GenerationRequest]:
+    """The form's values -> one request, or one per prompt line with ``one_per_line``.
+
+    Raises:
+        RequestError: naming the form field (the request field, or the control's own key).
+    """
+    if not values.get("model"):
+        raise RequestError("model", values.get("model"), "pick a model")
+    fields: dict[str, Any] = {k: _number(k, values.get(k)) for k in PLAIN_FIELDS}
+    for k in ("model", "task", "sampler", "profile"):
+        fields[k] = values.get(k) or None
+    if values.get("negative_prompt") in (None, ""):
+        fields["negative_prompt"] = None  # the model's default negative prompt
+    resolution = values.get("resolution") or CUSTOM
+    if resolution == CUSTOM:
+        fields["width"], fields["height"] = _number("width", values.get("width")), _number("height", values.get("height"))
+    else:
+        fields["width"], fields["height"] = parse_resolution(resolution)
+    seed = _number("seed", values.get("seed"))
+    fields["seed"] = -1 if values.get("random_seed") or seed is None else seed
+    for name in INPUT_FIELDS:
+        v = values.get(name)
+        fields[name] = list(v or []) if name == "ref_images" else (v or None)
+    fields["strength"] = fields["strength"] if fields["strength"] is not None else 0.75
+    fields["vace_scale"] = fields["vace_scale"] if fields["vace_scale"] is not None else 1.0
+    fields["quality"] = fields["quality"] if fields["quality"] is not None else 8
+    fields["profile_overrides"] = _overrides(values)
+    fields["loras"] = _loras(values)
+    prompt = str(values.get("prompt") or "")
+    prompts = [p.strip() for p in prompt.splitlines() if p.strip()] if values.get("one_per_line") else [prompt.strip()]
+    if not prompts or not any(prompts):
+        raise RequestError("prompt", prompt, "some text describing the video")
+    return [GenerationRequest(prompt=p, **fields) for p in prompts]
+
+
+def request_to_form(req: GenerationRequest, sizes=()) -> dict[str, Any]:
+    """A request (usually read from an output's metadata) -> the form's values, the inverse of
+    :func:`form_to_requests` for one prompt."""
+    values: dict[str, Any] = {k: getattr(req, k) for k in PLAIN_FIELDS}
+    values.update(prompt=req.prompt, one_per_line=False, seed=req.seed, random_seed=req.seed == -1)
+    size = (req.width, req.height)
+    values["resolution"] = f"{size[0]}x{size[1]}" if size in tuple(map(tuple, sizes)) else CUSTOM
+    values["width"], values["height"] = req.width, req.height
+    for name in INPUT_FIELDS:
+        values[name] = getattr(req, name)
+    overrides = dict(req.profile_overrides)
+    for key, (setting, _) in SAVER_PICKERS.items():
+        if setting in overrides:
+            v = overrides.pop(setting)
+            values[key] = ("on" if v else "off") if isinstance(v, bool) else str(v)
+        else:
+            values[key] = KEEP
+    for key, (_, setting) in SAVER_NUMBERS.items():
+        values[key] = overrides.pop(setting, None)
+    key, _, setting = SLG_LAYERS
+    layers = overrides.pop(setting, None)
+    values[key] = " ".join(map(str, layers)) if layers else ""
+    values["overrides"] = "\n".join(f"{k}={_yaml_value(v)}" for k, v in overrides.items())
+    values["loras"] = [lo.path for lo in req.loras]
+    values["lora_multipliers"] = " ".join(lo.multiplier for lo in req.loras)
+    return values
+
+
+def _yaml_value(v: Any) -> str:
+    import yaml
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()

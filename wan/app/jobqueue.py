@@ -1,0 +1,588 @@
+"""The job queue of the web app: every browser session adds to it, one worker runs the jobs.
+
+Several sessions share one GPU, so jobs run one at a time in queue order. The queue keeps:
+
+- the running job (at most one), with its cancel token and live progress;
+- the queued jobs, in the order they will run (the UI may reorder them);
+- the finished jobs (done, failed, cancelled), newest first, the last ``max_history`` of them.
+
+What a job does is not the queue's business: a *runner* is injected,
+``runner(job, progress, cancel) -> RunOutcome``. The app's runner calls
+:meth:`wan.engine.engine.Engine.generate`; tests pass fake runners. The runner may return a
+:class:`RunOutcome` or anything with ``files`` and ``notices`` (a ``GenerationResult`` works).
+
+Thread safety: one lock guards the state; every public method returns copies, never the live
+objects, so UI threads may keep and read what they get. Listeners and the disk write run outside
+that lock, so a slow disk never stalls a page refresh.
+
+Persistence: on every add, remove, move and status change the whole queue is written to ``path``
+as JSON, atomically (temporary file in the same folder, fsync, ``os.replace``). Progress is kept
+in memory only. On construction an existing file is loaded: a job that was running when the
+server died is queued again at the head (``restarts`` counted; after ``max_restarts`` it is
+failed instead, so a job that kills the server cannot do it forever); finished jobs stay in the
+history and never run again. A file that cannot be read, or that a newer version wrote, is
+renamed aside to ``<name>.corrupt-<timestamp>`` with a logged warning and the queue starts
+empty: the server always starts, and the old file is kept for a person to look at.
+
+Outputs: the queue never writes, rewrites or deletes output files; removing a finished job from
+the history leaves its files on disk. A completed output is never overwritten by a later job
+either: the engine's writer claims each final name exclusively (``os.link`` / ``O_EXCL`` in
+``wan/engine/media_out.py`` ``_claim``) and picks a numbered name when one is taken.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the engine (and torch) load in the worker, when the first job runs
+    from wan.engine.loop import CancelToken, StepInfo
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("queued", "running", "done", "failed", "cancelled")
+FINISHED = ("done", "failed", "cancelled")
+FILE_VERSION = 1
+LABEL_PROMPT_CHARS = 60
+MAX_ERROR_CHARS = 1000
+
+
+@dataclass
+class JobProgress:
+    """Where the running job is: the last finished step (kept in memory only)."""
+
+    step: int
+    total: int
+    expert: str
+    eta_s: float
+    elapsed_s: float
+    preview: str | None = None  # path of a preview image of the current latent, when the runner makes one
+
+
+@dataclass
+class RunOutcome:
+    """What a runner returns for a job that finished."""
+
+    files: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """One queued generation. ``request`` is ``GenerationRequest.to_dict()`` as submitted."""
+
+    id: str
+    session: str
+    request: dict
+    label: str
+    status: str = "queued"
+    created: float = 0.0
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    files: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    progress: JobProgress | None = None
+    restarts: int = 0
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready data; ``progress`` is not included (it is not persisted)."""
+        return copy.deepcopy(self._record())
+
+    def _record(self) -> dict:
+        """The persisted fields, not copied (for json.dumps under the queue's lock)."""
+        return {name: getattr(self, name) for name in _PERSISTED}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Job:
+        """Rebuilds a job from :meth:`to_dict`. Raises ValueError naming a bad or unknown field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"job: {type(data).__name__} is not allowed; a JSON object")
+        known = set(_PERSISTED)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"job field {unknown[0]!r} is not known; fields are: {', '.join(sorted(known))}")
+        for name, kind in (("id", str), ("session", str), ("request", dict), ("label", str), ("status", str)):
+            if not isinstance(data.get(name), kind):
+                raise ValueError(f"job field {name!r}: {data.get(name)!r} is not allowed; a {kind.__name__}")
+        if data["status"] not in STATUSES:
+            raise ValueError(f"job {data['id']} status: {data['status']!r} is not allowed; one of {', '.join(STATUSES)}")
+        for name in ("files", "notices"):
+            value = data.get(name, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"job {data['id']} field {name!r}: {value!r} is not allowed; a list of strings")
+        for name, optional in (("created", False), ("started", True), ("finished", True)):
+            value = data.get(name, None if optional else 0.0)
+            if not (optional and value is None) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise ValueError(f"job {data['id']} field {name!r}: {value!r} is not allowed; a time in seconds")
+        if not isinstance(data.get("error"), (str, type(None))):
+            raise ValueError(f"job {data['id']} field 'error': {data['error']!r} is not allowed; text or null")
+        restarts = data.get("restarts", 0)
+        if not isinstance(restarts, int) or restarts < 0:
+            raise ValueError(f"job {data['id']} restarts: {restarts!r} is not allowed; a whole number >= 0")
+        return cls(**copy.deepcopy(data))
+
+
+_PERSISTED = tuple(f.name for f in fields(Job) if f.name != "progress")
+
+
+def make_label(request: dict) -> str:
+    """``"<task>: <first 60 characters of the prompt>"`` on one line (the model id when no task is set)."""
+    kind = request.get("task") or request.get("model") or "job"
+    prompt = " ".join(str(request.get("prompt") or "").split())
+    return f"{kind}: {prompt[:LABEL_PROMPT_CHARS]}"
+
+
+def error_message(e: BaseException) -> str:
+    """One line for the UI: a ValueError's own text (RequestError is one), else ``Type: text``."""
+    text = " ".join(str(e).split())
+    if not isinstance(e, ValueError) or not text:
+        text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text[:MAX_ERROR_CHARS]
+
+
+Runner = Callable[[Job, Callable[..., None], "CancelToken"], RunOutcome]
+Listener = Callable[[str, Job], None]
+
+
+class JobQueue:
+    """A queue of generation jobs run one at a time by one worker thread (see the module docstring).
+
+    Args:
+        path: JSON file the queue lives in (None: memory only).
+        runner: ``runner(job, progress, cancel)`` runs one job and returns a :class:`RunOutcome`.
+            ``progress(info: StepInfo, preview: str | None = None)`` records a finished step;
+            ``cancel`` is the job's token (raise :class:`~wan.engine.loop.Cancelled` when it is set,
+            as ``Engine.generate`` does). The job given is a copy.
+        max_queued: how many jobs may wait at once; ``add`` refuses more.
+        max_history: how many finished jobs are kept (newest first).
+        max_restarts: a job found running at load that was already restarted this often is failed.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, runner: Runner, max_queued: int = 100,
+                 max_history: int = 200, max_restarts: int = 3):
+        self.path = Path(path) if path is not None else None
+        self._runner = runner
+        self.max_queued = max_queued
+        self.max_history = max_history
+        self.max_restarts = max_restarts
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # worker waits for jobs, wait_idle for the end
+        self._queued: list[Job] = []
+        self._running: Job | None = None
+        self._token: CancelToken | None = None
+        self._history: list[Job] = []  # newest first
+        self._listeners: list[Listener] = []
+        self._worker: threading.Thread | None = None  # set while the worker thread loops
+        self._stopping = False
+        self._busy = False  # the worker holds a job, from taking it until its end is saved and told
+        self._write_lock = threading.Lock()
+        self._seq = 0       # snapshot number, taken under _lock
+        self._written = 0   # last snapshot number on disk, under _write_lock
+        if self.path is not None and self.path.exists():
+            self._load()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def jobs(self, session: str | None = None, include_finished: bool = True) -> list[Job]:
+        """Copies in queue order: the running job, the queued ones in order, then finished newest first."""
+        with self._lock:
+            chosen = self._ordered(include_finished)
+            return [copy.deepcopy(j) for j in chosen if session is None or j.session == session]
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            job = self._find(job_id)
+            return copy.deepcopy(job) if job is not None else None
+
+    def running(self) -> Job | None:
+        with self._lock:
+            return copy.deepcopy(self._running)
+
+    # -- changing --------------------------------------------------------------------------------
+
+    def add(self, request: dict, session: str, label: str | None = None) -> Job:
+        """Queues ``request`` (a ``GenerationRequest.to_dict()``) for ``session``; returns the job.
+
+        Raises:
+            ValueError: the queue already holds ``max_queued`` waiting jobs, or the request is not
+                a JSON-ready dict.
+        """
+        if not isinstance(request, dict):
+            raise ValueError(f"request: {type(request).__name__} is not allowed; a dict (GenerationRequest.to_dict())")
+        try:
+            request = json.loads(json.dumps(request))  # our own copy, and proof that it can be saved
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"request: cannot be saved as JSON ({e}); pass GenerationRequest.to_dict()") from None
+        with self._lock:
+            if len(self._queued) >= self.max_queued:
+                raise ValueError(f"the queue is full: {len(self._queued)} jobs are waiting (limit {self.max_queued}); "
+                                 "wait for some to finish or remove some")
+            job = Job(id=self._new_id(), session=str(session), request=request,
+                      label=label if label is not None else make_label(request), created=time.time())
+            self._queued.append(job)
+            pending = self._change("added", job)
+        self._publish(pending)
+        return copy.deepcopy(job)
+
+    def move(self, job_id: str, offset: int) -> None:
+        """Moves a queued job ``offset`` places (-1: one up, +1: one down), clamped at the ends."""
+        with self._lock:
+            job = self._queued_job(job_id, "moved")
+            i = self._queued.index(job)
+            j = min(max(i + int(offset), 0), len(self._queued) - 1)
+            self._queued.insert(j, self._queued.pop(i))
+            pending = self._change("moved", job)
+        self._publish(pending)
+
+    def remove(self, job_id: str) -> None:
+        """Drops a queued job, or a finished one from the history (its output files stay on disk).
+
+        Raises:
+            ValueError: the job is running ("abort it first") or is not known.
+        """
+        with self._lock:
+            job = self._find(job_id)
+            if job is None:
+                raise ValueError(f"job {job_id!r} is not in the queue or its history")
+            if job is self._running:
+                raise ValueError(f"job {job_id} is running; abort it first")
+            (self._queued if job.status == "queued" else self._history).remove(job)
+            pending = self._change("removed", job)
+        self._publish(pending)
+
+    def clear_finished(self, session: str | None = None) -> int:
+        """Drops finished jobs (of one session, or all) from the history; returns how many."""
+        with self._lock:
+            gone = [j for j in self._history if session is None or j.session == session]
+            if not gone:
+                return 0
+            ids = {j.id for j in gone}
+            self._history = [j for j in self._history if j.id not in ids]
+            pending = self._change("removed", *gone)
+        self._publish(pending)
+        return len(gone)
+
+    def abort(self, job_id: str | None = None) -> bool:
+        """Cancels the running job (no id, or its id), or a queued job (it never runs).
+
+        The running job stops at its next step boundary and becomes "cancelled" when the runner
+        raises ``Cancelled``. Returns False when there was nothing to cancel (no running job, or
+        the job already finished). Raises ValueError for an unknown id.
+        """
+        with self._lock:
+            job = self._running if job_id is None else self._find(job_id)
+            if job is None:
+                if job_id is None:
+                    return False
+                raise ValueError(f"job {job_id!r} is not in the queue or its history")
+            if job.status in FINISHED:
+                return False
+            if job is self._running:
+                self._token.cancel()
+                return True
+            self._queued.remove(job)
+            self._finish(job, "cancelled")
+            pending = self._change("cancelled", job)
+        self._publish(pending)
+        return True
+
+    def subscribe(self, callback: Listener) -> Callable[[], None]:
+        """Calls ``callback(event, job_copy)`` after every change (event: added, started, finished,
+        moved, removed, cancelled), outside the lock. Returns a function that unsubscribes."""
+        with self._lock:
+            self._listeners.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._listeners:
+                    self._listeners.remove(callback)
+        return unsubscribe
+
+    # -- the worker ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the worker thread (a daemon) if it is not running."""
+        with self._lock:
+            if self._worker is not None:  # already looping: a stop not yet taken effect is called off
+                self._stopping = False
+                return
+            self._stopping = False
+            self._worker = threading.Thread(target=self._work, name="wan-jobqueue-worker", daemon=True)
+            self._worker.start()
+
+    def stop(self, timeout: float | None = None, cancel_running: bool = False) -> bool:
+        """Stops the worker after the current job (or cancels that job too). True when it stopped."""
+        with self._lock:
+            self._stopping = True
+            if cancel_running and self._token is not None:
+                self._token.cancel()
+            worker = self._worker
+            self._changed.notify_all()
+        if worker is None:
+            return True
+        worker.join(timeout)
+        return not worker.is_alive()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Waits until nothing runs, nothing is queued and the last change is saved. False on timeout."""
+        with self._lock:
+            return self._changed.wait_for(lambda: not self._busy and not self._queued, timeout)
+
+    def _work(self) -> None:
+        # imported here, not at module level, so the web page is served before torch is loaded
+        try:
+            from wan.engine.loop import Cancelled, CancelToken
+        except Exception as e:  # a broken install fails each job with the reason, visible in the UI
+            log.exception("job queue: the engine cannot be imported; every job will fail")
+            broken = error_message(e)
+            Cancelled, CancelToken = _NeverRaised, _BrokenToken
+        else:
+            broken = None
+        while True:
+            with self._lock:
+                self._changed.wait_for(lambda: self._stopping or self._queued)
+                if self._stopping:
+                    self._worker = None  # under the lock, so start() knows at once that no worker loops
+                    self._changed.notify_all()
+                    return
+                job = self._queued.pop(0)
+                self._busy = True
+                job.status, job.started, job.progress = "running", time.time(), None
+                self._running, self._token = job, CancelToken()
+                token, given = self._token, copy.deepcopy(job)
+                pending = self._change("started", job)
+            try:
+                if broken is not None:
+                    self._publish(pending)
+                else:
+                    self._run_one(job, given, token, pending, Cancelled)
+            except BaseException:  # a bug of ours must not end the worker: the next job still runs
+                log.exception("job queue: the worker failed around job %s", job.id)
+            finally:
+                self._settle(job, broken)
+
+    def _settle(self, job: Job, broken: str | None) -> None:
+        """Ends the worker's hold on ``job``, failing it if it was not finished properly."""
+        pending = None
+        with self._lock:
+            if self._running is job:
+                self._running = self._token = None
+                self._finish(job, "failed", broken or "the job queue failed around this job; see the server log")
+                pending = self._change("finished", job)
+        try:
+            if pending is not None:
+                self._publish(pending)
+        except BaseException:
+            log.exception("job queue: could not record the end of job %s", job.id)
+        finally:
+            with self._lock:
+                self._busy = False
+                self._changed.notify_all()
+
+    def _run_one(self, job: Job, given: Job, token: CancelToken, started: tuple, cancelled: type) -> None:
+        """Runs one taken job and records how it ended (without the lock)."""
+        self._publish(started)
+        status, outcome, error = self._run(given, job, token, cancelled)
+        with self._lock:
+            self._running = self._token = None
+            job.files, job.notices = outcome.files, outcome.notices
+            self._finish(job, status, error)
+            pending = self._change("finished", job)
+        self._publish(pending)
+
+    def _run(self, given: Job, job: Job, token: CancelToken, cancelled: type) -> tuple[str, RunOutcome, str | None]:
+        """Calls the runner: (status, outcome, error message)."""
+        def progress(info: StepInfo, preview: str | None = None) -> None:
+            with self._lock:
+                if job.status != "running":
+                    return
+                old = job.progress.preview if job.progress is not None else None
+                job.progress = JobProgress(step=int(info.step), total=int(info.total), expert=str(info.expert),
+                                           eta_s=float(info.eta), elapsed_s=float(info.elapsed),
+                                           preview=str(preview) if preview is not None else old)
+        try:
+            result = self._runner(given, progress, token)
+            outcome = RunOutcome(files=[str(f) for f in (getattr(result, "files", None) or [])],
+                                 notices=[str(n) for n in (getattr(result, "notices", None) or [])])
+            return "done", outcome, None
+        except cancelled:
+            return "cancelled", RunOutcome(), None
+        except BaseException as e:  # whatever the runner raises fails its job, never the worker
+            log.exception("job queue: job %s (%s) failed", job.id, job.label)
+            return "failed", RunOutcome(), error_message(e)
+
+    # -- internals (called with the lock held unless said otherwise) -------------------------------
+
+    def _ordered(self, include_finished: bool) -> list[Job]:
+        head = [self._running] if self._running is not None else []
+        return head + self._queued + (self._history if include_finished else [])
+
+    def _find(self, job_id: str) -> Job | None:
+        return next((j for j in self._ordered(True) if j.id == job_id), None)
+
+    def _queued_job(self, job_id: str, verb: str) -> Job:
+        job = self._find(job_id)
+        if job is None:
+            raise ValueError(f"job {job_id!r} is not in the queue or its history")
+        if job.status != "queued":
+            raise ValueError(f"job {job_id} is {job.status}; only queued jobs can be {verb}")
+        return job
+
+    def _new_id(self) -> str:
+        taken = {j.id for j in self._ordered(True)}
+        while True:
+            job_id = uuid.uuid4().hex[:12]
+            if job_id not in taken:
+                return job_id
+
+    def _finish(self, job: Job, status: str, error: str | None = None) -> None:
+        job.status, job.finished, job.error = status, time.time(), error
+        self._history.insert(0, job)
+        del self._history[self.max_history:]
+
+    def _change(self, event: str, *jobs: Job) -> tuple:
+        """Takes what must happen outside the lock after a change: (snapshot no., JSON text, events)."""
+        self._changed.notify_all()
+        self._seq += 1
+        text = self._serialise() if self.path is not None else None
+        return self._seq, text, [(event, copy.deepcopy(j)) for j in jobs], list(self._listeners)
+
+    def _serialise(self) -> str:
+        """The file's text: one job per line, readable, and fast (json's C encoder skips ``indent``)."""
+        head = json.dumps({"version": FILE_VERSION, "saved": time.time()})[:-1]
+        jobs = ",\n".join(json.dumps(j._record(), ensure_ascii=False) for j in self._ordered(True))
+        return f'{head}, "jobs": [\n{jobs}\n]}}\n'
+
+    def _publish(self, pending: tuple) -> None:
+        """Writes the snapshot (unless a newer one is on disk already) and tells the listeners.
+        Called without the lock."""
+        seq, text, events, listeners = pending
+        if text is not None:
+            with self._write_lock:
+                if seq > self._written:
+                    try:
+                        _write_atomic(self.path, text)
+                        self._written = seq
+                    except OSError:
+                        log.exception("job queue: could not save %s; the queue goes on in memory", self.path)
+        for event, job in events:
+            for listener in listeners:
+                try:
+                    listener(event, job)
+                except Exception:
+                    log.exception("job queue: a listener failed on %s of job %s", event, job.id)
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            jobs = _parse_file(data)
+        except (OSError, ValueError, TypeError) as e:
+            self._set_aside(e)
+            return
+        restarted = []
+        for job in jobs:
+            job.progress = None
+            if job.status == "running" and job.restarts >= self.max_restarts:
+                job.status, job.error = "failed", (f"the server stopped while this job ran, {job.restarts + 1} times; "
+                                                   "not restarted again (it may need more memory than there is)")
+                job.finished = job.finished or time.time()
+                self._history.append(job)
+            elif job.status == "running":
+                job.status, job.started, job.restarts = "queued", None, job.restarts + 1
+                restarted.append(job)
+            elif job.status == "queued":
+                self._queued.append(job)
+            else:
+                self._history.append(job)
+        self._queued[:0] = restarted
+        self._history.sort(key=lambda j: j.finished or j.created, reverse=True)
+        del self._history[self.max_history:]
+        if restarted:
+            log.warning("job queue: %d job(s) were running when the server stopped; queued again first: %s",
+                        len(restarted), ", ".join(j.id for j in restarted))
+            with self._lock:
+                pending = self._change("added", *restarted)
+            self._publish(pending)
+
+    def _set_aside(self, reason: Exception) -> None:
+        """Renames an unreadable queue file out of the way, so the server starts with an empty queue."""
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        try:
+            os.replace(self.path, aside)
+            log.warning("job queue: %s could not be read (%s); kept as %s, starting with an empty queue",
+                        self.path, reason, aside)
+        except OSError as e:
+            log.error("job queue: %s could not be read (%s) nor renamed aside (%s); starting with an empty "
+                      "queue and NOT saving, so the file is left as it is", self.path, reason, e)
+            self.path = None
+
+
+class _NeverRaised(Exception):
+    """Stands for ``Cancelled`` when the engine cannot be imported."""
+
+
+class _BrokenToken:
+    """Stands for ``CancelToken`` when the engine cannot be imported (no job runs then)."""
+
+    cancelled = False
+
+    def cancel(self) -> None:
+        pass
+
+
+def _parse_file(data) -> list[Job]:
+    """Jobs of a queue file. Raises ValueError for anything we did not write."""
+    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
+        raise ValueError("not a job queue file (a JSON object with a 'jobs' list was expected)")
+    version = data.get("version")
+    if not isinstance(version, int) or not 1 <= version <= FILE_VERSION:
+        raise ValueError(f"version {version!r}; this Wan Studio reads versions 1 to {FILE_VERSION}")
+    jobs = [Job.from_dict(item) for item in data["jobs"]]
+    ids = [j.id for j in jobs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("the same job id appears twice")
+    return jobs
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a reader sees the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            temp.unlink()
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable; not every platform can open a folder
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,309 @@
+"""What the web server may read and write on behalf of a browser.
+
+A browser client is not trusted: through the page or ``gradio_client`` it can send any string
+where the UI expects a name, a path or a number. This module is the one place that decides:
+
+- ``check_name``: a user-given name (LoRA, preset, job label) that becomes one file name in a
+  folder we own, so it can never name a path.
+- ``is_inside``: whether a path lies in a folder once symlinks are resolved.
+- ``store_upload``: an uploaded file is copied under a random name with a whitelisted suffix;
+  the browser's file name never becomes a path.
+- ``check_request_limits`` / ``check_request_paths``: what one request may ask of the machine,
+  and which files it may read (uploads, outputs) and write (the output folder).
+- ``allowed_paths`` / ``blocked_paths``: what gradio may serve.
+
+No gradio or torch import here: the request types are imported only when a request is checked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import unicodedata
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wan.app.settings import ServerSettings
+    from wan.engine.request import GenerationRequest
+
+MAX_NAME_CHARS = 120
+MAX_NAME_BYTES = 240  # UTF-8; leaves room for a suffix under the usual 255-byte file name limit
+NAME_RULE = (f"a plain name of 1-{MAX_NAME_CHARS} characters: no '/' or '\\', no control characters, "
+             "none of < > : \" | ? *, not '.' or '..', not starting with '.', '~' or a space, "
+             "not ending with '.' or a space")
+# Characters Windows refuses in file names (':' also rules out drive letters and NTFS streams).
+_FORBIDDEN = set('/\\<>:"|?*')
+# Bidirectional overrides can make a name display as something else ("gpj.exe" shown reversed).
+_BIDI = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                     *(f"LPT{i}" for i in range(1, 10))}
+
+UPLOAD_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "image": (".png", ".jpg", ".jpeg", ".webp", ".bmp"),
+    "video": (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"),
+    "lora": (".safetensors",),
+    "any-output": (".mp4", ".png", ".jpg", ".webp", ".json"),
+}
+UPLOADS_FOLDER = "uploads"
+_UUID_NAME = re.compile(r"^[0-9a-f]{32}\.[a-z0-9]+$")
+
+MAX_STEPS = 200
+MAX_PROMPT_CHARS = 10_000
+MAX_REF_IMAGES = 16
+MAX_LORAS = 8
+INPUT_FIELDS = ("image", "end_image", "video", "control_video", "mask_video", "ref_images")
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def _short_repr(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
+
+
+def check_name(name: str, what: str) -> str:
+    """Returns ``name`` if it is safe as one file name inside its folder, else raises ValueError.
+
+    The rule is that of ``wan.lora.library.check_preset_name`` (which this does not import: the
+    library pulls in torch), plus a leading '~', bidirectional overrides, Windows device names
+    (CON, NUL, ...) and a byte limit. ``what`` says what the name is for ("LoRA name").
+    """
+    problem = _name_problem(name)
+    if problem:
+        raise ValueError(f"{what} {_short_repr(name)} is not allowed ({problem}); expected {NAME_RULE}")
+    return name
+
+
+def _name_problem(name) -> str | None:
+    if not isinstance(name, str):
+        return f"a {type(name).__name__}, not a string"
+    if not name:
+        return "empty"
+    if len(name) > MAX_NAME_CHARS:
+        return f"{len(name)} characters"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"{len(name.encode('utf-8', 'surrogatepass'))} bytes in UTF-8, at most {MAX_NAME_BYTES}"
+    if name in (".", ".."):
+        return "a folder reference"
+    bad = [c for c in name if c in _FORBIDDEN or c in _BIDI or unicodedata.category(c) in ("Cc", "Cs")]
+    if bad:
+        return f"has the character {bad[0]!r}"
+    if name[0] in ".~ ":
+        return f"starts with {name[0]!r}"
+    if name[-1] in ". ":
+        return f"ends with {name[-1]!r}"
+    if name.split(".")[0].strip().upper() in _WINDOWS_RESERVED:
+        return "a Windows device name"
+    return None
+
+
+def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """True when ``path`` is ``folder`` or lies under it once both are fully resolved.
+
+    Symlinks are followed, so a link inside the folder that points outside is not inside;
+    ``..`` parts are resolved too. The paths need not exist.
+    """
+    real_path = Path(os.path.realpath(Path(path).expanduser()))
+    real_folder = Path(os.path.realpath(Path(folder).expanduser()))
+    return real_path == real_folder or real_folder in real_path.parents
+
+
+# ---------------------------------------------------------------------------------------------
+# Uploads
+
+
+def uploads_dir(settings: ServerSettings) -> Path:
+    """The absolute folder uploads are copied to: ``<state_dir>/uploads``."""
+    return Path(os.path.realpath(Path(settings.state_dir).expanduser() / UPLOADS_FOLDER))
+
+
+def _upload_suffix(name: str, kind: str) -> str:
+    allowed = UPLOAD_SUFFIXES[kind]
+    # only the last component matters, whichever separator the browser's OS uses
+    last = re.split(r"[/\\]", name)[-1]
+    suffix = PurePosixPath(last).suffix.lower() if last not in (".", "..") else ""
+    if suffix not in allowed:
+        raise ValueError(f"upload {_short_repr(name)} is not accepted as {kind}: its suffix is "
+                         f"{suffix or 'missing'}; allowed: {', '.join(allowed)}")
+    return suffix
+
+
+def store_upload(src: str | os.PathLike, uploads_dir: Path, kind: str, max_bytes: int,
+                 original_name: str | None = None) -> Path:
+    """Copies an uploaded file to ``uploads_dir/<random hex><suffix>``; returns that absolute path.
+
+    Args:
+        src: the file gradio received (in its temp folder).
+        kind: "image", "video", "lora" or "any-output"; decides the allowed suffixes.
+        max_bytes: larger files are refused.
+        original_name: the browser's file name when gradio gives it apart from ``src``
+            (``FileData.orig_name``); default ``src``'s own name. Only its suffix is used, after
+            checking it against the kind's whitelist: the name itself never becomes a path.
+    The copy is written under a temp name and renamed, so a half-copied file is never visible.
+    """
+    if kind not in UPLOAD_SUFFIXES:
+        raise ValueError(f"upload kind {kind!r} is unknown; kinds: {', '.join(UPLOAD_SUFFIXES)}")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise ValueError(f"max_bytes must be a whole number > 0, got {max_bytes!r}")
+    src = Path(src)
+    name = original_name if original_name is not None else src.name
+    suffix = _upload_suffix(name, kind)
+    if not src.is_file():
+        raise ValueError(f"upload {_short_repr(name)}: {src} is not a readable file")
+    size = src.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"upload {_short_repr(name)} is {size / 2**20:.1f} MB; the limit is "
+                         f"{max_bytes / 2**20:.1f} MB (--max-upload-mb)")
+    if size == 0:
+        raise ValueError(f"upload {_short_repr(name)} is empty (0 bytes)")
+    folder = Path(os.path.realpath(Path(uploads_dir).expanduser()))
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{uuid.uuid4().hex}{suffix}"
+    fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            _copy_limited(inp, out, max_bytes, name)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return final
+
+
+def _copy_limited(inp, out, max_bytes: int, name: str) -> None:
+    """Copies in chunks, stopping if the source grows past the limit while it is read."""
+    copied = 0
+    while chunk := inp.read(1 << 20):
+        copied += len(chunk)
+        if copied > max_bytes:
+            raise ValueError(f"upload {_short_repr(name)} grew past the limit of "
+                             f"{max_bytes / 2**20:.1f} MB while it was copied (--max-upload-mb)")
+        out.write(chunk)
+
+
+def is_stored_upload(path: str | os.PathLike, settings: ServerSettings) -> bool:
+    """True for a file ``store_upload`` wrote into this server's uploads folder."""
+    path = Path(path)
+    return _UUID_NAME.match(path.name) is not None and is_inside(path, uploads_dir(settings))
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+def check_request_limits(request: GenerationRequest, settings: ServerSettings) -> None:
+    """Refuses what one request may not ask of this machine. ``None`` fields (model defaults)
+    are not checked here; the model's defaults stay within the limits of any sane settings.
+
+    Raises:
+        RequestError: naming the field, its value and the limit (and the flag that sets it).
+    """
+    from wan.engine.request import RequestError
+
+    # Only numbers are compared: a value of another type is refused by resolve_request, and must
+    # not reach arithmetic here ("x" * 10**9 would build a string instead of failing).
+    frames, width, height, steps = (_number(getattr(request, f)) for f in ("frames", "width", "height", "steps"))
+    if frames is not None and frames > settings.max_frames:
+        raise RequestError("frames", frames, f"at most {settings.max_frames} frames (--max-frames)")
+    if width is not None and height is not None and width * height > settings.max_pixels:
+        raise RequestError("width", width,
+                           f"{width}x{height} is {width * height} pixels per frame; at most "
+                           f"{settings.max_pixels} pixels (width*height, --max-pixels)")
+    if steps is not None and steps > MAX_STEPS:
+        raise RequestError("steps", steps, f"at most {MAX_STEPS} steps")
+    for field_name in ("prompt", "negative_prompt"):
+        text = getattr(request, field_name)
+        if text is None and field_name == "negative_prompt":
+            continue
+        if not isinstance(text, str):
+            raise RequestError(field_name, type(text).__name__, "a string")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise RequestError(field_name, text[:40] + "...",
+                               f"at most {MAX_PROMPT_CHARS} characters (this one has {len(text)})")
+    for field_name, limit, what in (("ref_images", MAX_REF_IMAGES, "reference images"),
+                                    ("loras", MAX_LORAS, "LoRAs")):
+        items = getattr(request, field_name)
+        if not isinstance(items, list):
+            raise RequestError(field_name, type(items).__name__, f"a list of at most {limit} {what}")
+        if len(items) > limit:
+            raise RequestError(field_name, f"{len(items)} {what}", f"at most {limit} {what}")
+
+
+def _number(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def check_request_paths(request: GenerationRequest, settings: ServerSettings) -> None:
+    """Refuses a request from the browser that reads or writes files outside what it may use.
+
+    Input files must lie in the uploads folder (see ``store_upload``) or the output folder (to
+    reuse a result); the output folder must be ``settings.output_dir`` or a folder inside it;
+    a LoRA is a name inside the LoRA folder (``style/anime_v2``) or an uploaded ``.safetensors``.
+
+    Raises:
+        RequestError: naming the field and the refused value.
+    """
+    from wan.engine.request import RequestError
+
+    readable = allowed_paths(settings)
+    for field_name in INPUT_FIELDS:
+        value = getattr(request, field_name)
+        for path in [value] if isinstance(value, str) else value or []:
+            if not isinstance(path, str) or not any(is_inside(path, folder) for folder in readable):
+                raise RequestError(field_name, path, f"a file uploaded through the app or one in the "
+                                                     f"output folder ({', '.join(readable)})")
+    if not isinstance(request.output_dir, str) or not is_inside(request.output_dir, _real(settings.output_dir)):
+        raise RequestError("output_dir", request.output_dir,
+                           f"the output folder {_real(settings.output_dir)} or a folder inside it")
+    for lora in request.loras:
+        if isinstance(lora.path, str) and is_stored_upload(lora.path, settings):
+            continue
+        parts = lora.path.split("/") if isinstance(lora.path, str) else [lora.path]
+        problems = [p for p in (_name_problem(part) for part in parts) if p]
+        if problems:
+            raise RequestError("loras", lora.path, f"a LoRA name inside the LoRA folder, parts "
+                                                   f"separated by '/', each {NAME_RULE} ({problems[0]})")
+
+
+# ---------------------------------------------------------------------------------------------
+# What gradio may serve
+
+
+def _real(path: str | os.PathLike) -> str:
+    return os.path.realpath(Path(path).expanduser())
+
+
+def allowed_paths(settings: ServerSettings) -> list[str]:
+    """Folders gradio may serve (its ``launch(allowed_paths=...)``), absolute and resolved.
+
+    Only the outputs (shown in the gallery) and the uploads (shown back as inputs). Gradio 5+
+    serves nothing else besides its own temp files: not the current folder, so neither the
+    checkpoints nor ``state_dir`` (the queue file holds every user's prompts) are reachable.
+    """
+    return [_real(settings.output_dir), str(uploads_dir(settings))]
+
+
+def blocked_paths(settings: ServerSettings, config_path: str | os.PathLike | None = None) -> list[str]:
+    """Paths gradio must never serve (``launch(blocked_paths=...)``), absolute and resolved.
+
+    Blocking wins over allowing in gradio, so these stay private even when an allowed folder
+    contains them (an ``output_dir`` of "." for instance): the checkpoints (large, often
+    licensed), the LoRA folder, the profile folders, the config file and the auth file
+    (passwords). ``state_dir`` is not blocked as a whole since it holds the allowed uploads;
+    it is simply never allowed. ``config_path`` defaults to ``wan_studio.yaml`` here.
+    """
+    from wan.app.settings import DEFAULT_CONFIG
+    from wan.optim.profiles import BUILTIN_DIR, DEFAULT_USER_DIR  # yaml only, no torch
+
+    paths = [settings.checkpoint_dir, settings.lora_dir, BUILTIN_DIR, DEFAULT_USER_DIR,
+             config_path if config_path is not None else DEFAULT_CONFIG]
+    if settings.auth_file:
+        paths.append(settings.auth_file)
+    return list(dict.fromkeys(_real(p) for p in paths))

@@ -1,0 +1,104 @@
+"""What every browser session of the studio shares: the settings, one job queue with its one
+worker, and the engine (created on the first job, so the page serves before any model import).
+
+Each browser session keeps only its own id (in the browser's storage) and form values; jobs carry
+the id of the session that queued them, so each session's gallery shows its own results while the
+queue runs everyone's jobs in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from wan.app.jobqueue import Job, JobQueue, RunOutcome
+from wan.app.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+QUEUE_FILE = "queue.json"
+
+
+class AppState:
+    """The server-wide state; build it with :meth:`create`."""
+
+    def __init__(self, settings: ServerSettings, engine_factory=None):
+        self.settings = settings
+        self.state_dir = Path(settings.state_dir)
+        self.uploads_dir = self.state_dir / "uploads"
+        self.previews_dir = self.state_dir / "previews"
+        self.output_dir = Path(settings.output_dir)
+        for folder in (self.uploads_dir, self.previews_dir, self.output_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._engine = None
+        self._engine_lock = threading.Lock()
+        self._engine_factory = engine_factory or self._default_engine
+        self.queue = JobQueue(self.state_dir / QUEUE_FILE, self.run_job, max_queued=settings.max_queue)
+
+    # -- the engine, created on first use ----------------------------------------------------
+
+    def _default_engine(self):
+        from wan.engine import Engine
+        return Engine(checkpoint_dir=self.settings.checkpoint_dir, lora_dir=self.settings.lora_dir)
+
+    @property
+    def engine(self):
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = self._engine_factory()
+            return self._engine
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def server_overrides(self) -> dict:
+        """Profile settings the server's flags impose on every job (``--attention``, ``--compile``)."""
+        out: dict = {}
+        if self.settings.attention:
+            out["attention"] = [self.settings.attention, "sdpa"]
+        if self.settings.compile:
+            out["compile"] = True
+        return out
+
+    def prepare(self, request):
+        """A request as this server runs it: written to the server's output folder, its input files
+        only from this server's uploads or outputs, within the server's limits.
+
+        Raises:
+            RequestError: naming the field.
+        """
+        from wan.app.security import check_request_limits, check_request_paths
+        overrides = {**self.server_overrides(), **request.profile_overrides}
+        request = request.replace(output_dir=str(self.output_dir), profile_overrides=overrides,
+                                  profile=request.profile or self.settings.profile)
+        check_request_limits(request, self.settings)
+        check_request_paths(request, self.settings)
+        return request
+
+    def is_ours(self, path) -> bool:
+        """A file this server may read as a job input: an upload it stored, or one of its outputs."""
+        from wan.app.security import is_inside
+        return is_inside(path, self.uploads_dir) or is_inside(path, self.output_dir)
+
+    def run_job(self, job: Job, progress, cancel) -> RunOutcome:
+        """The queue's runner: one job through the engine."""
+        from wan.app.preview import write_preview
+        from wan.engine.request import GenerationRequest
+        request = self.prepare(GenerationRequest.from_dict(job.request))
+        preview = self.previews_dir / f"{job.id}.png"
+
+        def on_step(info) -> None:
+            progress(info)
+            if info.latent is not None:
+                try:
+                    write_preview(info.latent[0] if info.latent.dim() == 5 else info.latent, preview)
+                except Exception:  # a preview is a nicety: never fail a job over it
+                    log.debug("preview failed", exc_info=True)
+        try:
+            result = self.engine.generate(request, progress=on_step, cancel=cancel)
+        finally:
+            preview.unlink(missing_ok=True)
+        return RunOutcome([str(f) for f in result.files], list(result.notices))
+
+    def preview_of(self, job_id: str) -> Path | None:
+        p = self.previews_dir / f"{job_id}.png"
+        return p if p.is_file() else None

@@ -1,0 +1,253 @@
+"""The generation form: model and task, the inputs the task needs, the settings, the profile with
+its memory plan, the step savers, and the "Add to queue" button.
+
+Every control's key is a request field name or a form key of :mod:`wan.app.form`; ``render``
+returns them in a dict so the LoRA browser, the gallery ("load settings") and the queue can read
+and write the same controls.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+
+from wan.app.form import (CUSTOM, KEEP, PICKER_CHOICES, SAVER_NUMBERS, form_to_requests, request_to_form,
+                          resolution_choices)
+from wan.app.state import AppState
+
+# inputs of each task, in the order they are shown (request field names)
+TASK_INPUT_FIELDS = ("image", "end_image", "video", "strength", "control_video", "mask_video", "ref_images",
+                     "vace_scale")
+INPUT_LABELS = {"image": "Start image", "end_image": "End image", "video": "Input video",
+                "control_video": "Control video", "mask_video": "Mask video", "ref_images": "Reference images"}
+UPLOAD_KINDS = {"image": "image", "end_image": "image", "video": "video", "control_video": "video",
+                "mask_video": "video", "ref_images": "image"}
+
+
+def model_choices(state: AppState) -> list[tuple[str, str]]:
+    from wan.registry import list_models
+    out = []
+    for spec in list_models(include_test=True):
+        label = f"{spec.display_name} [test model]" if spec.test_model else spec.display_name
+        out.append((label, spec.id))
+    return out
+
+
+def profile_choices() -> list[tuple[str, str]]:
+    from wan.optim.profiles import load_profiles
+    return [(p.label, p.name) for p in load_profiles()]
+
+
+def visible_inputs(task: str) -> set[str]:
+    """The input controls a task shows (see ``TASK_INPUTS`` of the request)."""
+    from wan.engine.request import TASK_INPUTS
+    shown = set(TASK_INPUTS.get(task, ()))
+    if "video" in shown:
+        shown.add("strength")
+    if task == "vace":
+        shown.add("vace_scale")
+    return shown
+
+
+def render(state: AppState) -> dict[str, gr.components.Component]:
+    """Builds the form inside the current Blocks context and returns its controls by key."""
+    c: dict[str, gr.components.Component] = {}
+    s = state.settings
+    models = model_choices(state)
+    first = s.model if s.model in {m for _, m in models} else next((m for _, m in models if not m.startswith("test")),
+                                                                    models[0][1])
+    with gr.Row():
+        c["model"] = gr.Dropdown(models, value=first, label="Model", elem_id="model", scale=3)
+        c["task"] = gr.Dropdown([], label="Task", elem_id="task", scale=1)
+        c["profile"] = gr.Dropdown(profile_choices(), value=s.profile or "default", label="Profile",
+                                   elem_id="profile", scale=2)
+    c["plan"] = gr.Markdown("", elem_id="plan")
+    c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="A fox walking in the snow ...")
+    c["one_per_line"] = gr.Checkbox(False, label="One job per prompt line", elem_id="one-per-line")
+    c["negative_prompt"] = gr.Textbox(label="Negative prompt (empty: the model's default)", lines=1,
+                                      elem_id="negative-prompt")
+    with gr.Row():
+        for key in ("image", "end_image"):
+            c[key] = gr.Image(type="filepath", label=INPUT_LABELS[key], elem_id=key.replace("_", "-"), visible=False)
+        for key in ("video", "control_video", "mask_video"):
+            c[key] = gr.Video(label=INPUT_LABELS[key], elem_id=key.replace("_", "-"), visible=False)
+        c["ref_images"] = gr.File(file_count="multiple", file_types=["image"], label=INPUT_LABELS["ref_images"],
+                                  elem_id="ref-images", visible=False)
+    with gr.Row():
+        c["strength"] = gr.Slider(0.05, 1.0, 0.75, step=0.05, label="Video strength (how much is re-noised)",
+                                  visible=False, elem_id="strength")
+        c["vace_scale"] = gr.Slider(0.0, 2.0, 1.0, step=0.05, label="Control strength", visible=False)
+    with gr.Row():
+        c["resolution"] = gr.Dropdown([], label="Resolution", elem_id="resolution")
+        c["width"] = gr.Number(label="Width", precision=0, visible=False, elem_id="width")
+        c["height"] = gr.Number(label="Height", precision=0, visible=False, elem_id="height")
+        c["frames"] = gr.Number(label="Frames", precision=0, elem_id="frames")
+        c["duration"] = gr.Markdown("", elem_id="duration")
+    with gr.Row():
+        c["steps"] = gr.Number(label="Steps", precision=0, elem_id="steps")
+        c["guidance"] = gr.Number(label="Guidance", elem_id="guidance")
+        c["guidance_high_noise"] = gr.Number(label="Guidance (high-noise expert)", visible=False,
+                                             elem_id="guidance-high-noise")
+        c["shift"] = gr.Number(label="Shift", elem_id="shift")
+        c["sampler"] = gr.Dropdown(["unipc", "dpm++", "euler"], label="Sampler", elem_id="sampler")
+    with gr.Row():
+        c["seed"] = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="seed")
+        c["random_seed"] = gr.Checkbox(True, label="Random seed", elem_id="random-seed")
+        c["fps"] = gr.Number(label="FPS", precision=0, elem_id="fps")
+        c["quality"] = gr.Slider(0, 10, 8, step=1, label="Video quality", elem_id="quality")
+    with gr.Accordion("Advanced: step savers and per-job profile overrides", open=False):
+        with gr.Row():
+            c["teacache"] = gr.Dropdown(list(PICKER_CHOICES["teacache"]), value=KEEP, label="TeaCache")
+            c["teacache_speedup"] = gr.Number(1.75, label="TeaCache target speed-up")
+            c["magcache"] = gr.Dropdown(list(PICKER_CHOICES["magcache"]), value=KEEP, label="MagCache")
+            c["magcache_speedup"] = gr.Number(2.0, label="MagCache target speed-up")
+        with gr.Row():
+            c["slg_mode"] = gr.Dropdown(list(PICKER_CHOICES["slg_mode"]), value=KEEP, label="Skip-layer guidance")
+            c["slg_layers"] = gr.Textbox("9", label="SLG layers")
+            c["slg_scale"] = gr.Number(3.0, label="SLG scale")
+            c["slg_start"] = gr.Number(0.1, label="SLG start")
+            c["slg_end"] = gr.Number(0.9, label="SLG end")
+        with gr.Row():
+            c["cfg_skip_mode"] = gr.Dropdown(list(PICKER_CHOICES["cfg_skip_mode"]), value=KEEP, label="CFG skipping")
+            c["cfg_skip_ratio"] = gr.Number(0.6, label="CFG apply ratio")
+            c["cfg_zero_star"] = gr.Dropdown(list(PICKER_CHOICES["cfg_zero_star"]), value=KEEP, label="CFG-Zero*")
+            c["cfg_zero_init_steps"] = gr.Number(0, precision=0, label="Zero-init steps")
+            c["riflex"] = gr.Dropdown(list(PICKER_CHOICES["riflex"]), value=KEEP, label="RIFLEx (long clips)")
+        c["overrides"] = gr.Textbox(label="More profile overrides, one KEY=VALUE per line "
+                                          "(e.g. memory.offload=blocks)", lines=2, elem_id="overrides")
+    return c
+
+
+def form_keys(c: dict) -> list[str]:
+    """The keys whose values make a request (everything but display-only parts)."""
+    return [k for k in c if k not in ("plan", "duration")]
+
+
+def apply_model(state: AppState, model_id: str, task: str | None = None) -> dict:
+    """Form updates for a model change: its tasks, sizes and defaults."""
+    from wan.registry import get_model
+    spec = get_model(model_id)
+    task = task if task in spec.tasks else spec.tasks[0]
+    d = spec.defaults
+    w, h = spec.default_size
+    updates = {
+        "task": gr.update(choices=list(spec.tasks), value=task),
+        "resolution": gr.update(choices=resolution_choices(spec.sizes), value=f"{w}x{h}"),
+        "width": gr.update(value=w, visible=False), "height": gr.update(value=h, visible=False),
+        "frames": gr.update(value=1 if task == "t2i" else d.frames), "steps": d.steps, "guidance": d.guidance,
+        "guidance_high_noise": gr.update(value=d.guidance_high_noise, visible=spec.is_two_expert),
+        "shift": d.shift_for((w, h)), "sampler": d.sampler, "fps": d.fps,
+    }
+    updates.update(task_updates(task))
+    return updates
+
+
+def task_updates(task: str) -> dict:
+    shown = visible_inputs(task)
+    return {k: gr.update(visible=k in shown) for k in TASK_INPUT_FIELDS}
+
+
+def duration_text(frames, fps) -> str:
+    try:
+        return f"{int(frames)} frames at {int(fps)} fps = {int(frames) / int(fps):.2f} s"
+    except (TypeError, ValueError, ZeroDivisionError):
+        return ""
+
+
+def plan_text(state: AppState, model_id: str, profile_name: str) -> str:
+    """The profile's memory plan on this machine in plain words (as ``wgp.py profiles`` prints)."""
+    from wan.optim.machine import detect_machine
+    from wan.optim.planner import describe, model_sizes, plan, run_precision
+    from wan.optim.profiles import load_profiles
+    from wan.registry import get_model
+    try:
+        profiles = load_profiles()
+        profile = profiles.get(profile_name or "default")
+        spec = get_model(model_id)
+        if spec.test_model:
+            return f"**{profile.label}**: {profile.description}\n\nTEST model: a few MB, it fits anywhere."
+        machine = detect_machine()
+        sizes = model_sizes(spec, run_precision(profile, machine))
+        text = describe(plan(profile, sizes, machine, profiles))
+    except Exception as e:  # the plan is information: a failure shows, never breaks the form
+        return f"Memory plan unavailable: {e}"
+    return f"**{profile.label}** on {machine}: {profile.description}\n\n```\n{text}\n```"
+
+
+def collect(state: AppState, keys: list[str], args: tuple, session: str) -> list:
+    """Form values -> checked requests (uploads copied in), or RequestError naming the field."""
+    from wan.app.security import store_upload
+    values = dict(zip(keys, args))
+    max_bytes = state.settings.max_upload_mb * 2**20
+    for key, kind in UPLOAD_KINDS.items():
+        v = values.get(key)
+        if not v:
+            continue
+        paths = [getattr(f, "name", f) for f in v] if isinstance(v, list) else [v]
+        kept = [p if state.is_ours(p) else str(store_upload(p, state.uploads_dir, kind, max_bytes)) for p in paths]
+        values[key] = kept if key == "ref_images" else kept[0]
+    requests = form_to_requests(values)
+    from wan.engine.request import resolve_request
+    for r in requests:
+        resolve_request(state.prepare(r))  # fail now, in the form, not later in the queue
+    return requests
+
+
+def listen(state: AppState, c: dict, session: gr.BrowserState, message: gr.Markdown, add_button: gr.Button,
+           on_added) -> SimpleNamespace:
+    """Wires the form. ``on_added(session)`` returns the queue view updates after jobs are added."""
+    keys = form_keys(c)
+    model_outputs = ["task", "resolution", "width", "height", "frames", "steps", "guidance",
+                     "guidance_high_noise", "shift", "sampler", "fps", *TASK_INPUT_FIELDS]
+
+    def on_model(model_id, task):
+        u = apply_model(state, model_id, task)
+        return [u[k] for k in model_outputs]
+    # .input, not .change: loading earlier settings sets the model too, and must not reset the form
+    c["model"].input(on_model, [c["model"], c["task"]], [c[k] for k in model_outputs])
+    c["task"].input(lambda t: [task_updates(t)[k] for k in TASK_INPUT_FIELDS], c["task"],
+                     [c[k] for k in TASK_INPUT_FIELDS])
+    c["resolution"].change(lambda r: [gr.update(visible=r == CUSTOM)] * 2, c["resolution"], [c["width"], c["height"]])
+    for k in ("frames", "fps"):
+        c[k].change(duration_text, [c["frames"], c["fps"]], c["duration"])
+    for k in ("model", "profile"):
+        c[k].change(lambda m, p: plan_text(state, m, p), [c["model"], c["profile"]], c["plan"])
+    c["seed"].change(lambda s: gr.update(value=s is None or s < 0), c["seed"], c["random_seed"])
+
+    def add(session_id, *args):
+        from wan.engine.request import RequestError
+        try:
+            requests = collect(state, keys, args, session_id)
+            jobs = [state.queue.add(r.to_dict(), session_id) for r in requests]
+        except (RequestError, ValueError) as e:
+            return [f"⚠️ {e}", *on_added(session_id)]
+        names = ", ".join(j.id for j in jobs)
+        return [f"Queued {len(jobs)} job{'s' if len(jobs) > 1 else ''}: {names}", *on_added(session_id)]
+    return SimpleNamespace(keys=keys, add=add, on_model=on_model, model_outputs=model_outputs)
+
+
+def load_into_form(state: AppState, c: dict, request) -> list:
+    """Updates that put an earlier request's settings into the form (model first, then values)."""
+    from wan.registry import get_model
+    keys = form_keys(c)
+    spec = get_model(request.model)
+    values = request_to_form(request, spec.sizes)
+    model_updates = apply_model(state, spec.id, request.task)
+    out = []
+    for k in keys:
+        u = model_updates.get(k)
+        if k in values:
+            v = values[k]
+            if k in ("width", "height"):
+                out.append(gr.update(value=v, visible=values["resolution"] == CUSTOM))
+            elif isinstance(u, dict):
+                out.append({**u, "value": v})
+            else:
+                out.append(gr.update(value=v))
+        else:
+            out.append(u if u is not None else gr.update())
+    return out
+
+
+__all__ = ["render", "listen", "load_into_form", "form_keys", "plan_text", "apply_model", "SAVER_NUMBERS"]

@@ -1,0 +1,101 @@
+"""The queue panel: every job of every session in run order, the running job's progress (step,
+total, ETA, expert) with a latent preview, and the buttons to reorder, remove and abort.
+
+The panel is refreshed by a timer; the queue itself lives in :class:`wan.app.jobqueue.JobQueue`
+(one worker for all sessions, saved to disk after every change).
+"""
+
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from wan.app.state import AppState
+
+HEADERS = ["#", "job", "status", "what", "progress", "queued by"]
+STATUS_MARK = {"queued": "⏳ queued", "running": "▶ running", "done": "✓ done", "failed": "✗ failed",
+               "cancelled": "⊘ cancelled"}
+
+
+def progress_text(job) -> str:
+    p = job.progress
+    if job.status != "running":
+        return job.error or ""
+    if p is None:
+        return "loading models..."
+    expert = f" · {p.expert.replace('_', '-')} expert" if p.expert not in ("", "transformer") else ""
+    return f"step {p.step}/{p.total}{expert} · ETA {p.eta_s:.0f} s"
+
+
+def table(state: AppState, session: str) -> list[list]:
+    rows = []
+    for i, job in enumerate(state.queue.jobs(include_finished=True)):
+        who = "you" if job.session == session else ("API" if job.session == "api" else "another session")
+        rows.append([i + 1, job.id, STATUS_MARK.get(job.status, job.status), job.label, progress_text(job), who])
+    return rows
+
+
+def pickable(state: AppState) -> list[tuple[str, str]]:
+    return [(f"{j.id} · {STATUS_MARK.get(j.status, j.status)} · {j.label}", j.id)
+            for j in state.queue.jobs(include_finished=True)]
+
+
+def running_view(state: AppState) -> tuple[str, str | None]:
+    job = state.queue.running()
+    if job is None:
+        waiting = sum(1 for j in state.queue.jobs(include_finished=False) if j.status == "queued")
+        return (f"Idle. {waiting} job(s) waiting." if waiting else "Idle: the queue is empty."), None
+    started = f" · running for {time.time() - job.started:.0f} s" if job.started else ""
+    preview = state.preview_of(job.id)
+    return f"**{job.label}** ({job.id}): {progress_text(job)}{started}", str(preview) if preview else None
+
+
+def render() -> dict:
+    ui = {}
+    ui["status"] = gr.Markdown("Idle: the queue is empty.", elem_id="queue-status")
+    ui["preview"] = gr.Image(label="Latent preview", interactive=False, height=160, elem_id="preview",
+                             show_label=True)
+    ui["table"] = gr.Dataframe(headers=HEADERS, value=[], interactive=False, wrap=True, elem_id="queue-table")
+    with gr.Row():
+        ui["pick"] = gr.Dropdown([], label="Job", elem_id="job-pick", scale=3)
+        ui["up"] = gr.Button("Move up", elem_id="job-up", scale=1)
+        ui["down"] = gr.Button("Move down", elem_id="job-down", scale=1)
+        ui["remove"] = gr.Button("Remove", elem_id="job-remove", scale=1)
+        ui["abort"] = gr.Button("Abort running job", variant="stop", elem_id="abort", scale=1)
+    ui["message"] = gr.Markdown("", elem_id="queue-message")
+    return ui
+
+
+def views(state: AppState, session: str, picked: str | None) -> list:
+    """[status, preview, table, pick] as updates."""
+    text, preview = running_view(state)
+    choices = pickable(state)
+    keep = picked if picked in {v for _, v in choices} else None
+    return [text, preview, table(state, session), gr.update(choices=choices, value=keep)]
+
+
+def listen(state: AppState, ui: dict, session) -> None:
+    outputs = [ui["status"], ui["preview"], ui["table"], ui["pick"]]
+
+    def act(what, job_id, session_id):
+        try:
+            if what == "abort":
+                running = state.queue.running()
+                if running is None:
+                    raise ValueError("no job is running")
+                state.queue.abort(running.id)
+                msg = f"Aborting {running.id}..."
+            elif not job_id:
+                raise ValueError("pick a job first")
+            elif what == "remove":
+                state.queue.remove(job_id)
+                msg = f"Removed {job_id}."
+            else:
+                state.queue.move(job_id, -1 if what == "up" else 1)
+                msg = f"Moved {job_id} {what}."
+        except ValueError as e:
+            msg = f"⚠️ {e}"
+        return [msg, *views(state, session_id, job_id)]
+    for what in ("up", "down", "remove", "abort"):
+        ui[what].click(lambda j, s, w=what: act(w, j, s), [ui["pick"], session], [ui["message"], *outputs])
