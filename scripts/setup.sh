@@ -15,6 +15,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip_install() { .venv/bin/python -m pip install --disable-pip-version-check -q "$@"; }
 
+# The browser tests drive Debian's Chromium (Playwright's own browser download needs a CDN).
+if [ $want_test = 1 ] && ! command -v chromium >/dev/null 2>&1 && [ -z "${WAN_STUDIO_CHROMIUM:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Debian's chromium for the browser tests"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "[setup] the browser tests need Chromium: sudo apt-get install chromium (or set WAN_STUDIO_CHROMIUM)" >&2
+  fi
+fi
+
 files="constraints.txt requirements.txt"
 [ $want_test = 1 ] && files="$files requirements-test.txt"
 stamp=".venv/.wan-studio-$(cat $files | sha256sum | cut -c1-16)"

@@ -58,6 +58,7 @@ class StudioServer:
                 "--config", str(self.base / "wan_studio.yaml"), *self.extra]
 
     def start(self, timeout: float = 120) -> "StudioServer":
+        self.base.mkdir(parents=True, exist_ok=True)
         (self.base / "wan_studio.yaml").touch()
         env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(self.command(), cwd=self.base, env=env, stdout=subprocess.PIPE,

@@ -93,8 +93,13 @@ def _api(state: AppState) -> None:
     from wan.engine.request import GenerationRequest, RequestError, resolve_request
 
     def submit(request_json: str) -> str:
+        from wan.app.security import is_inside
         try:
-            request = GenerationRequest.from_dict(json.loads(request_json))
+            data = json.loads(request_json)
+            request = GenerationRequest.from_dict(data)
+            if "output_dir" in data and not is_inside(request.output_dir, state.output_dir):
+                raise RequestError("output_dir", request.output_dir,
+                                   f"the server's output folder {state.output_dir.resolve()} or a folder inside it")
             resolve_request(state.prepare(request))
             return state.queue.add(request.to_dict(), API_SESSION).id
         except (RequestError, ValueError, TypeError) as e:

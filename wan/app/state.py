@@ -24,10 +24,10 @@ class AppState:
 
     def __init__(self, settings: ServerSettings, engine_factory=None):
         self.settings = settings
-        self.state_dir = Path(settings.state_dir)
+        self.state_dir = Path(settings.state_dir).resolve()
         self.uploads_dir = self.state_dir / "uploads"
         self.previews_dir = self.state_dir / "previews"
-        self.output_dir = Path(settings.output_dir)
+        self.output_dir = Path(settings.output_dir).resolve()
         for folder in (self.uploads_dir, self.previews_dir, self.output_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._engine = None
@@ -60,7 +60,8 @@ class AppState:
         return out
 
     def prepare(self, request):
-        """A request as this server runs it: written to the server's output folder, its input files
+        """A request as this server runs it: written to the server's output folder (a request naming
+        another folder, e.g. from an output made elsewhere, is moved here), its input files
         only from this server's uploads or outputs, within the server's limits.
 
         Raises:
@@ -68,7 +69,10 @@ class AppState:
         """
         from wan.app.security import check_request_limits, check_request_paths
         overrides = {**self.server_overrides(), **request.profile_overrides}
-        request = request.replace(output_dir=str(self.output_dir), profile_overrides=overrides,
+        from wan.app.security import is_inside
+        inside = isinstance(request.output_dir, str) and is_inside(request.output_dir, self.output_dir)
+        request = request.replace(output_dir=str(Path(request.output_dir).resolve()) if inside else str(self.output_dir),
+                                  profile_overrides=overrides,
                                   profile=request.profile or self.settings.profile)
         check_request_limits(request, self.settings)
         check_request_paths(request, self.settings)

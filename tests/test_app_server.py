@@ -1,0 +1,142 @@
+"""The studio server from the outside: its API through ``gradio_client``, what it refuses to
+serve, a restart with jobs in the queue, and the start-up warnings."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.app_harness import StudioServer, free_port
+from wan.engine.engine import request_from_metadata
+from wan.engine.media_out import read_metadata
+from wan.testing.tiny_family import ensure_tiny_checkpoints
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    ensure_tiny_checkpoints(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, checkpoints):
+    server = StudioServer(tmp_path_factory.mktemp("studio"), checkpoints).start()
+    yield server
+    server.stop()
+
+
+def client(server):
+    from gradio_client import Client
+    return Client(server.url, verbose=False, analytics_enabled=False)
+
+
+def request_json(**fields) -> str:
+    return json.dumps({"model": "test-tiny-t2v", "prompt": "a fox", "steps": 2, **fields})
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def wait_job(c, job_id: str, statuses=("done", "failed", "cancelled"), timeout=180) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = c.predict(job_id, api_name="/job")
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} never reached {statuses}: {job}")
+
+
+def test_gradio_client_generates_through_the_api(studio):
+    c = client(studio)
+    result = c.predict(request_json(prompt="made through the API", seed=5), api_name="/generate")
+    videos = [f for f in result["files"] if f.endswith(".mp4")]
+    assert result["status"] == "done" and len(videos) == 1
+    req = request_from_metadata(read_metadata(videos[0]))
+    assert req.prompt == "made through the API" and req.seed == 5
+    with pytest.raises(Exception, match="frames"):
+        c.predict(request_json(frames=10), api_name="/generate")
+
+
+def test_the_server_serves_outputs_and_nothing_else(studio, checkpoints):
+    c = client(studio)
+    out = c.predict(request_json(prompt="to fetch"), api_name="/generate")["files"][0]
+    assert out.endswith(".mp4")
+    assert http_status(f"{studio.url}gradio_api/file={out}") == 200
+    secrets = [next(checkpoints.rglob("*.safetensors")), studio.state_dir / "queue.json",
+               studio.base / "wan_studio.yaml", "/etc/passwd",
+               f"{studio.output_dir}/../state/queue.json"]
+    for path in secrets:
+        assert http_status(f"{studio.url}gradio_api/file={path}") in (403, 404), path
+
+
+def test_names_and_paths_from_a_client_cannot_leave_their_folders(studio):
+    c = client(studio)
+    evil = [dict(loras=[{"path": "../../x.safetensors", "multiplier": "1"}]), dict(output_dir="/tmp"),
+            dict(task="v2v", video="/etc/passwd")]
+    for fields in evil:
+        with pytest.raises(Exception, match="loras|output_dir|video"):
+            c.predict(request_json(**fields), api_name="/queue_job")
+
+
+def test_queued_jobs_survive_a_restart_and_finished_outputs_are_never_rewritten(tmp_path, checkpoints):
+    base = tmp_path / "studio"
+    server = StudioServer(base, checkpoints).start()
+    try:
+        c = client(server)
+        first = c.predict(request_json(prompt="before the restart"), api_name="/generate")
+        done_file = first["files"][0]
+        assert done_file.endswith(".mp4")
+        stamp = (hashlib.sha256(open(done_file, "rb").read()).hexdigest(), time.time())
+        slow = c.predict(request_json(prompt="cut short", frames=41, steps=60), api_name="/queue_job")
+        waiting = [c.predict(request_json(prompt=f"waiting {i}"), api_name="/queue_job") for i in range(2)]
+        wait_job(c, slow, ("running",))
+    finally:
+        server.proc.kill()  # a crash: no chance to save anything more
+        server.proc.wait()
+    server = StudioServer(base, checkpoints, port=free_port()).start()
+    try:
+        c = client(server)
+        jobs = [wait_job(c, j) for j in (slow, *waiting)]
+        assert [j["status"] for j in jobs] == ["done"] * 3
+        saved = {j["id"]: j for j in json.loads((base / "state" / "queue.json").read_text())["jobs"]}
+        assert saved[slow]["restarts"] == 1 and saved[first["id"]]["files"] == first["files"]
+        assert hashlib.sha256(open(done_file, "rb").read()).hexdigest() == stamp[0]
+        assert (base / "outputs").stat().st_mtime <= time.time()
+        videos = sorted(p.name for p in (base / "outputs").glob("*.mp4"))
+        assert len(videos) == 4 and len(set(videos)) == 4  # none overwritten, none lost
+    finally:
+        server.stop()
+
+
+def test_share_without_auth_warns_and_a_taken_port_moves_on(tmp_path, checkpoints, studio):
+    import os
+    import subprocess
+    shared = StudioServer(tmp_path / "shared", checkpoints, "--share")
+    shared.base.mkdir()
+    (shared.base / "wan_studio.yaml").touch()
+    proc = subprocess.Popen(shared.command(), cwd=shared.base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    try:  # the warning comes first, before anything is served (the public link itself cannot be made here)
+        line = proc.stdout.readline()
+        assert line.startswith("warning:") and "--share" in line and "auth" in line
+    finally:
+        proc.kill()
+        proc.wait()
+    taken = StudioServer(tmp_path / "second", checkpoints, port=studio.port).start()
+    try:
+        assert any(f"port {studio.port} is in use" in line for line in taken.lines)
+        served = next(line for line in taken.lines if "serving at" in line)
+        assert f":{studio.port}" not in served
+    finally:
+        taken.stop()
