@@ -8,14 +8,14 @@ from wan.app.preview import latent_preview
 from wan.engine.request import GenerationRequest, LoraChoice, RequestError
 
 BASE = dict(model="test-tiny-t2v", task="t2v", prompt="a fox", resolution="96x64", frames=9.0, steps=4.0,
-            guidance=5.0, shift=5.0, sampler="unipc", seed=-1.0, random_seed=True, fps=16.0, quality=8)
+            guidance=5.0, shift=5.0, sampler="unipc", seed=-1.0, fps=16.0, quality=8)
 
 
 def test_values_become_a_request_with_typed_fields():
     (req,) = form_to_requests(BASE)
     assert (req.width, req.height, req.frames, req.steps, req.seed) == (96, 64, 9, 4, -1)
     assert isinstance(req.frames, int) and req.profile_overrides == {} and req.loras == []
-    (fixed,) = form_to_requests({**BASE, "seed": 42.0, "random_seed": False})
+    (fixed,) = form_to_requests({**BASE, "seed": 42.0})
     assert fixed.seed == 42
 
 

@@ -2,7 +2,7 @@
 
 The UI's keys are the request's field names wherever a field maps one to one (``prompt``,
 ``frames``, ``guidance`` ...). A few controls are conveniences over request fields and get their
-own keys: ``resolution`` ("832x480" or "custom" with ``width``/``height``), ``random_seed``,
+own keys: ``resolution`` ("832x480" or "custom" with ``width``/``height``),
 ``one_per_line`` (one job per prompt line), the step-saver pickers (``teacache`` ... ``riflex``,
 each "profile" to keep what the profile says) that become ``profile_overrides``, ``overrides``
 (free ``key=value`` lines, the CLI's ``--set``), and ``loras`` + ``lora_multipliers`` (Wan2GP's
@@ -133,7 +133,7 @@ def form_to_requests(values: Mapping[str, Any]) -> list[GenerationRequest]:
     else:
         fields["width"], fields["height"] = parse_resolution(resolution)
     seed = _number("seed", values.get("seed"))
-    fields["seed"] = -1 if values.get("random_seed") or seed is None else seed
+    fields["seed"] = -1 if seed is None else seed  # -1: a random seed, recorded in the output
     for name in INPUT_FIELDS:
         v = values.get(name)
         fields[name] = list(v or []) if name == "ref_images" else (v or None)
@@ -153,7 +153,7 @@ def request_to_form(req: GenerationRequest, sizes=()) -> dict[str, Any]:
     """A request (usually read from an output's metadata) -> the form's values, the inverse of
     :func:`form_to_requests` for one prompt."""
     values: dict[str, Any] = {k: getattr(req, k) for k in PLAIN_FIELDS}
-    values.update(prompt=req.prompt, one_per_line=False, seed=req.seed, random_seed=req.seed == -1)
+    values.update(prompt=req.prompt, one_per_line=False, seed=req.seed)
     size = (req.width, req.height)
     values["resolution"] = f"{size[0]}x{size[1]}" if size in tuple(map(tuple, sizes)) else CUSTOM
     values["width"], values["height"] = req.width, req.height

@@ -93,9 +93,10 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
         c["sampler"] = gr.Dropdown(["unipc", "dpm++", "euler"], label="Sampler", elem_id="sampler")
     with gr.Row():
         c["seed"] = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="seed")
-        c["random_seed"] = gr.Checkbox(True, label="Random seed", elem_id="random-seed")
+        random_seed = gr.Button("🎲 Random", elem_id="random-seed", scale=0, min_width=90)
         c["fps"] = gr.Number(label="FPS", precision=0, elem_id="fps")
         c["quality"] = gr.Slider(0, 10, 8, step=1, label="Video quality", elem_id="quality")
+    c["random_seed"] = random_seed
     with gr.Accordion("Advanced: step savers and per-job profile overrides", open=False):
         with gr.Row():
             c["teacache"] = gr.Dropdown(list(PICKER_CHOICES["teacache"]), value=KEEP, label="TeaCache")
@@ -121,7 +122,7 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
 
 def form_keys(c: dict) -> list[str]:
     """The keys whose values make a request (everything but display-only parts)."""
-    return [k for k in c if k not in ("plan", "duration")]
+    return [k for k in c if k not in ("plan", "duration", "random_seed")]
 
 
 def apply_model(state: AppState, model_id: str, task: str | None = None) -> dict:
@@ -213,7 +214,7 @@ def listen(state: AppState, c: dict, session: gr.BrowserState, message: gr.Markd
         c[k].change(duration_text, [c["frames"], c["fps"]], c["duration"])
     for k in ("model", "profile"):
         c[k].change(lambda m, p: plan_text(state, m, p), [c["model"], c["profile"]], c["plan"])
-    c["seed"].change(lambda s: gr.update(value=s is None or s < 0), c["seed"], c["random_seed"])
+    c["random_seed"].click(lambda: -1, None, c["seed"])
 
     def add(session_id, *args):
         from wan.engine.request import RequestError
