@@ -97,3 +97,23 @@ def test_the_server_moves_outputs_home_and_refuses_foreign_inputs(tmp_path):
         state.prepare(GenerationRequest(model="test-tiny-i2v", prompt="x", task="i2v", image=str(outside)))
     with pytest.raises(RequestError, match="frames"):
         state.prepare(GenerationRequest(model="test-tiny-t2v", prompt="x", frames=1001))
+
+
+def test_the_page_builds_and_the_worker_starts_without_importing_torch(tmp_path):
+    """Start-up stays light: torch and the networks load with the first job, not before."""
+    import subprocess
+    import sys
+    code = f"""
+import sys, time
+from wan.app.settings import ServerSettings
+from wan.app.state import AppState
+from wan.app.server import build_app
+state = AppState(ServerSettings(state_dir={str(tmp_path / 's')!r}, output_dir={str(tmp_path / 'o')!r}))
+build_app(state)
+state.queue.start()
+time.sleep(0.5)
+print('torch' in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"

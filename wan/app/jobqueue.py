@@ -339,7 +339,10 @@ class JobQueue:
             return self._changed.wait_for(lambda: not self._busy and not self._queued, timeout)
 
     def _work(self) -> None:
-        # imported here, not at module level, so the web page is served before torch is loaded
+        # imported here, once there is a job, not at module level or at start: the web page is served
+        # and the app stays light until the first job (torch takes a second and hundreds of MB)
+        with self._lock:
+            self._changed.wait_for(lambda: self._stopping or self._queued)
         try:
             from wan.engine.loop import Cancelled, CancelToken
         except Exception as e:  # a broken install fails each job with the reason, visible in the UI

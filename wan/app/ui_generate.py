@@ -93,7 +93,7 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
         c["sampler"] = gr.Dropdown(["unipc", "dpm++", "euler"], label="Sampler", elem_id="sampler")
     with gr.Row():
         c["seed"] = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="seed")
-        random_seed = gr.Button("🎲 Random", elem_id="random-seed", scale=0, min_width=90)
+        random_seed = gr.Button("Random", elem_id="random-seed", scale=0, min_width=90)
         c["fps"] = gr.Number(label="FPS", precision=0, elem_id="fps")
         c["quality"] = gr.Slider(0, 10, 8, step=1, label="Video quality", elem_id="quality")
     c["random_seed"] = random_seed
