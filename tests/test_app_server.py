@@ -140,3 +140,15 @@ def test_share_without_auth_warns_and_a_taken_port_moves_on(tmp_path, checkpoint
         assert f":{studio.port}" not in served
     finally:
         taken.stop()
+
+
+def test_a_job_failing_at_run_time_shows_its_error_and_the_queue_goes_on(studio):
+    from tests.test_app_browser import musubi_lora
+    musubi_lora(studio.lora_dir / "test" / "too_wide.safetensors", dim=512)  # made for a wider model
+    c = client(studio)
+    bad = c.predict(request_json(loras=[{"path": "test/too_wide.safetensors", "multiplier": "1"}]),
+                    api_name="/queue_job")
+    good = c.predict(request_json(prompt="after the failure"), api_name="/queue_job")
+    failed = wait_job(c, bad)
+    assert failed["status"] == "failed" and "loras" in failed["error"] and "too_wide" in failed["error"]
+    assert wait_job(c, good)["status"] == "done"
