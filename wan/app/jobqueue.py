@@ -44,6 +44,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wan.fileio import write_text_atomic as _write_atomic
+
 if TYPE_CHECKING:  # the engine (and torch) load in the worker, when the first job runs
     from wan.engine.loop import CancelToken, StepInfo
 
@@ -561,31 +563,3 @@ def _parse_file(data) -> list[Job]:
     if len(set(ids)) != len(ids):
         raise ValueError("the same job id appears twice")
     return jobs
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` so that a reader sees the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(temp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            temp.unlink()
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable; not every platform can open a folder
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

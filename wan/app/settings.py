@@ -21,13 +21,14 @@ import errno
 import os
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
 import yaml
+
+from wan.fileio import write_text_atomic as _write_atomic
 
 DEFAULT_CONFIG = "wan_studio.yaml"
 MAX_PORT = 65535
@@ -248,20 +249,6 @@ def _existing_auth(path: Path) -> str | None:
         return None
     value = data.get("auth") if isinstance(data, dict) else None
     return value if isinstance(value, str) else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

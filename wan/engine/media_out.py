@@ -48,6 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from wan.fileio import fsync_dir
+
 METADATA_KEY = "wan_studio"      # PNG iTXt key and safetensors header key
 MP4_METADATA_TAG = "comment"     # MP4 tag (©cmt atom) that carries the JSON
 TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"
@@ -342,20 +344,6 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Makes the new directory entries durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _temp_files(folder: Path) -> Iterator[Callable[[str, Callable[[Path], None]], Path]]:
     """Yields `make(final_name, write)`: runs write(temp) on a fresh dot-tmp file, fsyncs it.
@@ -414,7 +402,7 @@ def _publish(temps: list[tuple[Path, str]], folder: Path, stem: str, numbered: b
                         os.unlink(temp)
                     else:
                         os.replace(temp, final)
-                _fsync_dir(folder)
+                fsync_dir(folder)
                 return finals
         except BaseException:
             for _, final, _ in claimed:

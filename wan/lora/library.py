@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from wan.fileio import write_text_atomic as _write_atomic
 from wan.loading.files import CheckpointError, read_safetensors_header
 from wan.lora.schedule import parse_multiplier
 
@@ -275,20 +275,6 @@ def _checked_entry(lora: str, mult, where: str) -> tuple[str, str]:
     except ValueError as exc:
         raise ValueError(f"{where}, LoRA {lora!r}: {exc}") from None
     return lora, text
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_preset(root: Path, name: str) -> Preset:
