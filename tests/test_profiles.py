@@ -211,6 +211,15 @@ def test_parse_override_reads_yaml_values():
         parse_override("teacache")
 
 
+def test_on_and_off_are_words_not_yaml_booleans():
+    """YAML 1.1 reads on/off as booleans: vae.tiling=on means the word; a switch wants true/false."""
+    base = load_profiles(user_dir=None).get("default")
+    assert apply_overrides(base, dict([parse_override("vae.tiling=on")])).vae.tiling == "on"
+    assert apply_overrides(base, dict([parse_override("vae.tiling=off")])).vae.tiling == "off"
+    with pytest.raises(ProfileError, match="compile: 'on' is not allowed; expected true or false"):
+        apply_overrides(base, dict([parse_override("compile=on")]))
+
+
 def test_profile_round_trips_through_yaml(tmp_path):
     p = load_profiles(user_dir=None).get("fast_preview")
     data = profile_to_dict(p)

@@ -109,7 +109,7 @@ class Engine:
                 progress(info)
 
         from wan.lora.job import prepare_loras
-        loras = prepare_loras(req.loras, nets.dits, self.lora_dir)
+        loras = prepare_loras(req.loras, nets.dits, self.lora_dir, mode=profile.lora.mode if profile else "hooks")
         notices += loras.notices
         loras.attach(nets.dits)
         try:

@@ -1,14 +1,23 @@
-"""Applying LoRAs to a loaded DiT at run time, without touching or reloading its weights.
+"""Applying LoRAs to a loaded DiT at run time, without reloading it.
 
-Each targeted linear layer gets a forward hook that adds, for every LoRA on it, the LoRA's output
-times the multiplier in effect: the low-rank path ``scale * up(down(x))`` for plain LoRAs (cheap,
-and it works on fp8/int8 quantised bases), ``x @ delta^T`` for LyCORIS and full deltas, plus the
-bias delta. DoRA rescales the merged weight per output row, so a layer with a DoRA LoRA computes
-its output from the merged weight instead. Detaching removes the hooks: the base outputs come
-back exactly, since the base weights were never changed.
+Two modes (see :mod:`wan.lora.merge` for the choice and its costs):
+
+* ``hooks`` (default; ``auto`` means the same): each targeted linear layer gets a forward hook
+  that adds, for every LoRA on it, the LoRA's output times the multiplier in effect: the low-rank
+  path ``scale * up(down(x))`` for plain LoRAs (cheap, and it works on fp8/int8 quantised bases),
+  ``x @ delta^T`` for LyCORIS and full deltas, plus the bias delta. DoRA rescales the merged weight
+  per output row, so a layer with a DoRA LoRA computes its output from the merged weight instead.
+  Detaching removes the hooks: the base outputs come back exactly, the base weights were never
+  changed.
+* ``merge``: the deltas are written into the weights (originals kept aside on the CPU and copied
+  back at detach, so the base is bit-identical afterwards); layers that cannot be merged without
+  losing precision (quantised, non-float, streamed) keep hooks.
+
+Targets that are not linear layers (norms, convs, bare parameters) are merged in both modes.
 
 The multiplier of each LoRA can change per step and per expert (``set_step``), as the strength
-schedules of ``wan.lora.schedule`` describe.
+schedules of ``wan.lora.schedule`` describe; merged layers are re-merged only when their value
+changes.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from wan.lora.merge import Term, WeightMerge, merged_bias, merged_weight, place_targets, placement_notices, resolve_mode
 
 
 @dataclass
@@ -31,50 +42,76 @@ class LoraUse:
 
 
 @dataclass
-class _Term:
-    weights: object        # LoraWeights
-    use: int               # index into the runtime's uses
-    dense: torch.Tensor | None = None  # delta for non-low-rank kinds, computed once
-
-
-@dataclass
 class LoraRuntime:
-    """The LoRAs attached to one DiT for one job (``attach`` / ``detach``)."""
+    """The LoRAs attached to one DiT for one job (``attach`` / ``detach``).
+
+    ``mode``: ``hooks`` | ``merge`` | ``auto`` (= hooks). After ``attach``, ``attached`` maps each
+    applied target to the number of LoRAs on it; ``hooked`` / ``merged`` say how it was applied.
+    """
 
     uses: list[LoraUse]
+    mode: str = "hooks"
     _multipliers: list[float] = field(default_factory=list)
     _hooks: list = field(default_factory=list)
+    _merge: WeightMerge | None = None
     attached: dict[str, int] = field(default_factory=dict)  # module name -> number of LoRAs on it
+    hooked: list[str] = field(default_factory=list)
+    merged: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        resolve_mode(self.mode)  # a bad mode fails at construction, naming the allowed values
+
+    def notices(self, dit) -> list[str]:
+        """What attaching to ``dit`` will not do as asked (merge-mode layers that keep hooks,
+        targets that cannot be applied), known before attaching."""
+        return placement_notices(place_targets(dit, self.uses, self.mode), self.mode)
 
     def attach(self, dit) -> None:
-        """Installs hooks on every linear layer of ``dit`` that some LoRA targets and may touch."""
-        if self._hooks:
+        """Hooks or merges every target of ``dit`` that some LoRA has and may touch."""
+        if self._hooks or self._merge is not None:
             raise RuntimeError("LoraRuntime.attach: already attached; detach first")
-        modules = dict(dit.named_modules())
-        per_module: dict[str, list[_Term]] = {}
-        for i, use in enumerate(self.uses):
-            for name, weights in use.lora.targets.items():
-                if name in modules and use.allow(name):
-                    per_module.setdefault(name, []).append(_Term(weights, i))
-        for name, terms in per_module.items():
-            module = modules[name]
-            for term in terms:
-                if term.weights.kind != "lora":
-                    term.dense = term.weights.delta(_weight_shape(module)).float()
-            self._hooks.append(module.register_forward_hook(self._hook(module, terms)))
-            self.attached[name] = len(terms)
+        placements = place_targets(dit, self.uses, self.mode)
         self._multipliers = [self._initial(u) for u in self.uses]
+        try:
+            for p in placements:
+                if p.how == "hook":
+                    for term in p.terms:
+                        if term.weights.kind != "lora":
+                            term.dense = term.weights.delta(_weight_shape(p.module)).float()
+                    self._hooks.append(p.module.register_forward_hook(self._hook(p.terms)))
+                    self.hooked.append(p.name)
+            self._merge = WeightMerge.of(placements)
+            self.merged = self._merge.names
+            self._merge.apply(self._multipliers)
+        except Exception:
+            self.detach()  # leave the model as it was: no hook, no merged weight
+            raise
+        self.attached = {p.name: len(p.terms) for p in placements if p.how != "skip"}
 
     def detach(self) -> None:
+        """Removes the hooks and restores the merged weights bit for bit."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._merge is not None:
+            self._merge.restore()
+            self._merge = None
         self.attached.clear()
+        self.hooked.clear()
+        self.merged = []
+
+    @property
+    def merge_writes(self) -> int:
+        """Weight writes made by the merge mode so far in this attachment (merges and restores)."""
+        return self._merge.writes if self._merge is not None else 0
 
     def set_step(self, step: int, steps: int, expert: str = "transformer", switch_step: int | None = None) -> None:
         """Multipliers in effect from now on: each LoRA's value at (step, expert); ``switch_step``
-        is the first low-noise step of a Wan 2.2 A14B run (per-expert schedules spread over it)."""
+        is the first low-noise step of a Wan 2.2 A14B run (per-expert schedules spread over it).
+        Merged layers whose value changed are merged again from their kept originals."""
         self._multipliers = [u.multiplier.at(step, steps, expert, switch_step) for u in self.uses]
+        if self._merge is not None:
+            self._merge.apply(self._multipliers)
 
     @staticmethod
     def _initial(use: LoraUse) -> float:
@@ -88,52 +125,54 @@ class LoraRuntime:
     def multipliers(self) -> list[float]:
         return list(self._multipliers)
 
-    def _hook(self, module, terms: list[_Term]):
+    def _hook(self, terms: list[Term]):
+        dora = any(t.weights.dora_scale is not None for t in terms)
+
         def hook(mod, args, out):
             x = args[0]
-            if any(t.weights.dora_scale is not None for t in terms):
+            if dora:
                 return self._dora_output(mod, x, terms, out)
             extra = None
             for t in terms:
                 m = self._multipliers[t.use]
                 if m == 0:
                     continue
-                y = _term_output(t, x) * m
-                extra = y if extra is None else extra + y
+                y = _term_output(t, x, m)
+                extra = y if extra is None else extra.add_(y)
             return out if extra is None else out + extra.to(out.dtype)
         return hook
 
     def _dora_output(self, mod, x, terms, out):
         """DoRA: W' = magnitude * (W + dW) / ||W + dW|| (per output row), output from W'."""
-        w = _dense_weight(mod).float()
-        for t in terms:
-            m = self._multipliers[t.use]
-            delta = t.dense if t.dense is not None else t.weights.delta(tuple(w.shape)).float()
-            merged = w + m * delta
-            if t.weights.dora_scale is not None and m != 0:
-                norm = merged.norm(dim=1, keepdim=True)
-                merged = t.weights.dora_scale.float().reshape(-1, 1) * merged / norm
-            w = merged
-        bias = None if getattr(mod, "bias", None) is None else mod.bias.float()
-        for t in terms:
-            if t.weights.diff_b is not None:
-                bias = (0 if bias is None else bias) + self._multipliers[t.use] * t.weights.diff_b.float()
+        w = merged_weight(_dense_weight(mod), terms, self._multipliers).float()
+        base_b = None if getattr(mod, "bias", None) is None else mod.bias.float()
+        bias = merged_bias(base_b, terms, self._multipliers)
         return F.linear(x.float(), w, bias).to(out.dtype)
 
 
-def _term_output(t: _Term, x: torch.Tensor) -> torch.Tensor:
-    """One LoRA's contribution to a layer's output at multiplier 1 (float32)."""
+def _term_output(t: Term, x: torch.Tensor, m: float) -> torch.Tensor:
+    """One LoRA's contribution to a layer's output at multiplier ``m`` (float32). The scalar goes on
+    the narrow [..., rank] intermediate of a low-rank LoRA, not on the wide output."""
     w = t.weights
+    down, up, dense, diff_b = _factors(t, x.device)
     xf = x.float()
     if w.kind == "lora":
-        rank = w.down.shape[0]
-        scale = (w.alpha / rank) if w.alpha is not None else 1.0
-        y = F.linear(F.linear(xf, w.down.float()), w.up.float()) * scale
+        y = F.linear(F.linear(xf, down).mul_(m * w.scale()), up)
     else:
-        y = F.linear(xf, t.dense)
-    if w.diff_b is not None:
-        y = y + w.diff_b.float()
+        y = F.linear(xf, dense).mul_(m)
+    if diff_b is not None:
+        y.add_(diff_b, alpha=m)
     return y
+
+
+def _factors(t: Term, device: torch.device) -> tuple:
+    """(down, up, dense, diff_b) of a term in float32 on ``device`` (None where absent), converted
+    once per device rather than at every forward (LoRA files are read on the CPU, often in bf16)."""
+    if t.cached is None or t.cached[0] != device:
+        w = t.weights
+        t.cached = (device, tuple(None if v is None else v.to(device=device, dtype=torch.float32)
+                                  for v in (w.down, w.up, t.dense, w.diff_b)))
+    return t.cached[1]
 
 
 def _weight_shape(module) -> tuple[int, int]:

@@ -68,7 +68,9 @@ class Compatibility:
 def linear_shapes(dit: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Official module name -> weight shape, for every module of ``dit`` that owns a ``weight``
     (Linear layers, and also norms and convs, which ``.diff`` LoRAs may target), plus bare
-    parameters such as ``blocks.0.modulation`` under their own name. Works on meta tensors."""
+    parameters such as ``blocks.0.modulation`` under their own name. Quantised linear layers
+    (``QuantLinear``, whose weight is the ``qweight`` buffer) count with their [out, in] shape, so a
+    LoRA on an int8/fp8 model matches as on the plain one. Works on meta tensors."""
     shapes: dict[str, tuple[int, ...]] = {}
     for name, p in dit.named_parameters():
         module, _, leaf = name.rpartition(".")
@@ -76,6 +78,9 @@ def linear_shapes(dit: torch.nn.Module) -> dict[str, tuple[int, ...]]:
             shapes[module] = tuple(p.shape)
         elif leaf != "bias":
             shapes[name] = tuple(p.shape)
+    for name, module in dit.named_modules():
+        if getattr(module, "qweight", None) is not None and hasattr(module, "out_features"):
+            shapes[name] = (module.out_features, module.in_features)
     return shapes
 
 
@@ -88,7 +93,7 @@ def check_lora(lora: LoraFile, model_shapes: dict[str, tuple]) -> Compatibility:
             (dropped if (_IMAGE_ONLY.search(name) and not has_image) else missing).append(name)
             continue
         model_shape = tuple(model_shapes[name])
-        if _fits(w, model_shape):
+        if fits(w, model_shape):
             matched += 1
         else:
             mismatched.append((name, w.weight_shape() or tuple(w.diff_b.shape), model_shape))
@@ -98,7 +103,8 @@ def check_lora(lora: LoraFile, model_shapes: dict[str, tuple]) -> Compatibility:
                          missing=missing, dropped_i2v=dropped, guess=guess_family(lora), path=lora.path)
 
 
-def _fits(w, model_shape: tuple) -> bool:
+def fits(w, model_shape: tuple) -> bool:
+    """Whether one adapter (``LoraWeights``) can apply to a weight of ``model_shape``."""
     shape = w.weight_shape()
     if shape is not None:
         if _prod(shape) != _prod(model_shape):

@@ -3,6 +3,8 @@ duration, and move the multipliers along the steps and experts.
 
 A LoRA that matches nothing in the model is an error naming the file and the model family it
 seems to be for, never a silent no-op; a partial match is a notice with the count.
+
+``mode`` (the profile's ``lora.mode``) chooses hooks or merged weights, see :mod:`wan.lora.merge`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,14 @@ class JobLoras:
     notices: list[str] = field(default_factory=list)
 
     def attach(self, dits: dict) -> None:
-        for expert, rt in self.runtimes.items():
-            rt.attach(dits[expert])
+        """Attaches every expert's LoRAs; if one fails, those already attached are detached (and
+        their merged weights restored) before the error goes on."""
+        try:
+            for expert, rt in self.runtimes.items():
+                rt.attach(dits[expert])
+        except Exception:
+            self.detach()
+            raise
 
     def detach(self) -> None:
         for rt in self.runtimes.values():
@@ -47,12 +55,19 @@ def resolve_lora_path(path: str, lora_dir: str | Path | None) -> Path:
     raise RequestError("loras", path, f"an existing LoRA file, or a name inside the LoRA folder {lora_dir}")
 
 
-def prepare_loras(choices, dits: dict, lora_dir: str | Path | None = None) -> JobLoras:
-    """Loads and checks the request's LoRAs (``LoraChoice`` list) for the job's networks."""
+def prepare_loras(choices, dits: dict, lora_dir: str | Path | None = None, mode: str = "hooks") -> JobLoras:
+    """Loads and checks the request's LoRAs (``LoraChoice`` list) for the job's networks.
+
+    ``mode``: ``hooks`` | ``merge`` | ``auto`` (= hooks), see :mod:`wan.lora.merge`; the layers a
+    merge cannot reach exactly (quantised ones) are listed in the notices. A bad mode is a
+    ValueError naming the allowed values.
+    """
     from wan.loading.files import CheckpointError
     from wan.lora.compat import check_lora, linear_shapes
     from wan.lora.formats import load_lora
+    from wan.lora.merge import resolve_mode
     from wan.lora.schedule import include_exclude, parse_multiplier
+    resolve_mode(mode)
     job = JobLoras()
     if not choices:
         return job
@@ -82,5 +97,9 @@ def prepare_loras(choices, dits: dict, lora_dir: str | Path | None = None) -> Jo
                                "(trained on i2v, this model has no image input)")
         for expert in dits:
             per_expert[expert].append(LoraUse(lora, multiplier, allow))
-    job.runtimes = {e: LoraRuntime(uses) for e, uses in per_expert.items()}
+    job.runtimes = {e: LoraRuntime(uses, mode) for e, uses in per_expert.items()}
+    for expert, rt in job.runtimes.items():
+        for line in rt.notices(dits[expert]):
+            if line not in job.notices:  # experts share their layout: say it once
+                job.notices.append(line)
     return job

@@ -49,6 +49,7 @@ TILING_MODES = ("auto", "on", "off")
 SLG_MODES = ("none", "original", "uncond")
 CFG_SKIP_MODES = ("none", "early", "late", "middle", "early_late", "alternate")
 RIFLEX_MODES = ("auto", "on", "off")
+LORA_MODES = ("hooks", "merge", "auto")  # wan.lora.merge.MERGE_MODES; auto means hooks
 # Keys of a profile that are about the file itself, not settings: never inherited or overridden.
 IDENTITY_KEYS = ("name", "number", "description", "extends")
 
@@ -239,6 +240,14 @@ class StepSaverSettings:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """How a job's LoRAs are applied (``wan.lora.merge``): ``hooks`` add their output at each
+    layer, ``merge`` writes them into the weights for the job and restores them exactly after."""
+
+    mode: str = _setting("hooks", _Choice(LORA_MODES))
+
+
+@dataclass(frozen=True)
 class Profile:
     """One named profile. ``source`` is the file it was read from (not a YAML key)."""
 
@@ -253,6 +262,7 @@ class Profile:
     compile: bool = _setting(False, _bool)
     vae: VaeSettings = _section(VaeSettings)
     step_savers: StepSaverSettings = _section(StepSaverSettings)
+    lora: LoraSettings = _section(LoraSettings)
     source: str = field(default="", compare=False, metadata={"internal": True})
 
     @property
@@ -347,6 +357,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ProfileError(f"override {text!r}: expected KEY=VALUE, e.g. step_savers.teacache.enabled=true")
+    if value.strip().lower() in ("on", "off", "yes", "no", "y", "n"):
+        # YAML 1.1 would read these as booleans; settings such as vae.tiling=on mean the word (a
+        # true/false setting then says it wants true or false, rather than guessing)
+        return key.strip(), value.strip()
     return key.strip(), yaml.safe_load(value) if value.strip() else ""
 
 
