@@ -89,18 +89,39 @@ def test_i2v_with_an_uploaded_image(page, studio, tmp_path):
     assert req.image.startswith(str(stored)) and "start" not in req.image  # a fresh name, never the browser's
 
 
-def test_queue_two_jobs_and_abort_the_first(page, studio):
+def saved_jobs(studio) -> dict:
+    import json
+    return {j["id"]: j for j in json.loads((studio.state_dir / "queue.json").read_text())["jobs"]}
+
+
+def pick_job(page, job_id: str) -> None:
+    page.click("#job-pick input")
+    page.get_by_role("option").filter(has_text=job_id).first.click()
+    page.keyboard.press("Escape")
+
+
+def test_queue_jobs_reorder_remove_and_abort_the_running_one(page, studio):
     set_number(page, "frames", 41)
     set_number(page, "steps", 150)  # long enough to be caught running
     slow = job_id_of(add_job(page, "a slow one"))
     set_number(page, "frames", 9)
     set_number(page, "steps", 2)
-    quick = job_id_of(add_job(page, "a quick one"))
+    quick, second, dropped = (job_id_of(add_job(page, f"quick {k}")) for k in range(3))
     wait_for_status(page, slow, "running")
+    pick_job(page, second)
+    page.get_by_role("button", name="Move up", exact=True).click()
+    page.wait_for_function("(id) => document.querySelector('#queue-message').innerText.includes('Moved ' + id)",
+                           arg=second)
+    pick_job(page, dropped)
+    page.get_by_role("button", name="Remove", exact=True).click()
+    page.wait_for_function("(id) => document.querySelector('#queue-message').innerText.includes('Removed ' + id)",
+                           arg=dropped)
     page.get_by_role("button", name="Abort running job", exact=True).click()
     wait_for_status(page, slow, "cancelled")
     wait_for_status(page, quick, "done")
-    assert outputs_of(studio, slow) == [] and len(outputs_of(studio, quick)) == 1
+    jobs = saved_jobs(studio)
+    assert outputs_of(studio, slow) == [] and len(outputs_of(studio, quick)) == 1 and dropped not in jobs
+    assert jobs[second]["finished"] < jobs[quick]["started"]  # moved up: it ran first
 
 
 def musubi_lora(path, dim=256, rank=4, seed=0):
@@ -133,6 +154,21 @@ def test_a_lora_dropped_in_the_folder_appears_after_refresh_and_changes_the_outp
     a, b = outputs_of(studio, plain)[0], outputs_of(studio, styled)[0]
     assert request_of(b).loras[0].path == "test/drop_in.safetensors" and request_of(a).seed == request_of(b).seed
     assert np.abs(video_frames(a).astype(int) - video_frames(b).astype(int)).max() > 0
+    # presets: save the selection, clear it, load it back, delete it
+    page.fill("#preset input", "my look")
+    page.get_by_role("button", name="Save preset", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#lora-status').innerText.includes('Saved preset')")
+    assert (studio.lora_dir / "presets" / "my look.json").is_file()
+    page.fill("#lora-multipliers textarea, #lora-multipliers input", "")
+    page.locator("#loras").get_by_role("button").first.click()  # the chip's remove button
+    page.wait_for_function("() => !document.querySelector('#loras').innerText.includes('drop_in')")
+    page.get_by_role("button", name="Load preset", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#lora-status').innerText.includes('Loaded preset')")
+    assert page.input_value("#lora-multipliers textarea, #lora-multipliers input") == "1.0"
+    assert "drop_in" in page.inner_text("#loras")
+    page.get_by_role("button", name="Delete preset", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#lora-status').innerText.includes('Deleted preset')")
+    assert not (studio.lora_dir / "presets" / "my look.json").exists()
     # a preset name that would leave the preset folder is refused, and nothing is written
     page.fill("#preset input", "../evil")
     page.get_by_role("button", name="Save preset", exact=True).click()
@@ -181,8 +217,7 @@ def test_two_sessions_each_get_their_own_results(chromium, studio):
         p.wait_for_function("() => document.querySelectorAll('#gallery video').length === 2")
         mine = [outputs_of(studio, j)[0] for j in jobs[i]]
         assert all(request_of(f).prompt.startswith(f"session {i}") for f in mine)
-    import json
-    saved = {j["id"]: j for j in json.loads((studio.state_dir / "queue.json").read_text())["jobs"]}
+    saved = saved_jobs(studio)
     sessions = [{saved[j]["session"] for j in jobs[i]} for i in range(2)]
     assert all(len(s) == 1 for s in sessions) and sessions[0] != sessions[1]  # one queue, two sessions
     assert all(saved[j]["status"] == "done" for j in jobs[0] + jobs[1])
