@@ -12,8 +12,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from wan.app.form import (CUSTOM, KEEP, PICKER_CHOICES, SAVER_NUMBERS, form_to_requests, request_to_form,
-                          resolution_choices)
+from wan.app.form import CUSTOM, KEEP, PICKER_CHOICES, form_to_requests, request_to_form, resolution_choices
 from wan.app.state import AppState
 
 # inputs of each task, in the order they are shown (request field names)
@@ -176,7 +175,7 @@ def plan_text(state: AppState, model_id: str, profile_name: str) -> str:
     return f"**{profile.label}** on {machine}: {profile.description}\n\n```\n{text}\n```"
 
 
-def collect(state: AppState, keys: list[str], args: tuple, session: str) -> list:
+def collect(state: AppState, keys: list[str], args: tuple) -> list:
     """Form values -> checked requests (uploads copied in), or RequestError naming the field."""
     from wan.app.security import store_upload
     values = dict(zip(keys, args))
@@ -195,9 +194,10 @@ def collect(state: AppState, keys: list[str], args: tuple, session: str) -> list
     return requests
 
 
-def listen(state: AppState, c: dict, session: gr.BrowserState, message: gr.Markdown, add_button: gr.Button,
-           on_added) -> SimpleNamespace:
-    """Wires the form. ``on_added(session)`` returns the queue view updates after jobs are added."""
+def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
+    """Wires the form's own events and returns ``add`` (the "Add to queue" handler, taking the
+    session id and the form values in ``keys`` order) and ``on_model`` for the page's load event.
+    ``on_added(session)`` returns the queue view updates after jobs are added."""
     keys = form_keys(c)
     model_outputs = ["task", "resolution", "width", "height", "frames", "steps", "guidance",
                      "guidance_high_noise", "shift", "sampler", "fps", *TASK_INPUT_FIELDS]
@@ -219,7 +219,7 @@ def listen(state: AppState, c: dict, session: gr.BrowserState, message: gr.Markd
     def add(session_id, *args):
         from wan.engine.request import RequestError
         try:
-            requests = collect(state, keys, args, session_id)
+            requests = collect(state, keys, args)
             jobs = [state.queue.add(r.to_dict(), session_id) for r in requests]
         except (RequestError, ValueError) as e:
             return [f"⚠️ {e}", *on_added(session_id)]
@@ -250,5 +250,3 @@ def load_into_form(state: AppState, c: dict, request) -> list:
             out.append(u if u is not None else gr.update())
     return out
 
-
-__all__ = ["render", "listen", "load_into_form", "form_keys", "plan_text", "apply_model", "SAVER_NUMBERS"]

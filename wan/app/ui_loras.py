@@ -122,7 +122,6 @@ def listen(state: AppState, c: dict, ui: dict) -> None:
     ui["refresh"].click(refresh, [c["model"], c["loras"]], [c["loras"], ui["table"], ui["preset"]])
     c["model"].change(refresh, [c["model"], c["loras"]], [c["loras"], ui["table"], ui["preset"]])
     ui["check"].click(lambda m, s: check_selected(state, m, s), [c["model"], c["loras"]], ui["status"])
-    ui["refresh_fn"] = refresh
 
     def save(name, selected, mults, prompt):
         from wan.lora.library import save_preset

@@ -67,12 +67,18 @@ def render() -> dict:
     return ui
 
 
-def views(state: AppState, session: str, picked: str | None) -> list:
-    """[status, preview, table, pick] as updates."""
+def views(state: AppState, session: str, picked: str | None, shown_choices: list | None = None,
+          choices: list | None = None) -> list:
+    """[status, preview, table, pick] as updates. The job picker is left alone when its choices
+    have not changed (``shown_choices``: what it shows now), so a timer refresh never closes it
+    under the user's pointer."""
     text, preview = running_view(state)
-    choices = pickable(state)
-    keep = picked if picked in {v for _, v in choices} else None
-    return [text, preview, table(state, session), gr.update(choices=choices, value=keep)]
+    choices = pickable(state) if choices is None else choices
+    if shown_choices is not None and [list(c) for c in choices] == [list(c) for c in shown_choices]:
+        pick = gr.update()
+    else:
+        pick = gr.update(choices=choices, value=picked if picked in {v for _, v in choices} else None)
+    return [text, preview, table(state, session), pick]
 
 
 def listen(state: AppState, ui: dict, session) -> None:
