@@ -51,12 +51,12 @@ def build_app(state: AppState, config_path: str | Path | None = None) -> gr.Bloc
 
 
 def _wire(demo, state, session, form, loras, add, message, queue, gallery) -> None:
-    queue_outputs = [queue["status"], queue["preview"], queue["table"], queue["pick"]]
-    generate = ui_generate.listen(state, form, on_added=lambda s: ui_queue.views(state, s, None))
+    queue_outputs = ui_queue.outputs(queue)
+    generate = ui_generate.listen(state, form, on_added=lambda s, shown: ui_queue.views(state, s, None, shown))
     ui_loras.listen(state, form, loras)
     ui_queue.listen(state, queue, session)
     keys = generate.keys
-    add.click(generate.add, [session, *[form[k] for k in keys]], [message, *queue_outputs])
+    add.click(generate.add, [session, queue["shown"], *[form[k] for k in keys]], [message, *queue_outputs])
 
     def load_request(request):
         if request is None:
@@ -77,16 +77,14 @@ def _wire(demo, state, session, form, loras, add, message, queue, gallery) -> No
                *queue_outputs, gallery["gallery"]])
 
     timer = gr.Timer(1.0)
-    shown = gr.State(None)      # the gallery's items as last sent
-    choices = gr.State(None)    # the job picker's choices as last sent
+    shown = gr.State(None)  # the gallery's items as last sent
 
     def tick(session_id, picked, show_all, last_items, last_choices):
         items = ui_gallery.items(state, session_id, show_all)
-        now = ui_queue.pickable(state)
-        views = ui_queue.views(state, session_id, picked, last_choices, now)
-        return [*views, gr.update() if items == last_items else items, items, now]
-    timer.tick(tick, [session, queue["pick"], gallery["show_all"], shown, choices],
-               [*queue_outputs, gallery["gallery"], shown, choices], show_progress="hidden")
+        views = ui_queue.views(state, session_id, picked, last_choices)
+        return [*views, gr.update() if items == last_items else items, items]
+    timer.tick(tick, [session, queue["pick"], gallery["show_all"], shown, queue["shown"]],
+               [*queue_outputs, gallery["gallery"], shown], show_progress="hidden")
 
 
 def _api(state: AppState) -> None:

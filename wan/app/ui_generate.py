@@ -196,8 +196,8 @@ def collect(state: AppState, keys: list[str], args: tuple) -> list:
 
 def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
     """Wires the form's own events and returns ``add`` (the "Add to queue" handler, taking the
-    session id and the form values in ``keys`` order) and ``on_model`` for the page's load event.
-    ``on_added(session)`` returns the queue view updates after jobs are added."""
+    session id, the queue's shown choices and the form values in ``keys`` order) and ``on_model`` for the page's load event.
+    ``on_added(session, shown)`` returns the queue view updates after jobs are added."""
     keys = form_keys(c)
     model_outputs = ["task", "resolution", "width", "height", "frames", "steps", "guidance",
                      "guidance_high_noise", "shift", "sampler", "fps", *TASK_INPUT_FIELDS]
@@ -216,15 +216,15 @@ def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
         c[k].change(lambda m, p: plan_text(state, m, p), [c["model"], c["profile"]], c["plan"])
     c["random_seed"].click(lambda: -1, None, c["seed"])
 
-    def add(session_id, *args):
+    def add(session_id, shown, *args):
         from wan.engine.request import RequestError
         try:
             requests = collect(state, keys, args)
             jobs = [state.queue.add(r.to_dict(), session_id) for r in requests]
         except (RequestError, ValueError) as e:
-            return [f"⚠️ {e}", *on_added(session_id)]
+            return [f"⚠️ {e}", *on_added(session_id, shown)]
         names = ", ".join(j.id for j in jobs)
-        return [f"Queued {len(jobs)} job{'s' if len(jobs) > 1 else ''}: {names}", *on_added(session_id)]
+        return [f"Queued {len(jobs)} job{'s' if len(jobs) > 1 else ''}: {names}", *on_added(session_id, shown)]
     return SimpleNamespace(keys=keys, add=add, on_model=on_model, model_outputs=model_outputs)
 
 

@@ -37,8 +37,7 @@ def table(state: AppState, session: str) -> list[list]:
 
 
 def pickable(state: AppState) -> list[tuple[str, str]]:
-    return [(f"{j.id} · {STATUS_MARK.get(j.status, j.status)} · {j.label}", j.id)
-            for j in state.queue.jobs(include_finished=True)]
+    return [(f"{j.id} · {j.label}", j.id) for j in state.queue.jobs(include_finished=True)]
 
 
 def running_view(state: AppState) -> tuple[str, str | None]:
@@ -64,27 +63,32 @@ def render() -> dict:
         ui["remove"] = gr.Button("Remove", elem_id="job-remove", scale=1)
         ui["abort"] = gr.Button("Abort running job", variant="stop", elem_id="abort", scale=1)
     ui["message"] = gr.Markdown("", elem_id="queue-message")
+    ui["shown"] = gr.State(None)  # the picker's choices as last sent to this session
     return ui
 
 
-def views(state: AppState, session: str, picked: str | None, shown_choices: list | None = None,
-          choices: list | None = None) -> list:
-    """[status, preview, table, pick] as updates. The job picker is left alone when its choices
-    have not changed (``shown_choices``: what it shows now), so a timer refresh never closes it
-    under the user's pointer."""
+def views(state: AppState, session: str, picked: str | None, shown: list | None = None) -> list:
+    """[status, preview, table, pick, shown choices] as updates (the order of ``outputs(ui)``).
+
+    The job picker is left alone when its choices have not changed since they were last sent
+    (``shown``, kept in a per-session state), so a timer refresh never closes it under the
+    user's pointer."""
     text, preview = running_view(state)
-    choices = pickable(state) if choices is None else choices
-    if shown_choices is not None and [list(c) for c in choices] == [list(c) for c in shown_choices]:
+    choices = [list(c) for c in pickable(state)]
+    if shown is not None and choices == [list(c) for c in shown]:
         pick = gr.update()
     else:
-        pick = gr.update(choices=choices, value=picked if picked in {v for _, v in choices} else None)
-    return [text, preview, table(state, session), pick]
+        pick = gr.update(choices=[tuple(c) for c in choices],
+                         value=picked if picked in {v for _, v in choices} else None)
+    return [text, preview, table(state, session), pick, choices]
+
+
+def outputs(ui: dict) -> list:
+    return [ui["status"], ui["preview"], ui["table"], ui["pick"], ui["shown"]]
 
 
 def listen(state: AppState, ui: dict, session) -> None:
-    outputs = [ui["status"], ui["preview"], ui["table"], ui["pick"]]
-
-    def act(what, job_id, session_id):
+    def act(what, job_id, session_id, shown):
         try:
             if what == "abort":
                 running = state.queue.running()
@@ -102,6 +106,7 @@ def listen(state: AppState, ui: dict, session) -> None:
                 msg = f"Moved {job_id} {what}."
         except ValueError as e:
             msg = f"⚠️ {e}"
-        return [msg, *views(state, session_id, job_id)]
+        return [msg, *views(state, session_id, job_id, shown)]
     for what in ("up", "down", "remove", "abort"):
-        ui[what].click(lambda j, s, w=what: act(w, j, s), [ui["pick"], session], [ui["message"], *outputs])
+        ui[what].click(lambda j, s, shown, w=what: act(w, j, s, shown), [ui["pick"], session, ui["shown"]],
+                       [ui["message"], *outputs(ui)])
