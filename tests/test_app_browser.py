@@ -223,3 +223,15 @@ def test_two_sessions_each_get_their_own_results(chromium, studio):
     assert all(saved[j]["status"] == "done" for j in jobs[0] + jobs[1])
     for p in pages:
         p.context.close()
+
+
+def test_a_two_expert_model_shows_its_second_guidance_and_runs(page, studio):
+    assert not page.locator("#guidance-high-noise").is_visible()
+    choose(page, "model", "TEST tiny Wan 2.2 two-expert t2v (A14B-style) [test model]")
+    page.wait_for_selector("#guidance-high-noise", state="visible")
+    set_number(page, "guidance-high-noise", 6.5)
+    set_number(page, "steps", 4)
+    job = job_id_of(add_job(page, "two experts"))
+    wait_for_status(page, job, "done")
+    req = request_of(outputs_of(studio, job)[0])
+    assert req.model == "test-tiny-t2v-a14b" and req.guidance_high_noise == 6.5 and req.boundary is not None

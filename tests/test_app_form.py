@@ -117,3 +117,16 @@ print('torch' in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_queue_progress_names_step_eta_and_expert():
+    from wan.app.jobqueue import Job, JobProgress
+    from wan.app.ui_queue import progress_text
+    job = Job(id="j1", session="s", request={}, label="t2v: x", status="running")
+    assert progress_text(job) == "loading models..."
+    job.progress = JobProgress(step=3, total=20, expert="high_noise", eta_s=12.4, elapsed_s=5.0)
+    assert progress_text(job) == "step 3/20 · high-noise expert · ETA 12 s"
+    job.progress = JobProgress(step=5, total=20, expert="transformer", eta_s=3.0, elapsed_s=5.0)
+    assert progress_text(job) == "step 5/20 · ETA 3 s"
+    failed = Job(id="j2", session="s", request={}, label="x", status="failed", error="loras: 'a': no")
+    assert progress_text(failed) == "loras: 'a': no"
