@@ -52,15 +52,19 @@ def test_errors_name_the_form_field():
 def test_a_request_goes_back_into_the_form_and_out_again_unchanged():
     req = GenerationRequest(model="test-tiny-t2v", prompt="round trip", task="t2v", width=64, height=64, frames=9,
                             steps=3, guidance=4.0, shift=3.0, sampler="euler", seed=77, negative_prompt="blurry",
-                            fps=16, quality=7, profile="fast_preview",
-                            loras=[LoraChoice("test/a.safetensors", "1,0.5"), LoraChoice("test/b.safetensors", "0.3")],
+                            fps=16, quality=7, profile="fast_preview", cpu_noise=True, trim_tail=2,
+                            name_template="{seed}_{prompt}", save_latents=True,
+                            loras=[LoraChoice("test/a.safetensors", "1,0.5", include=["^blocks\\.0\\."]),
+                                   LoraChoice("test/b.safetensors", "0.3")],
                             profile_overrides={"step_savers.teacache.enabled": True, "step_savers.teacache.speedup": 2.0,
                                                "memory.offload": "blocks", "step_savers.slg.mode": "original",
                                                "step_savers.slg.layers": [9, 10]})
     values = request_to_form(req, sizes=((64, 64), (96, 64)))
     assert values["resolution"] == "64x64" and values["teacache"] == "on" and values["slg_layers"] == "9 10"
     (again,) = form_to_requests(values)
-    assert again == req
+    assert again == req  # every field, those without a control too (carried in "extra")
+    two = GenerationRequest(model="test-tiny-t2v-a14b", prompt="experts", guidance_high_noise=4.0, boundary=0.9)
+    assert form_to_requests(request_to_form(two))[0] == two
     custom = request_to_form(req.replace(width=128, height=32), sizes=((64, 64),))
     assert custom["resolution"] == "custom" and form_to_requests(custom)[0].width == 128
 
@@ -130,3 +134,41 @@ def test_queue_progress_names_step_eta_and_expert():
     assert progress_text(job) == "step 5/20 · ETA 3 s"
     failed = Job(id="j2", session="s", request={}, label="x", status="failed", error="loras: 'a': no")
     assert progress_text(failed) == "loras: 'a': no"
+
+
+def test_settings_from_a_file_keep_only_this_servers_inputs(tmp_path):
+    from wan.app.settings import ServerSettings
+    from wan.app.state import AppState
+    state = AppState(ServerSettings(output_dir=str(tmp_path / "out"), state_dir=str(tmp_path / "state")),
+                     engine_factory=lambda: None)
+    ours = state.uploads_dir / "0123456789abcdef0123456789abcdef.png"
+    ours.write_bytes(b"png")
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"x")
+    req = GenerationRequest(model="test-tiny-vace", prompt="x", task="vace", control_video=str(secret),
+                            ref_images=[str(ours), "/etc/passwd"])
+    kept, dropped = state.keep_own_inputs(req)
+    assert kept.control_video is None and kept.ref_images == [str(ours)] and dropped == ["control_video", "ref_images"]
+    assert state.keep_own_inputs(kept)[1] == []
+
+
+def test_the_settings_tab_saves_changes_only_and_guards_an_exposed_server(tmp_path):
+    import yaml
+
+    from wan.app.settings import ServerSettings
+    from wan.app.state import AppState
+    from wan.app.ui_settings import changed_settings, save_changes
+    config = tmp_path / "wan_studio.yaml"
+    config.write_text("lora_dir: my_loras\n")
+    local = AppState(ServerSettings(output_dir=str(tmp_path / "o"), state_dir=str(tmp_path / "s"), compile=True),
+                     engine_factory=lambda: None)  # compile came from a flag at this start
+    names = ["compile", "output_dir", "verbose"]
+    changed = changed_settings(local, names, [True, str(tmp_path / "o"), True])
+    assert changed == {"verbose": True}
+    save_changes(local, changed, config)
+    assert yaml.safe_load(config.read_text()) == {"lora_dir": "my_loras", "verbose": True}  # no flag persisted
+    public = AppState(ServerSettings(output_dir=str(tmp_path / "o"), state_dir=str(tmp_path / "s"), share=True),
+                      engine_factory=lambda: None)
+    with pytest.raises(ValueError, match="output_dir: cannot be changed from the page"):
+        changed_settings(public, names, [False, "/", False])
+    assert changed_settings(public, names, [False, str(tmp_path / "o"), True]) == {"verbose": True}

@@ -75,11 +75,15 @@ def test_store_upload_uses_a_random_name_inside_the_folder(tmp_path, evil):
     assert not (tmp_path / "etc").exists()
 
 
-def test_store_upload_name_from_src_and_distinct_names(tmp_path):
+def test_store_upload_names_by_content(tmp_path):
+    """Same content -> the same stored file (no copy per "Add"); other content -> another name."""
     src = _file(tmp_path / "in" / "clip.MP4")
     a = store_upload(src, tmp_path / "up", "video", 100)
     b = store_upload(str(src), tmp_path / "up", "video", 100)
-    assert a != b and a.suffix == b.suffix == ".mp4"
+    assert a == b and a.suffix == ".mp4" and len(list((tmp_path / "up").iterdir())) == 1
+    other = tmp_path / "in" / "other.mp4"
+    other.write_bytes(b"different content")
+    assert store_upload(other, tmp_path / "up", "video", 100) != a
     lora = store_upload(_file(tmp_path / "in" / "style.safetensors"), tmp_path / "up", "lora", 100)
     assert lora.suffix == ".safetensors"
 

@@ -540,3 +540,13 @@ def test_an_engine_that_cannot_be_imported_fails_each_job(tmp_path, runner, monk
         assert job.status == "failed" and job.error.startswith("ModuleNotFoundError")
     assert [j["status"] for j in saved(q.path)] == ["failed", "failed"]
     q.stop(TIMEOUT)
+
+
+def test_a_prompt_with_a_lone_surrogate_is_saved_and_the_queue_goes_on(tmp_path):
+    """Some editors paste half a surrogate pair; the file must still be written, and read back."""
+    q = JobQueue(tmp_path / "q.json", lambda job, progress, cancel: RunOutcome())
+    job = q.add({"prompt": "snow \ud83e fox"}, "s")
+    q.add({"prompt": "next"}, "s")
+    again = JobQueue(tmp_path / "q.json", lambda job, progress, cancel: RunOutcome())
+    assert [j.request["prompt"] for j in again.jobs()] == ["snow \ud83e fox", "next"]
+    assert again.get(job.id) is not None

@@ -46,6 +46,10 @@ def lora_file(kind, shapes, seed=0):
             w = LoraWeights(kind="lora", down=torch.randn(r, in_f, generator=g) * 0.1,
                             up=torch.randn(out_f, r, generator=g) * 0.1, alpha=2.0,
                             diff_b=torch.randn(out_f, generator=g) * 0.01)
+        elif kind == "lora+diff":  # a low-rank pair that also carries a full .diff (some distillation LoRAs)
+            w = LoraWeights(kind="lora", down=torch.randn(r, in_f, generator=g) * 0.1,
+                            up=torch.randn(out_f, r, generator=g) * 0.1, alpha=2.0,
+                            diff=torch.randn(out_f, in_f, generator=g) * 0.01)
         elif kind == "full":
             w = LoraWeights(kind="full", diff=torch.randn(out_f, in_f, generator=g) * 0.01)
         elif kind == "loha":
@@ -76,6 +80,8 @@ def merged_by_hand(model, lora, mult):
             W = lin.weight.double()
             if w.kind == "lora":
                 delta = (w.up.double() @ w.down.double()) * (w.alpha / w.down.shape[0])
+                if w.diff is not None:
+                    delta = delta + w.diff.double()
             elif w.kind == "loha":
                 delta = (w.w1a.double() @ w.w1b.double()) * (w.w2a.double() @ w.w2b.double()) * (w.alpha / w.w1b.shape[0])
             else:
@@ -89,7 +95,7 @@ def merged_by_hand(model, lora, mult):
     return m
 
 
-@pytest.mark.parametrize("kind", ["lora", "full", "loha", "dora"])
+@pytest.mark.parametrize("kind", ["lora", "lora+diff", "full", "loha", "dora"])
 def test_runtime_lora_equals_hand_merge_and_detach_restores(model, kind):
     """Includes blocks.1.ffn.0, whose fused matmul + GELU must step aside for the LoRA's hook."""
     base = run(model)

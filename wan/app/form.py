@@ -50,6 +50,9 @@ PICKER_CHOICES = {
 # request fields copied as they are (None or "" meaning "the model's default" where allowed)
 PLAIN_FIELDS = ("model", "task", "negative_prompt", "frames", "steps", "guidance", "guidance_high_noise", "boundary",
                 "shift", "sampler", "strength", "vace_scale", "fps", "quality", "profile")
+# request fields the form has no control for: carried as they are in the hidden ``extra`` value, so
+# loading an output's settings and queueing them again reproduces it (cpu_noise changes the noise)
+EXTRA_FIELDS = ("cpu_noise", "trim_tail", "name_template", "save_latents")
 INT_FIELDS = ("frames", "steps", "fps", "quality", "seed", "width", "height", "cfg_zero_init_steps")
 
 
@@ -105,13 +108,15 @@ def _overrides(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _loras(values: Mapping[str, Any]) -> list[LoraChoice]:
+    patterns = (values.get("extra") or {}).get("lora_patterns", {})  # path -> [include, exclude]
     names = list(values.get("loras") or [])
     mults = str(values.get("lora_multipliers") or "").split()
     if mults and len(mults) != len(names):
         raise RequestError("lora_multipliers", values.get("lora_multipliers"),
                            f"one entry per selected LoRA ({len(names)} selected), separated by spaces, "
                            "e.g. 1.0 0.8,0.6 1;0")
-    return [LoraChoice(name, mults[i] if mults else "1.0") for i, name in enumerate(names)]
+    return [LoraChoice(name, mults[i] if mults else "1.0", *map(list, patterns.get(name, ([], []))))
+            for i, name in enumerate(names)]
 
 
 def form_to_requests(values: Mapping[str, Any]) -> list[GenerationRequest]:
@@ -140,6 +145,8 @@ def form_to_requests(values: Mapping[str, Any]) -> list[GenerationRequest]:
     fields["strength"] = fields["strength"] if fields["strength"] is not None else 0.75
     fields["vace_scale"] = fields["vace_scale"] if fields["vace_scale"] is not None else 1.0
     fields["quality"] = fields["quality"] if fields["quality"] is not None else 8
+    extra = values.get("extra") or {}
+    fields.update({k: extra[k] for k in EXTRA_FIELDS if k in extra})
     fields["profile_overrides"] = _overrides(values)
     fields["loras"] = _loras(values)
     prompt = str(values.get("prompt") or "")
@@ -173,6 +180,8 @@ def request_to_form(req: GenerationRequest, sizes=()) -> dict[str, Any]:
     values[key] = " ".join(map(str, layers)) if layers else ""
     values["overrides"] = "\n".join(f"{k}={_yaml_value(v)}" for k, v in overrides.items())
     values["loras"] = [lo.path for lo in req.loras]
+    values["extra"] = {k: getattr(req, k) for k in EXTRA_FIELDS}
+    values["extra"]["lora_patterns"] = {lo.path: [lo.include, lo.exclude] for lo in req.loras if lo.include or lo.exclude}
     values["lora_multipliers"] = " ".join(lo.multiplier for lo in req.loras)
     return values
 

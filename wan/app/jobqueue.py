@@ -465,7 +465,9 @@ class JobQueue:
     def _serialise(self) -> str:
         """The file's text: one job per line, readable, and fast (json's C encoder skips ``indent``)."""
         head = json.dumps({"version": FILE_VERSION, "saved": time.time()})[:-1]
-        jobs = ",\n".join(json.dumps(j._record(), ensure_ascii=False) for j in self._ordered(True))
+        # ASCII escapes: a prompt with a lone surrogate (pasted from some editors) cannot be encoded
+        # as UTF-8, and one such prompt must never stop the whole queue from being saved
+        jobs = ",\n".join(json.dumps(j._record()) for j in self._ordered(True))
         return f'{head}, "jobs": [\n{jobs}\n]}}\n'
 
     def _publish(self, pending: tuple) -> None:
@@ -478,7 +480,7 @@ class JobQueue:
                     try:
                         _write_atomic(self.path, text)
                         self._written = seq
-                    except OSError:
+                    except (OSError, ValueError):
                         log.exception("job queue: could not save %s; the queue goes on in memory", self.path)
         for event, job in events:
             for listener in listeners:

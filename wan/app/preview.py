@@ -16,7 +16,7 @@ import torch
 
 def latent_preview(latent: torch.Tensor, scale: int = 8) -> np.ndarray:
     """[C, F, H, W] latent -> [H*scale, W*scale, 3] uint8 picture of its middle frame."""
-    frame = latent[:, latent.shape[1] // 2].float()            # [C, H, W]
+    frame = latent[:, latent.shape[1] // 2].detach().float().cpu()  # [C, H, W]
     c, h, w = frame.shape
     pixels = frame.reshape(c, h * w)
     pixels = pixels - pixels.mean(dim=1, keepdim=True)
@@ -29,6 +29,17 @@ def latent_preview(latent: torch.Tensor, scale: int = 8) -> np.ndarray:
     rgb = (rgb - lo) / (hi - lo).clamp_min(1e-6)
     img = (rgb * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return img.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def read_preview(path: Path) -> np.ndarray | None:
+    """The preview picture as pixels (None if it is gone): sent to the page as data, so the
+    previews folder never needs to be served and a file removed mid-read costs nothing."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError):
+        return None
 
 
 def write_preview(latent: torch.Tensor, dest: Path) -> Path:

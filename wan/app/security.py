@@ -17,11 +17,11 @@ No gradio or torch import here: the request types are imported only when a reque
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
 import unicodedata
-import uuid
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -54,7 +54,6 @@ MAX_STEPS = 200
 MAX_PROMPT_CHARS = 10_000
 MAX_REF_IMAGES = 16
 MAX_LORAS = 8
-INPUT_FIELDS = ("image", "end_image", "video", "control_video", "mask_video", "ref_images")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +134,10 @@ def _upload_suffix(name: str, kind: str) -> str:
 
 def store_upload(src: str | os.PathLike, uploads_dir: Path, kind: str, max_bytes: int,
                  original_name: str | None = None) -> Path:
-    """Copies an uploaded file to ``uploads_dir/<random hex><suffix>``; returns that absolute path.
+    """Copies an uploaded file to ``uploads_dir/<hex><suffix>``; returns that absolute path.
+
+    The name is the first 32 hex digits of the content's SHA-256: unguessable without the
+    content itself, and the same picture sent twice (every "Add" re-sends the form) is stored once.
 
     Args:
         src: the file gradio received (in its temp folder).
@@ -163,29 +165,35 @@ def store_upload(src: str | os.PathLike, uploads_dir: Path, kind: str, max_bytes
         raise ValueError(f"upload {_short_repr(name)} is empty (0 bytes)")
     folder = Path(os.path.realpath(Path(uploads_dir).expanduser()))
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{uuid.uuid4().hex}{suffix}"
     fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            _copy_limited(inp, out, max_bytes, name)
+            digest = _copy_limited(inp, out, max_bytes, name)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, final)
+        final = folder / f"{digest[:32]}{suffix}"
+        if final.is_file():  # already stored: same content, same name
+            Path(tmp).unlink()
+        else:
+            os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return final
 
 
-def _copy_limited(inp, out, max_bytes: int, name: str) -> None:
-    """Copies in chunks, stopping if the source grows past the limit while it is read."""
-    copied = 0
+def _copy_limited(inp, out, max_bytes: int, name: str) -> str:
+    """Copies in chunks, stopping if the source grows past the limit while it is read; returns
+    the SHA-256 hex digest of what was copied."""
+    copied, digest = 0, hashlib.sha256()
     while chunk := inp.read(1 << 20):
         copied += len(chunk)
         if copied > max_bytes:
             raise ValueError(f"upload {_short_repr(name)} grew past the limit of "
                              f"{max_bytes / 2**20:.1f} MB while it was copied (--max-upload-mb)")
         out.write(chunk)
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_stored_upload(path: str | os.PathLike, settings: ServerSettings) -> bool:
@@ -253,6 +261,7 @@ def check_request_paths(request: GenerationRequest, settings: ServerSettings) ->
     from wan.engine.request import RequestError
 
     readable = allowed_paths(settings)
+    from wan.engine.request import INPUT_FIELDS  # plain data, no torch
     for field_name in INPUT_FIELDS:
         value = getattr(request, field_name)
         for path in [value] if isinstance(value, str) else value or []:

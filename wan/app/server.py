@@ -71,17 +71,18 @@ def _wire(demo, state, session, form, loras, add, message, queue, gallery) -> No
         choices, table = ui_loras.lora_rows(state, model_id)
         return [session_id, *updates, gr.update(choices=choices), table,
                 ui_generate.plan_text(state, model_id, state.settings.profile or "default"),
-                *ui_queue.views(state, session_id, None), ui_gallery.items(state, session_id, False)]
+                *ui_queue.views(state, session_id, None), *[ui_gallery.items(state, session_id, False)] * 2]
     demo.load(start, [session, form["model"]],
               [session, *[form[k] for k in generate.model_outputs], form["loras"], loras["table"], form["plan"],
-               *queue_outputs, gallery["gallery"]])
+               *queue_outputs, gallery["gallery"], gallery["shown"]])
 
     timer = gr.Timer(1.0)
-    shown = gr.State(None)  # the gallery's items as last sent
+    shown = gallery["shown"]
 
     def tick(session_id, picked, show_all, last_items, last_choices):
-        items = ui_gallery.items(state, session_id, show_all)
-        views = ui_queue.views(state, session_id, picked, last_choices)
+        jobs = state.queue.jobs()  # one snapshot for the whole refresh
+        items = ui_gallery.items(state, session_id, show_all, jobs)
+        views = ui_queue.views(state, session_id, picked, last_choices, jobs)
         return [*views, gr.update() if items == last_items else items, items]
     timer.tick(tick, [session, queue["pick"], gallery["show_all"], shown, queue["shown"]],
                [*queue_outputs, gallery["gallery"], shown], show_progress="hidden")
@@ -128,14 +129,14 @@ def _api(state: AppState) -> None:
 def serve(settings: ServerSettings, config_path: str | Path | None = None) -> None:
     """Builds the app, starts the queue's worker and serves until interrupted."""
     from wan.app.security import allowed_paths, blocked_paths
-    from wan.app.settings import find_port, read_auth, share_warning
+    from wan.app.settings import find_port, listen_warning, read_auth, share_warning
     logging.basicConfig(level=logging.DEBUG if settings.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):  # one line per request gradio makes to itself
         logging.getLogger(noisy).setLevel(logging.DEBUG if settings.verbose else logging.WARNING)
-    warning = share_warning(settings)
-    if warning:
-        print(f"warning: {warning}", flush=True)
+    for warning in (share_warning(settings), listen_warning(settings)):
+        if warning:
+            print(f"warning: {warning}", flush=True)
     port, note = find_port(settings.host, settings.server_port)
     if note:
         print(note, flush=True)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 from wan.app.jobqueue import Job, JobQueue, RunOutcome
+from wan.app.security import uploads_dir
 from wan.app.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 QUEUE_FILE = "queue.json"
+PREVIEW_INTERVAL_S = 1.0
 
 
 class AppState:
@@ -25,7 +28,7 @@ class AppState:
     def __init__(self, settings: ServerSettings, engine_factory=None):
         self.settings = settings
         self.state_dir = Path(settings.state_dir).resolve()
-        self.uploads_dir = self.state_dir / "uploads"
+        self.uploads_dir = uploads_dir(settings)
         self.previews_dir = self.state_dir / "previews"
         self.output_dir = Path(settings.output_dir).resolve()
         for folder in (self.uploads_dir, self.previews_dir, self.output_dir):
@@ -39,7 +42,9 @@ class AppState:
 
     def _default_engine(self):
         from wan.engine import Engine
-        return Engine(checkpoint_dir=self.settings.checkpoint_dir, lora_dir=self.settings.lora_dir)
+        engine = Engine(checkpoint_dir=self.settings.checkpoint_dir, lora_dir=self.settings.lora_dir)
+        engine.lora_names_only = True  # clients name LoRAs inside the LoRA folder, never other files
+        return engine
 
     @property
     def engine(self):
@@ -67,9 +72,8 @@ class AppState:
         Raises:
             RequestError: naming the field.
         """
-        from wan.app.security import check_request_limits, check_request_paths
+        from wan.app.security import check_request_limits, check_request_paths, is_inside
         overrides = {**self.server_overrides(), **request.profile_overrides}
-        from wan.app.security import is_inside
         inside = isinstance(request.output_dir, str) and is_inside(request.output_dir, self.output_dir)
         request = request.replace(output_dir=str(Path(request.output_dir).resolve()) if inside else str(self.output_dir),
                                   profile_overrides=overrides,
@@ -83,20 +87,39 @@ class AppState:
         from wan.app.security import is_inside
         return is_inside(path, self.uploads_dir) or is_inside(path, self.output_dir)
 
+    def keep_own_inputs(self, request):
+        """``request`` with every input file that is not this server's dropped (settings loaded from
+        a file may name any path: the form must never make the server read or serve it), and the
+        names of the fields that lost a file."""
+        from wan.engine.request import INPUT_FIELDS
+        changes, dropped = {}, []
+        for name in INPUT_FIELDS:
+            value = getattr(request, name)
+            paths = [value] if isinstance(value, str) else list(value or [])
+            kept = [p for p in paths if isinstance(p, str) and Path(p).is_file() and self.is_ours(p)]
+            if len(kept) != len(paths):
+                dropped.append(name)
+                changes[name] = kept if name == "ref_images" else (kept[0] if kept else None)
+        return request.replace(**changes), dropped
+
     def run_job(self, job: Job, progress, cancel) -> RunOutcome:
         """The queue's runner: one job through the engine."""
         from wan.app.preview import write_preview
         from wan.engine.request import GenerationRequest
         request = self.prepare(GenerationRequest.from_dict(job.request))
         preview = self.previews_dir / f"{job.id}.png"
+        last = [0.0]
 
         def on_step(info) -> None:
             progress(info)
-            if info.latent is not None:
+            # at most one preview a second: each one copies the latent off the device and encodes a PNG
+            if info.latent is not None and time.monotonic() - last[0] >= PREVIEW_INTERVAL_S:
+                last[0] = time.monotonic()
                 try:
                     write_preview(info.latent[0] if info.latent.dim() == 5 else info.latent, preview)
-                except Exception:  # a preview is a nicety: never fail a job over it
-                    log.debug("preview failed", exc_info=True)
+                except Exception:  # a preview is a nicety: never fail a job over it; say so once
+                    log.warning("latent preview failed; no more previews for job %s", job.id, exc_info=True)
+                    last[0] = float("inf")
         try:
             result = self.engine.generate(request, progress=on_step, cancel=cancel)
         finally:

@@ -19,11 +19,11 @@ SHOWN_SUFFIXES = (".mp4", ".png", ".jpg", ".webp")
 MAX_ITEMS = 200
 
 
-def session_outputs(state: AppState, session: str) -> list[str]:
-    """Files of this session's finished jobs, newest first."""
+def session_outputs(state: AppState, session: str, jobs: list | None = None) -> list[str]:
+    """Files of this session's finished jobs, newest first (from ``jobs``, a queue snapshot)."""
     files = []
-    for job in state.queue.jobs(session=session, include_finished=True):
-        if job.status == "done":
+    for job in state.queue.jobs(session=session) if jobs is None else jobs:
+        if job.status == "done" and job.session == session:
             files += [f for f in job.files if Path(f).suffix.lower() in SHOWN_SUFFIXES and Path(f).is_file()]
     return files[:MAX_ITEMS]
 
@@ -35,8 +35,8 @@ def folder_outputs(state: AppState) -> list[str]:
     return [str(p) for p in found[:MAX_ITEMS]]
 
 
-def items(state: AppState, session: str, show_all: bool) -> list[str]:
-    return folder_outputs(state) if show_all else session_outputs(state, session)
+def items(state: AppState, session: str, show_all: bool, jobs: list | None = None) -> list[str]:
+    return folder_outputs(state) if show_all else session_outputs(state, session, jobs)
 
 
 def settings_of(path: str | None) -> tuple[str, object]:
@@ -58,6 +58,7 @@ def render() -> dict:
                                  elem_id="show-all")
     ui["gallery"] = gr.Gallery([], label="Outputs", columns=4, height=420, elem_id="gallery", interactive=False)
     ui["selected"] = gr.State(None)
+    ui["shown"] = gr.State(None)  # the items as last sent to this session (what a click indexes)
     with gr.Row():
         ui["load"] = gr.Button("Load these settings into the form", elem_id="load-settings")
         ui["drop"] = gr.File(label="Drop an earlier output here to restore its settings",
@@ -71,21 +72,30 @@ def listen(state: AppState, ui: dict, session, load_request) -> None:
     """``load_request(request)`` returns the form updates for a request (``ui_generate.load_into_form``)
     plus the message; the caller gives the form's components as ``ui["form_outputs"]``."""
     def refresh(session_id, show_all):
-        return items(state, session_id, show_all)
-    ui["show_all"].change(refresh, [session, ui["show_all"]], ui["gallery"])
+        now = items(state, session_id, show_all)
+        return now, now
+    ui["show_all"].change(refresh, [session, ui["show_all"]], [ui["gallery"], ui["shown"]])
 
-    def select(evt: gr.SelectData, session_id, show_all):
-        shown = items(state, session_id, show_all)
+    def select(evt: gr.SelectData, shown):
+        # index what the browser shows (the list as last sent), not a list made now: a job that
+        # finished in between would shift every index by one
+        shown = shown or []
         path = shown[evt.index] if isinstance(evt.index, int) and evt.index < len(shown) else None
         text, _ = settings_of(path)
         return path, text
-    ui["gallery"].select(select, [session, ui["show_all"]], [ui["selected"], ui["settings"]])
+    ui["gallery"].select(select, ui["shown"], [ui["selected"], ui["settings"]])
+
+    def own_inputs(request) -> tuple[object, str]:
+        request, dropped = state.keep_own_inputs(request)
+        note = f" Input files not on this server were left out: {', '.join(dropped)}." if dropped else ""
+        return request, note
 
     def load(path):
         _, request = settings_of(path)
         if request is None:
             return [*load_request(None), "⚠️ select an output made by Wan Studio first"]
-        return [*load_request(request), f"Loaded the settings of {Path(path).name}."]
+        request, note = own_inputs(request)
+        return [*load_request(request), f"Loaded the settings of {Path(path).name}.{note}"]
     ui["load"].click(load, ui["selected"], [*ui["form_outputs"], ui["message"]])
 
     def dropped(file):
@@ -93,5 +103,6 @@ def listen(state: AppState, ui: dict, session, load_request) -> None:
         text, request = settings_of(path)
         if request is None:
             return [*load_request(None), f"⚠️ {text.lstrip('/ ')}", text]
-        return [*load_request(request), f"Restored the settings of the dropped file {Path(path).name}.", text]
+        request, note = own_inputs(request)
+        return [*load_request(request), f"Restored the settings of the dropped file {Path(path).name}.{note}", text]
     ui["drop"].upload(dropped, ui["drop"], [*ui["form_outputs"], ui["message"], ui["settings"]])

@@ -88,6 +88,7 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
         c["guidance"] = gr.Number(label="Guidance", elem_id="guidance")
         c["guidance_high_noise"] = gr.Number(label="Guidance (high-noise expert)", visible=False,
                                              elem_id="guidance-high-noise")
+        c["boundary"] = gr.Number(label="Expert switch (fraction of 1000)", visible=False, elem_id="boundary")
         c["shift"] = gr.Number(label="Shift", elem_id="shift")
         c["sampler"] = gr.Dropdown(["unipc", "dpm++", "euler"], label="Sampler", elem_id="sampler")
     with gr.Row():
@@ -114,6 +115,7 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
             c["cfg_zero_star"] = gr.Dropdown(list(PICKER_CHOICES["cfg_zero_star"]), value=KEEP, label="CFG-Zero*")
             c["cfg_zero_init_steps"] = gr.Number(0, precision=0, label="Zero-init steps")
             c["riflex"] = gr.Dropdown(list(PICKER_CHOICES["riflex"]), value=KEEP, label="RIFLEx (long clips)")
+        c["extra"] = gr.State({})  # request fields without a control, kept from loaded settings
         c["overrides"] = gr.Textbox(label="More profile overrides, one KEY=VALUE per line "
                                           "(e.g. memory.offload=blocks)", lines=2, elem_id="overrides")
     return c
@@ -137,6 +139,7 @@ def apply_model(state: AppState, model_id: str, task: str | None = None) -> dict
         "width": gr.update(value=w, visible=False), "height": gr.update(value=h, visible=False),
         "frames": gr.update(value=1 if task == "t2i" else d.frames), "steps": d.steps, "guidance": d.guidance,
         "guidance_high_noise": gr.update(value=d.guidance_high_noise, visible=spec.is_two_expert),
+        "boundary": gr.update(value=d.boundary, visible=spec.is_two_expert),
         "shift": d.shift_for((w, h)), "sampler": d.sampler, "fps": d.fps,
     }
     updates.update(task_updates(task))
@@ -200,7 +203,7 @@ def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
     ``on_added(session, shown)`` returns the queue view updates after jobs are added."""
     keys = form_keys(c)
     model_outputs = ["task", "resolution", "width", "height", "frames", "steps", "guidance",
-                     "guidance_high_noise", "shift", "sampler", "fps", *TASK_INPUT_FIELDS]
+                     "guidance_high_noise", "boundary", "shift", "sampler", "fps", *TASK_INPUT_FIELDS]
 
     def on_model(model_id, task):
         u = apply_model(state, model_id, task)
@@ -218,11 +221,13 @@ def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
 
     def add(session_id, shown, *args):
         from wan.engine.request import RequestError
+        jobs = []
         try:
-            requests = collect(state, keys, args)
-            jobs = [state.queue.add(r.to_dict(), session_id) for r in requests]
+            for r in collect(state, keys, args):
+                jobs.append(state.queue.add(r.to_dict(), session_id))
         except (RequestError, ValueError) as e:
-            return [f"⚠️ {e}", *on_added(session_id, shown)]
+            done = f" ({len(jobs)} queued before it: {', '.join(j.id for j in jobs)})" if jobs else ""
+            return [f"⚠️ {e}{done}", *on_added(session_id, shown)]
         names = ", ".join(j.id for j in jobs)
         return [f"Queued {len(jobs)} job{'s' if len(jobs) > 1 else ''}: {names}", *on_added(session_id, shown)]
     return SimpleNamespace(keys=keys, add=add, on_model=on_model, model_outputs=model_outputs)
@@ -240,7 +245,9 @@ def load_into_form(state: AppState, c: dict, request) -> list:
         u = model_updates.get(k)
         if k in values:
             v = values[k]
-            if k in ("width", "height"):
+            if k == "extra":
+                out.append(v)  # a State takes the value itself
+            elif k in ("width", "height"):
                 out.append(gr.update(value=v, visible=values["resolution"] == CUSTOM))
             elif isinstance(u, dict):
                 out.append({**u, "value": v})

@@ -28,26 +28,27 @@ def progress_text(job) -> str:
     return f"step {p.step}/{p.total}{expert} · ETA {p.eta_s:.0f} s"
 
 
-def table(state: AppState, session: str) -> list[list]:
+def table(jobs: list, session: str) -> list[list]:
     rows = []
-    for i, job in enumerate(state.queue.jobs(include_finished=True)):
+    for i, job in enumerate(jobs):
         who = "you" if job.session == session else ("API" if job.session == "api" else "another session")
         rows.append([i + 1, job.id, STATUS_MARK.get(job.status, job.status), job.label, progress_text(job), who])
     return rows
 
 
-def pickable(state: AppState) -> list[tuple[str, str]]:
-    return [(f"{j.id} · {j.label}", j.id) for j in state.queue.jobs(include_finished=True)]
+def pickable(jobs: list) -> list[tuple[str, str]]:
+    return [(f"{j.id} · {j.label}", j.id) for j in jobs]
 
 
-def running_view(state: AppState) -> tuple[str, str | None]:
-    job = state.queue.running()
+def running_view(state: AppState, jobs: list) -> tuple[str, object]:
+    job = next((j for j in jobs if j.status == "running"), None)
     if job is None:
-        waiting = sum(1 for j in state.queue.jobs(include_finished=False) if j.status == "queued")
+        waiting = sum(1 for j in jobs if j.status == "queued")
         return (f"Idle. {waiting} job(s) waiting." if waiting else "Idle: the queue is empty."), None
     started = f" · running for {time.time() - job.started:.0f} s" if job.started else ""
+    from wan.app.preview import read_preview
     preview = state.preview_of(job.id)
-    return f"**{job.label}** ({job.id}): {progress_text(job)}{started}", str(preview) if preview else None
+    return f"**{job.label}** ({job.id}): {progress_text(job)}{started}", read_preview(preview) if preview else None
 
 
 def render() -> dict:
@@ -67,20 +68,23 @@ def render() -> dict:
     return ui
 
 
-def views(state: AppState, session: str, picked: str | None, shown: list | None = None) -> list:
-    """[status, preview, table, pick, shown choices] as updates (the order of ``outputs(ui)``).
+def views(state: AppState, session: str, picked: str | None, shown: list | None = None,
+          jobs: list | None = None) -> list:
+    """[status, preview, table, pick, shown choices] as updates (the order of ``outputs(ui)``),
+    all from one snapshot of the queue (``jobs``, taken here if not given).
 
     The job picker is left alone when its choices have not changed since they were last sent
     (``shown``, kept in a per-session state), so a timer refresh never closes it under the
     user's pointer."""
-    text, preview = running_view(state)
-    choices = [list(c) for c in pickable(state)]
+    jobs = state.queue.jobs() if jobs is None else jobs
+    text, preview = running_view(state, jobs)
+    choices = [list(c) for c in pickable(jobs)]
     if shown is not None and choices == [list(c) for c in shown]:
         pick = gr.update()
     else:
         pick = gr.update(choices=[tuple(c) for c in choices],
                          value=picked if picked in {v for _, v in choices} else None)
-    return [text, preview, table(state, session), pick, choices]
+    return [text, preview, table(jobs, session), pick, choices]
 
 
 def outputs(ui: dict) -> list:
@@ -91,11 +95,15 @@ def listen(state: AppState, ui: dict, session) -> None:
     def act(what, job_id, session_id, shown):
         try:
             if what == "abort":
-                running = state.queue.running()
-                if running is None:
+                # the picked job when it is still waiting or running, else the one running: never
+                # a job that merely started since the click was aimed at another
+                picked = state.queue.get(job_id) if job_id else None
+                target = picked if picked is not None and picked.status in ("queued", "running") else None
+                target = target or state.queue.running()
+                if target is None:
                     raise ValueError("no job is running")
-                state.queue.abort(running.id)
-                msg = f"Aborting {running.id}..."
+                state.queue.abort(target.id)
+                msg = f"Aborting {target.id}..."
             elif not job_id:
                 raise ValueError("pick a job first")
             elif what == "remove":

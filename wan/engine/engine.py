@@ -70,6 +70,7 @@ class Engine:
                  lora_dir: str | Path | None = "loras"):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.lora_dir = lora_dir
+        self.lora_names_only = False  # True (the web server): LoRAs only by name inside lora_dir
         self.registry = registry or default_registry()
         self.models = ModelManager(checkpoint_dir, device, dtype, variant)
 
@@ -109,7 +110,8 @@ class Engine:
                 progress(info)
 
         from wan.lora.job import prepare_loras
-        loras = prepare_loras(req.loras, nets.dits, self.lora_dir, mode=profile.lora.mode if profile else "hooks")
+        loras = prepare_loras(req.loras, nets.dits, self.lora_dir, mode=profile.lora.mode if profile else "hooks",
+                              names_only=self.lora_names_only)
         notices += loras.notices
         loras.attach(nets.dits)
         try:

@@ -76,7 +76,9 @@ class LoraRuntime:
             for p in placements:
                 if p.how == "hook":
                     for term in p.terms:
-                        if term.weights.kind != "lora":
+                        if term.weights.kind != "lora" or term.weights.diff is not None:
+                            # LyCORIS kinds, full diffs, and a low-rank pair that also carries a .diff:
+                            # one dense delta (the low-rank path alone would leave the .diff out)
                             term.dense = term.weights.delta(_weight_shape(p.module)).float()
                     self._hooks.append(p.module.register_forward_hook(self._hook(p.terms)))
                     self.hooked.append(p.name)
@@ -156,7 +158,7 @@ def _term_output(t: Term, x: torch.Tensor, m: float) -> torch.Tensor:
     w = t.weights
     down, up, dense, diff_b = _factors(t, x.device)
     xf = x.float()
-    if w.kind == "lora":
+    if dense is None:  # a plain low-rank pair
         y = F.linear(F.linear(xf, down).mul_(m * w.scale()), up)
     else:
         y = F.linear(xf, dense).mul_(m)

@@ -43,10 +43,12 @@ class JobLoras:
             rt.set_step(step, steps, expert, switch_step)
 
 
-def resolve_lora_path(path: str, lora_dir: str | Path | None) -> Path:
-    """A LoRA given as a file path, or as a name inside the LoRA folder (which it cannot leave)."""
+def resolve_lora_path(path: str, lora_dir: str | Path | None, names_only: bool = False) -> Path:
+    """A LoRA given as a file path, or as a name inside the LoRA folder (which it cannot leave).
+    ``names_only`` (the web server) accepts names inside the LoRA folder and nothing else: a client
+    must not make the server read, say, a checkpoint through a path relative to its working folder."""
     p = Path(path)
-    if p.is_file():
+    if p.is_file() and not names_only:
         return p
     if lora_dir is not None and not p.is_absolute() and ".." not in p.parts:
         candidate = (Path(lora_dir) / p).resolve()
@@ -55,7 +57,8 @@ def resolve_lora_path(path: str, lora_dir: str | Path | None) -> Path:
     raise RequestError("loras", path, f"an existing LoRA file, or a name inside the LoRA folder {lora_dir}")
 
 
-def prepare_loras(choices, dits: dict, lora_dir: str | Path | None = None, mode: str = "hooks") -> JobLoras:
+def prepare_loras(choices, dits: dict, lora_dir: str | Path | None = None, mode: str = "hooks",
+                  names_only: bool = False) -> JobLoras:
     """Loads and checks the request's LoRAs (``LoraChoice`` list) for the job's networks.
 
     ``mode``: ``hooks`` | ``merge`` | ``auto`` (= hooks), see :mod:`wan.lora.merge`; the layers a
@@ -80,7 +83,7 @@ def prepare_loras(choices, dits: dict, lora_dir: str | Path | None = None, mode:
                 multiplier.at(0, 1, "transformer")
         except ValueError as e:
             raise RequestError("loras", f"{choice.path}:{choice.multiplier}", str(e)) from None
-        path = resolve_lora_path(choice.path, lora_dir)
+        path = resolve_lora_path(choice.path, lora_dir, names_only)
         try:
             lora = load_lora(path)
         except (CheckpointError, ValueError, OSError) as e:
