@@ -67,10 +67,14 @@ class Engine:
 
     def __init__(self, checkpoint_dir: str | Path = "checkpoints", device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, registry: Registry | None = None, variant: str = "bf16",
-                 lora_dir: str | Path | None = "loras"):
+                 lora_dir: str | Path | None = "loras", magcache_dir: str | Path | None = None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.lora_dir = lora_dir
         self.lora_names_only = False  # True (the web server): LoRAs only by name inside lora_dir
+        # MagCache: per-model magnitude tables, recorded by the first MagCache job of a model
+        from wan.optim.magcache_tables import MagnitudeTables
+        self.magcache_tables = MagnitudeTables(magcache_dir if magcache_dir is not None
+                                               else Path(checkpoint_dir) / "magcache")
         self.registry = registry or default_registry()
         self.models = ModelManager(checkpoint_dir, device, dtype, variant)
 
@@ -90,11 +94,13 @@ class Engine:
         req, spec = resolve_request(request, self.registry)
         from wan.optim.apply import resolve_profile, savers_from_profile
         from wan.optim.attention import apply_attention
+        from wan.optim.magcache_tables import bind_magcache
         from wan.optim.profiles import ProfileError
         try:
             profile = resolve_profile(req.profile, req.profile_overrides)
             if savers is None:
                 savers = savers_from_profile(profile, spec)
+            savers = bind_magcache(savers, self.magcache_tables, req, spec)  # MagCache: table or recording
             nets = self.models.get(spec, profile)
         except ProfileError as e:
             raise RequestError("profile", req.profile, str(e)) from None
@@ -119,6 +125,8 @@ class Engine:
                                         on_step=loras.on_step)
         finally:
             loras.detach()
+        if savers.magcache_source is not None:  # MagCache: saves a table recorded by this run
+            notices += savers.magcache_source.finish()
         video = nets.vae.decode(latent[None].float(), tile=vae_tiling(profile, cond.size))[0]
         metadata = self.metadata(req)
         files: list[Path] = []

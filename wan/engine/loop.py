@@ -12,13 +12,13 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from wan.optim.guidance import GuidanceSettings, StepGuidance
-from wan.optim.step_cache import (StepRunner, calibrate_magcache, calibrate_teacache, magcache_schedule,
+from wan.optim.step_cache import (StepRunner, calibrate_magcache_passes, calibrate_teacache, magcache_schedule,
                                   teacache_schedule, time_embeddings)
 
 
@@ -68,6 +68,12 @@ class StepSavers:
 
     TeaCache is on when ``teacache_speedup`` (calibrated threshold) or ``teacache_threshold`` is
     set; it is left off for two-expert models, whose residuals change network mid-run.
+
+    MagCache is on when ``magcache_speedup`` or ``magcache_threshold`` is set (TeaCache wins when
+    both are). Its ratios come from ``magcache_ratios`` (one table for this step count, used for
+    both passes) or else from ``magcache_source``, the job's view of the per-model store
+    (:class:`wan.optim.magcache_tables.MagCacheJob`, bound by the engine): per-pass tables for
+    the job's steps, or, when it has none yet, a recorder that computes every step.
     """
 
     guidance: GuidanceSettings = field(default_factory=GuidanceSettings)
@@ -80,8 +86,13 @@ class StepSavers:
     magcache_threshold: float | None = None
     magcache_max_skips: int = 2
     magcache_start: float = 0.2
+    magcache_source: Any = None       # MagCacheJob: ratios(sampler, start), recorder(sampler, start), not_used(why)
     batched_cfg: bool = False
     riflex: str = "auto"             # "auto": on for clips longer than RIFLEX_AUTO_SECONDS at the model's fps
+
+    @property
+    def magcache_on(self) -> bool:
+        return self.magcache_speedup is not None or self.magcache_threshold is not None
 
     def riflex_setting(self, latent_frames: int, frames: int, fps: int) -> tuple[int, int] | None:
         """(k, latent frames) when RIFLEx applies, k = 6 as for Wan in the RIFLEx paper and Wan2GP."""
@@ -91,10 +102,12 @@ class StepSavers:
             raise ValueError(f"riflex: {self.riflex!r} is not allowed; auto, on or off")
         return None
 
-    def runner(self, networks: Mapping, sampler, start: int) -> StepRunner | None:
+    def runner(self, networks: Mapping, sampler, start: int):
+        """The block runner of this generation (a StepRunner, a MagCache recorder), or None."""
         needs_runner = self.guidance.slg.mode != "none"
         schedule = None
-        if (self.teacache_speedup is not None or self.teacache_threshold is not None) and len(networks) == 1:
+        teacache_on = self.teacache_speedup is not None or self.teacache_threshold is not None
+        if teacache_on and len(networks) == 1:
             dit = next(iter(networks.values()))
             emb = time_embeddings(dit, sampler.timesteps[start:])
             first = max(1, int(self.teacache_start * len(emb)))
@@ -103,19 +116,45 @@ class StepSavers:
             else:
                 _, part = calibrate_teacache(emb, self.teacache_speedup, self.teacache_coefficients, first)
             schedule = [True] * start + part
-        elif self.magcache_ratios is not None and (self.magcache_speedup is not None or self.magcache_threshold is not None):
+            if self.magcache_on and self.magcache_source is not None:
+                self.magcache_source.not_used("TeaCache is on as well, and the two do not combine")
+        elif self.magcache_on:
+            found = self._magcache_tables(sampler, start)
+            if found is None:  # no table yet: this run computes every step and records one
+                recorder = self.magcache_source.recorder(sampler, start)
+                return recorder if recorder is not None else (StepRunner() if needs_runner else None)
+            schedule = self._magcache_schedule(*found, start)
+        if schedule is None and not needs_runner:
+            return None
+        return StepRunner(schedule=schedule)
+
+    def _magcache_tables(self, sampler, start: int):
+        """({pass kind: ratios [steps]}, {pass kind: forced steps}), or None: no table yet."""
+        if self.magcache_ratios is not None:
             ratios = list(self.magcache_ratios)
             if len(ratios) != len(sampler.timesteps):
                 raise ValueError(f"magcache ratios: {len(ratios)} values for {len(sampler.timesteps)} steps; "
                                  "calibrate for this step count")
-            first = max(1, int(self.magcache_start * len(ratios)))
-            if self.magcache_threshold is not None:
-                schedule = magcache_schedule(ratios, self.magcache_threshold, self.magcache_max_skips, first)
-            else:
-                _, schedule = calibrate_magcache(ratios, self.magcache_speedup, self.magcache_max_skips, first)
-        if schedule is None and not needs_runner:
-            return None
-        return StepRunner(schedule=schedule)
+            return {"cond": ratios, "uncond": ratios}, {}
+        if self.magcache_source is None:
+            raise ValueError("MagCache is on but has neither magcache_ratios nor a magcache_source "
+                             "(Engine.generate binds one; see wan.optim.magcache_tables)")
+        return self.magcache_source.ratios(sampler, start)
+
+    def _magcache_schedule(self, tables: dict[str, list[float]], forced: dict[str, set[int]],
+                           start: int) -> dict[str, list[bool]]:
+        """Per-pass schedules over the whole run (steps before ``start`` marked computed)."""
+        parts = {kind: ratios[start:] for kind, ratios in tables.items()}
+        steps = len(next(iter(parts.values())))
+        forced_part = {k: {i - start for i in f if i >= start} for k, f in forced.items()}
+        first = max(1, int(self.magcache_start * steps))
+        if self.magcache_threshold is not None:
+            scheds = {k: magcache_schedule(r, self.magcache_threshold, self.magcache_max_skips, first,
+                                           forced_part.get(k, ())) for k, r in parts.items()}
+        else:
+            _, scheds = calibrate_magcache_passes(parts, self.magcache_speedup, self.magcache_max_skips, first,
+                                                  forced_part)
+        return {k: [True] * start + s for k, s in scheds.items()}
 
 
 class CancelToken:
@@ -164,7 +203,7 @@ def denoise(networks: Mapping[str, Callable], sampler, latent: torch.Tensor, con
 
 
 def _steps(networks, sampler, latent, cond, uncond, plan, conditioning, start, progress, cancel,
-           guidance_plan: StepGuidance, runner: StepRunner | None, batched: bool, on_step=None) -> torch.Tensor:
+           guidance_plan: StepGuidance, runner, batched: bool, on_step=None) -> torch.Tensor:
     steps = len(sampler.timesteps)
     begin = time.perf_counter()
     # first step of the low-noise expert (two-expert models), for per-expert LoRA schedules

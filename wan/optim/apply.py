@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from wan.engine.loop import StepSavers
 from wan.optim.guidance import GuidanceSettings, SkipLayerGuidance
-from wan.optim.profiles import Profile, ProfileError, apply_overrides, load_profiles
+from wan.optim.profiles import Profile, apply_overrides, load_profiles
 from wan.optim.step_cache import teacache_coefficients
 
 
@@ -27,26 +27,27 @@ def resolve_profile(name: str | int | None, overrides: dict | None = None) -> Pr
 
 def savers_from_profile(profile: Profile | None, spec) -> StepSavers:
     """The step savers a profile turns on, for model ``spec`` (TeaCache uses the published
-    polynomial of the model when there is one)."""
+    polynomial of the model when there is one). MagCache's ratio table is not known here: the
+    engine binds the model's recorded table, or a recording of one, to the job
+    (``wan.optim.magcache_tables.bind_magcache``)."""
     if profile is None:
         return StepSavers()
     s = profile.step_savers
-    if s.magcache.enabled:
-        raise ProfileError(f"profile {profile.name}: step_savers.magcache needs a magnitude-ratio table for "
-                           f"{spec.id}, which this version does not ship; use TeaCache, or calibrate one with "
-                           "wan.optim.step_cache.MagnitudeRecorder and pass it to StepSavers")
     guidance = GuidanceSettings(
         cfg_skip_mode=s.cfg_skip.mode, cfg_skip_ratio=s.cfg_skip.ratio,
         slg=SkipLayerGuidance(mode=s.slg.mode, layers=tuple(s.slg.layers), scale=s.slg.scale,
                               start=s.slg.start, end=s.slg.end),
         cfg_zero_star=s.cfg_zero_star.enabled, zero_init_steps=s.cfg_zero_star.zero_init_steps)
-    tea = s.teacache
+    tea, mag = s.teacache, s.magcache
     return StepSavers(
         guidance=guidance,
         teacache_speedup=tea.speedup if tea.enabled and tea.threshold is None else None,
         teacache_threshold=tea.threshold if tea.enabled else None,
         teacache_start=tea.start,
         teacache_coefficients=teacache_coefficients(spec.id, spec.arch.dim, spec.arch.model_type),
+        magcache_speedup=mag.speedup if mag.enabled and mag.threshold is None else None,
+        magcache_threshold=mag.threshold if mag.enabled else None,
+        magcache_max_skips=mag.max_skips, magcache_start=mag.start,
         batched_cfg=s.batched_cfg, riflex=s.riflex)
 
 

@@ -1,4 +1,5 @@
-"""TeaCache for the Wan DiT, and the block runner that applies step caches and skipped layers.
+"""TeaCache and MagCache for the Wan DiT, and the block runner that applies step caches and
+skipped layers.
 
 TeaCache skips the transformer blocks at steps where their input barely changed, adding the
 residual (blocks' output minus input) cached at the last computed step instead. The change is
@@ -10,10 +11,15 @@ the prompt and negative-prompt passes keep separate residuals.
 Because the time embedding depends only on the timestep, the whole schedule is known before the
 run: :func:`teacache_schedule` computes it, and :func:`calibrate_teacache` picks the threshold
 whose number of computed steps is closest to ``steps / speedup``.
+
+MagCache decides the same way from a table of the residual's magnitude ratios between steps,
+which must be measured on the model (:class:`MagnitudeRecorder`); ``wan.optim.magcache_tables``
+records one per model on a first plain run and keeps it for the next ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,7 +90,7 @@ def calibrate_teacache(embeddings: list[torch.Tensor], speedup: float, coefficie
     def count(thr: float) -> int:
         return sum(teacache_schedule(embeddings, thr, coefficients, start_steps))
 
-    best = min(((abs(count(k / 100) - target), k / 100) for k in range(1, 61)))
+    best = min((abs(count(k / 100) - target), k / 100) for k in range(1, 61))
     if best[0] > 1:
         lo, hi = 0.6, 0.6
         while count(hi) > target and hi < 1e6:
@@ -102,10 +108,14 @@ class StepRunner:
     """Installed as ``dit.block_runner`` for one generation: runs the blocks of the current pass,
     leaving out skipped layers, or reuses the pass's cached residual at steps the cache skips.
 
-    The loop calls :meth:`begin` before each model pass.
+    ``schedule`` is one list for every pass (TeaCache), or one list per kind of pass ("cond",
+    "uncond": MagCache, whose passes have their own magnitude tables); a batched "cond+uncond"
+    pass is computed when either of its kinds is. Residuals are kept per pass name
+    ("<expert>/<kind>"), so an expert never reuses another's. The loop calls :meth:`begin`
+    before each model pass.
     """
 
-    schedule: list[bool] | None = None     # TeaCache: compute the blocks at step i?
+    schedule: list[bool] | dict[str, list[bool]] | None = None  # compute the blocks at step i?
     step: int = 0
     pass_name: str = "cond"
     skip: frozenset[int] = frozenset()
@@ -116,13 +126,19 @@ class StepRunner:
     def begin(self, step: int, pass_name: str, skip: frozenset[int] = frozenset()) -> None:
         self.step, self.pass_name, self.skip = step, pass_name, skip
 
+    def scheduled(self) -> bool:
+        """Whether the schedule computes the current pass at the current step."""
+        if isinstance(self.schedule, dict):
+            kinds = self.pass_name.rsplit("/", 1)[-1].split("+")
+            return any(self.schedule[k][self.step] if k in self.schedule else True for k in kinds)
+        return self.schedule is None or self.schedule[self.step]
+
     def __call__(self, dit, tokens: torch.Tensor, inputs) -> torch.Tensor:
         if self.skip:  # skip-layer passes are never cached
             self.computed += 1
             return dit.run_blocks(tokens, inputs, self.skip)
         cached = self.residuals.get(self.pass_name)
-        if self.schedule is not None and not self.schedule[self.step] and cached is not None \
-                and cached.shape == tokens.shape:
+        if not self.scheduled() and cached is not None and cached.shape == tokens.shape:
             self.reused += 1
             return tokens + cached
         out = dit.run_blocks(tokens, inputs)
@@ -136,21 +152,23 @@ class StepRunner:
 # MagCache
 
 
-def magcache_schedule(ratios: list[float], threshold: float, max_skips: int = 2, start_steps: int = 1) -> list[bool]:
+def magcache_schedule(ratios: list[float], threshold: float, max_skips: int = 2, start_steps: int = 1,
+                      forced: Collection[int] = ()) -> list[bool]:
     """MagCache: which steps compute the blocks, from the magnitude ratios of the blocks' residual
     between consecutive steps (``ratios[i]`` = |residual_i| / |residual_{i-1}|, ratios[0] unused).
 
     While skipping, the product of the ratios since the last computed step estimates how far the
     cached residual is off; the error |1 - product| accumulates, and a step is computed when it
-    reaches ``threshold`` or after ``max_skips`` skips in a row. The first steps and the last are
-    always computed; a threshold <= 0 computes every step.
+    reaches ``threshold`` or after ``max_skips`` skips in a row. The first steps, the last and the
+    steps in ``forced`` (e.g. the first step of a second expert, whose residual nothing cached
+    yet) are always computed; a threshold <= 0 computes every step.
     """
     steps = len(ratios)
     if threshold <= 0:
         return [True] * steps
     out, ratio, err, skips = [], 1.0, 0.0, 0
     for i, r in enumerate(ratios):
-        if i < max(1, start_steps) or i == steps - 1:
+        if i < max(1, start_steps) or i == steps - 1 or i in forced:
             compute = True
         else:
             ratio *= r
@@ -165,19 +183,50 @@ def magcache_schedule(ratios: list[float], threshold: float, max_skips: int = 2,
 
 
 def calibrate_magcache(ratios: list[float], speedup: float, max_skips: int = 2,
-                       start_steps: int = 1) -> tuple[float, list[bool]]:
-    """The smallest threshold (0.01 steps up to 1.0) whose computed-step count is closest to
-    ``steps / speedup``, and its schedule (max_skips bounds what any threshold can reach)."""
-    target = len(ratios) / speedup
-    best = min((abs(sum(magcache_schedule(ratios, k / 100, max_skips, start_steps)) - target), k / 100)
-               for k in range(1, 101))
-    return best[1], magcache_schedule(ratios, best[1], max_skips, start_steps)
+                       start_steps: int = 1, forced: Collection[int] = ()) -> tuple[float, list[bool]]:
+    """The smallest threshold of :data:`MAGCACHE_THRESHOLDS` whose computed-step count is closest
+    to ``steps / speedup``, and its schedule (max_skips bounds what any threshold can reach)."""
+    threshold, schedules = calibrate_magcache_passes({"all": ratios}, speedup, max_skips, start_steps,
+                                                     {"all": forced})
+    return threshold, schedules["all"]
+
+
+MAGCACHE_THRESHOLDS = [k / 100 for k in range(1, 101)] + [round(1.25 ** k, 4) for k in range(1, 25)]
+
+
+def calibrate_magcache_passes(tables: Mapping[str, list[float]], speedup: float, max_skips: int = 2,
+                              start_steps: int = 1, forced: Mapping[str, Collection[int]] | None = None
+                              ) -> tuple[float, dict[str, list[bool]]]:
+    """One threshold for several passes, each with its own ratio table (same length) and forced
+    steps: the smallest of :data:`MAGCACHE_THRESHOLDS` whose mean computed-step count over the
+    passes is closest to ``steps / speedup``, and each pass's schedule at that threshold.
+
+    The grid is 0.01..1.0 (published MagCache thresholds lie well inside it), then rises
+    geometrically for tables whose ratios stray far from 1 (random weights); past the point where
+    ``max_skips`` alone bounds the schedule, a higher threshold changes nothing.
+    """
+    steps = len(next(iter(tables.values())))
+    target = steps / speedup
+
+    def schedules(thr: float) -> dict[str, list[bool]]:
+        return {k: magcache_schedule(r, thr, max_skips, start_steps, (forced or {}).get(k, ()))
+                for k, r in tables.items()}
+
+    def miss(thr: float) -> float:
+        return abs(sum(sum(s) for s in schedules(thr).values()) / len(tables) - target)
+
+    best = min((miss(thr), thr) for thr in MAGCACHE_THRESHOLDS)[1]
+    return best, schedules(best)
 
 
 class MagnitudeRecorder:
-    """A block runner that records |residual| of each pass at each step (MagCache calibration).
+    """A block runner that records |residual| of each pass at each step (MagCache calibration);
+    the blocks run exactly as without it, so the output is the plain one.
 
-    ``ratios(pass)`` gives the per-step ratio table of one pass from a plain run.
+    ``norms[pass name][step]`` is the mean over tokens of the L2 norm of the residual (blocks'
+    output minus input). A batched "<expert>/cond+uncond" pass is recorded as its two passes
+    "<expert>/cond" and "<expert>/uncond" (batch items 0 and 1). ``ratios(pass)`` gives the
+    per-step ratio table of one pass from a plain run.
     """
 
     def __init__(self):
@@ -189,7 +238,14 @@ class MagnitudeRecorder:
 
     def __call__(self, dit, tokens: torch.Tensor, inputs) -> torch.Tensor:
         out = dit.run_blocks(tokens, inputs, self.skip)
-        self.norms.setdefault(self.pass_name, {})[self.step] = (out - tokens).float().norm(dim=-1).mean().item()
+        per_item = (out - tokens).float().norm(dim=-1).mean(dim=-1)  # [B]
+        prefix, _, kinds = self.pass_name.rpartition("/")
+        names = kinds.split("+")
+        if len(names) == per_item.shape[0] and len(names) > 1:
+            for name, value in zip(names, per_item.tolist()):
+                self.norms.setdefault(f"{prefix}/{name}" if prefix else name, {})[self.step] = value
+        else:
+            self.norms.setdefault(self.pass_name, {})[self.step] = per_item.mean().item()
         return out
 
     def ratios(self, pass_name: str) -> list[float]:
