@@ -101,7 +101,7 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
         with gr.Row():
             c["teacache"] = gr.Dropdown(list(PICKER_CHOICES["teacache"]), value=KEEP, label="TeaCache")
             c["teacache_speedup"] = gr.Number(1.75, label="TeaCache target speed-up")
-            c["magcache"] = gr.Dropdown(list(PICKER_CHOICES["magcache"]), value=KEEP, label="MagCache")
+            c["magcache"] = gr.Dropdown(list(PICKER_CHOICES["magcache"]), value=KEEP, label="MagCache (a model's first MagCache run records its table)")
             c["magcache_speedup"] = gr.Number(2.0, label="MagCache target speed-up")
         with gr.Row():
             c["slg_mode"] = gr.Dropdown(list(PICKER_CHOICES["slg_mode"]), value=KEEP, label="Skip-layer guidance")
