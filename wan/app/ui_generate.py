@@ -101,7 +101,8 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
         with gr.Row():
             c["teacache"] = gr.Dropdown(list(PICKER_CHOICES["teacache"]), value=KEEP, label="TeaCache")
             c["teacache_speedup"] = gr.Number(1.75, label="TeaCache target speed-up")
-            c["magcache"] = gr.Dropdown(list(PICKER_CHOICES["magcache"]), value=KEEP, label="MagCache (a model's first MagCache run records its table)")
+            c["magcache"] = gr.Dropdown(list(PICKER_CHOICES["magcache"]), value=KEEP,
+                                        label="MagCache (a model's first MagCache run records its table)")
             c["magcache_speedup"] = gr.Number(2.0, label="MagCache target speed-up")
         with gr.Row():
             c["slg_mode"] = gr.Dropdown(list(PICKER_CHOICES["slg_mode"]), value=KEEP, label="Skip-layer guidance")
@@ -199,7 +200,8 @@ def collect(state: AppState, keys: list[str], args: tuple) -> list:
 
 def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
     """Wires the form's own events and returns ``add`` (the "Add to queue" handler, taking the
-    session id, the queue's shown choices and the form values in ``keys`` order) and ``on_model`` for the page's load event.
+    session id, the queue's shown choices and the form values in ``keys`` order) and ``on_model``
+    for the page's load event.
     ``on_added(session, shown)`` returns the queue view updates after jobs are added."""
     keys = form_keys(c)
     model_outputs = ["task", "resolution", "width", "height", "frames", "steps", "guidance",
