@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 
-def latent_preview(latent: torch.Tensor, scale: int = 8) -> np.ndarray:
-    """[C, F, H, W] latent -> [H*scale, W*scale, 3] uint8 picture of its middle frame."""
+def latent_preview(latent: torch.Tensor, scale: int | None = None) -> np.ndarray:
+    """[C, F, H, W] latent -> [H*scale, W*scale, 3] uint8 picture of its middle frame; the default
+    scale is the VAE's 8, more for small latents so the picture is at least 256 pixels across."""
     frame = latent[:, latent.shape[1] // 2].detach().float().cpu()  # [C, H, W]
     c, h, w = frame.shape
+    scale = scale or max(8, 256 // max(h, w))
     pixels = frame.reshape(c, h * w)
     pixels = pixels - pixels.mean(dim=1, keepdim=True)
     cov = pixels @ pixels.T / max(1, h * w - 1)                # [C, C]
