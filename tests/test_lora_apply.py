@@ -4,12 +4,10 @@ detaching restores the base outputs exactly."""
 import pytest
 import torch
 
-from helpers import randomize_, rel_err
+from helpers import lora_test_dit, rel_err, run_lora_probe
 from wan.lora.apply import LoraRuntime, LoraUse
 from wan.lora.schedule import parse_multiplier
-from wan.models.dit import DiTConfig, WanDiT
 
-CFG = DiTConfig(dim=64, ffn_dim=96, num_heads=2, num_layers=2, freq_dim=32, text_dim=24)
 TARGETS = ("blocks.0.self_attn.q", "blocks.1.ffn.0", "blocks.1.cross_attn.o")
 
 
@@ -23,17 +21,10 @@ def PerStep(values):  # noqa: N802
 
 @pytest.fixture()
 def model():
-    return randomize_(WanDiT(CFG), seed=3, std=0.1).eval()
+    return lora_test_dit()
 
 
-def probe():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([300.0]), torch.randn(1, 5, 24, generator=g)
-
-
-def run(m):
-    with torch.no_grad():
-        return m(*probe())
+run = run_lora_probe
 
 
 def lora_file(kind, shapes, seed=0):

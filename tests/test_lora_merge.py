@@ -7,13 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import randomize_, rel_err
+from helpers import lora_test_dit, rel_err, run_lora_probe
 from wan.lora.apply import LoraRuntime, LoraUse
 from wan.lora.formats import load_lora
 from wan.lora.schedule import parse_multiplier
-from wan.models.dit import DiTConfig, WanDiT
 
-CFG = DiTConfig(dim=64, ffn_dim=96, num_heads=2, num_layers=2, freq_dim=32, text_dim=24)
 # (module, out, in): square attention layers and the non-square FFN input
 TARGETS = (("blocks.0.self_attn.q", 64, 64), ("blocks.1.ffn.0", 96, 64), ("blocks.1.cross_attn.o", 64, 64))
 TOL = 1e-5  # merge vs hooks: float32, the same maths in another order (measured ~1e-7)
@@ -22,17 +20,10 @@ KINDS = ("lora", "loha", "lokr", "dora", "diff")
 
 @pytest.fixture()
 def model():
-    return randomize_(WanDiT(CFG), seed=3, std=0.1).eval()
+    return lora_test_dit()
 
 
-def probe():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([300.0]), torch.randn(1, 5, 24, generator=g)
-
-
-def run(m):
-    with torch.no_grad():
-        return m(*probe())
+run = run_lora_probe
 
 
 def lora_state(kind: str, seed: int = 0, r: int = 4) -> dict[str, torch.Tensor]:
