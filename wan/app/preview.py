@@ -7,9 +7,6 @@ upscaled. It costs a [C, C] eigen-decomposition per preview: nothing next to a d
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -31,24 +28,3 @@ def latent_preview(latent: torch.Tensor, scale: int | None = None) -> np.ndarray
     rgb = (rgb - lo) / (hi - lo).clamp_min(1e-6)
     img = (rgb * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return img.repeat(scale, axis=0).repeat(scale, axis=1)
-
-
-def read_preview(path: Path) -> np.ndarray | None:
-    """The preview picture as pixels (None if it is gone): sent to the page as data, so the
-    previews folder never needs to be served and a file removed mid-read costs nothing."""
-    from PIL import Image
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError):
-        return None
-
-
-def write_preview(latent: torch.Tensor, dest: Path) -> Path:
-    """Writes the preview PNG atomically (a reader never sees half a file)."""
-    from PIL import Image
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    Image.fromarray(latent_preview(latent)).save(tmp, format="PNG")
-    os.replace(tmp, dest)
-    return dest

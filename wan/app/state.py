@@ -29,9 +29,10 @@ class AppState:
         self.settings = settings
         self.state_dir = Path(settings.state_dir).resolve()
         self.uploads_dir = uploads_dir(settings)
-        self.previews_dir = self.state_dir / "previews"
         self.output_dir = Path(settings.output_dir).resolve()
-        for folder in (self.uploads_dir, self.previews_dir, self.output_dir):
+        # the running job's latent preview, kept in memory (pixels, [H, W, 3] uint8) for the page
+        self.previews: dict = {}
+        for folder in (self.uploads_dir, self.output_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._engine = None
         self._engine_lock = threading.Lock()
@@ -104,28 +105,28 @@ class AppState:
 
     def run_job(self, job: Job, progress, cancel) -> RunOutcome:
         """The queue's runner: one job through the engine."""
-        from wan.app.preview import write_preview
+        from wan.app.preview import latent_preview
         from wan.engine.request import GenerationRequest
         request = self.prepare(GenerationRequest.from_dict(job.request))
-        preview = self.previews_dir / f"{job.id}.png"
         last = [0.0]
 
         def on_step(info) -> None:
             progress(info)
-            # at most one preview a second: each one copies the latent off the device and encodes a PNG
+            # at most one preview a second: each one copies the latent off the device
             if info.latent is not None and time.monotonic() - last[0] >= PREVIEW_INTERVAL_S:
                 last[0] = time.monotonic()
                 try:
-                    write_preview(info.latent[0] if info.latent.dim() == 5 else info.latent, preview)
+                    latent = info.latent[0] if info.latent.dim() == 5 else info.latent
+                    self.previews[job.id] = latent_preview(latent)
                 except Exception:  # a preview is a nicety: never fail a job over it; say so once
                     log.warning("latent preview failed; no more previews for job %s", job.id, exc_info=True)
                     last[0] = float("inf")
         try:
             result = self.engine.generate(request, progress=on_step, cancel=cancel)
         finally:
-            preview.unlink(missing_ok=True)
+            self.previews.pop(job.id, None)
         return RunOutcome([str(f) for f in result.files], list(result.notices))
 
-    def preview_of(self, job_id: str) -> Path | None:
-        p = self.previews_dir / f"{job_id}.png"
-        return p if p.is_file() else None
+    def preview_of(self, job_id: str):
+        """The latest preview pixels of a running job, or None."""
+        return self.previews.get(job_id)

@@ -46,9 +46,7 @@ def running_view(state: AppState, jobs: list) -> tuple[str, object]:
         waiting = sum(1 for j in jobs if j.status == "queued")
         return (f"Idle. {waiting} job(s) waiting." if waiting else "Idle: the queue is empty."), None
     started = f" · running for {time.time() - job.started:.0f} s" if job.started else ""
-    from wan.app.preview import read_preview
-    preview = state.preview_of(job.id)
-    return f"**{job.label}** ({job.id}): {progress_text(job)}{started}", read_preview(preview) if preview else None
+    return f"**{job.label}** ({job.id}): {progress_text(job)}{started}", state.preview_of(job.id)
 
 
 def render() -> dict:
