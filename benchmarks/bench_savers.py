@@ -27,9 +27,11 @@ from bench_dit import checkpoint_path, write_checkpoint  # noqa: E402
 def main() -> None:
     import wan
     from wan.engine.conditioning import Conditioning
-    from wan.engine.loop import ExpertPlan, StepSavers, denoise
+    from wan.engine.attach import SetOnNetworks, attach_job
+    from wan.engine.loop import Denoising, ExpertPlan, denoise
+    from wan.optim.step_savers import StepSavers
     from wan.engine.samplers import make_sampler
-    from wan.optim.guidance import GuidanceSettings, SkipLayerGuidance
+    from wan.optim.guidance import GuidanceSettings, SkipLayerGuidance, StepGuidance
     from wan.optim.step_cache import MagnitudeRecorder, TEACACHE_COEFFICIENTS
 
     ap = argparse.ArgumentParser()
@@ -57,10 +59,12 @@ def main() -> None:
                 def runner(self, networks, sampler, start):
                     return runner_override
             savers = Recording()
+        runner = savers.runner({"transformer": dit}, sampler, 0)
+        run = Denoising({"transformer": dit}, sampler, cond, uncond, plan, Conditioning(shape, (args.size, args.size)),
+                        StepGuidance(savers.guidance, args.steps), runner=runner, batched_cfg=savers.batched_cfg)
         t0 = time.perf_counter()
-        out = denoise({"transformer": dit}, sampler, noise.clone(), cond, uncond, plan,
-                      Conditioning(shape, (args.size, args.size)), savers=savers,
-                      progress=lambda s: passes.append(len(s.passes)))
+        with attach_job({"transformer": dit}, [SetOnNetworks("block_runner", runner) if runner else None]):
+            out = denoise(run, noise.clone(), progress=lambda s: passes.append(len(s.passes)))
         return out, time.perf_counter() - t0, sum(passes)
 
     recorder = MagnitudeRecorder()

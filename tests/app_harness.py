@@ -36,8 +36,11 @@ def free_port() -> int:
 class StudioServer:
     """One ``wgp.py serve`` process; ``base`` holds its checkpoints, outputs, LoRAs and state."""
 
-    def __init__(self, base: Path, checkpoints: Path, *extra: str, port: int | None = None):
+    def __init__(self, base: Path, checkpoints: Path, *extra: str, port: int | None = None, gated: bool = False):
         self.base = Path(base)
+        # gated: run tests/gated_wgp.py, where a "[hold]" job waits while the file self.gate exists
+        self.gated = gated
+        self.gate = self.base / "hold"
         self.checkpoints = Path(checkpoints)
         self.output_dir = self.base / "outputs"
         self.lora_dir = self.base / "loras"
@@ -52,7 +55,8 @@ class StudioServer:
         return f"http://127.0.0.1:{self.port}/"
 
     def command(self) -> list[str]:
-        return [sys.executable, str(ROOT / "wgp.py"), "serve", "--server-port", str(self.port),
+        entry = ROOT / "tests" / "gated_wgp.py" if self.gated else ROOT / "wgp.py"
+        return [sys.executable, str(entry), "serve", "--server-port", str(self.port),
                 "--model", "test-tiny-t2v", "--checkpoint-dir", str(self.checkpoints), "--output-dir",
                 str(self.output_dir), "--lora-dir", str(self.lora_dir), "--state-dir", str(self.state_dir),
                 "--config", str(self.base / "wan_studio.yaml"), *self.extra]
@@ -60,7 +64,7 @@ class StudioServer:
     def start(self, timeout: float = 120) -> "StudioServer":
         self.base.mkdir(parents=True, exist_ok=True)
         (self.base / "wan_studio.yaml").touch()
-        env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "WAN_TEST_GATE": str(self.gate)}
         self.proc = subprocess.Popen(self.command(), cwd=self.base, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._read, daemon=True).start()

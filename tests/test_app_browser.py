@@ -22,7 +22,7 @@ I2V = "TEST tiny Wan 2.1 i2v (CLIP) [test model]"
 def studio(tmp_path_factory):
     checkpoints = tmp_path_factory.mktemp("ckpt")
     ensure_tiny_checkpoints(checkpoints)
-    server = StudioServer(tmp_path_factory.mktemp("studio"), checkpoints).start()
+    server = StudioServer(tmp_path_factory.mktemp("studio"), checkpoints, gated=True).start()
     yield server
     server.stop()
 
@@ -101,10 +101,9 @@ def pick_job(page, job_id: str) -> None:
 
 
 def test_queue_jobs_reorder_remove_and_abort_the_running_one(page, studio):
-    set_number(page, "frames", 41)
-    set_number(page, "steps", 150)  # long enough to be caught running
-    slow = job_id_of(add_job(page, "a slow one"))
-    set_number(page, "frames", 9)
+    studio.gate.touch()  # the "[hold]" job waits after its first step until aborted
+    set_number(page, "steps", 3)
+    slow = job_id_of(add_job(page, "a slow one [hold]"))
     set_number(page, "steps", 2)
     quick, second, dropped = (job_id_of(add_job(page, f"quick {k}")) for k in range(3))
     wait_for_status(page, slow, "running")
@@ -118,6 +117,7 @@ def test_queue_jobs_reorder_remove_and_abort_the_running_one(page, studio):
                            arg=dropped)
     page.get_by_role("button", name="Abort running job", exact=True).click()
     wait_for_status(page, slow, "cancelled")
+    studio.gate.unlink()
     wait_for_status(page, quick, "done")
     jobs = saved_jobs(studio)
     assert outputs_of(studio, slow) == [] and len(outputs_of(studio, quick)) == 1 and dropped not in jobs

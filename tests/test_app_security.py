@@ -93,7 +93,7 @@ def test_store_upload_refusals(tmp_path):
     src = _file(tmp_path / "in" / "x.png", 3 * 2**20)
     with pytest.raises(ValueError) as e:
         store_upload(src, up, "image", max_bytes=2 * 2**20)
-    assert "3.0 MB" in str(e.value) and "2.0 MB" in str(e.value) and "--max-upload-mb" in str(e.value)
+    assert "3.0 MB" in str(e.value) and "2.0 MB" in str(e.value) and "--max_upload_mb" in str(e.value)
     for name, kind in (("payload.exe", "image"), ("movie.png", "video"), ("noext", "image"),
                        ("model.ckpt", "lora"), ("shell.png.sh", "image"), (".png", "image")):
         with pytest.raises(ValueError) as e:
@@ -122,9 +122,9 @@ def test_check_request_limits_messages():
         return e.value
 
     e = refused(frames=85)
-    assert (e.field, e.value) == ("frames", 85) and "at most 81 frames (--max-frames)" in str(e)
+    assert (e.field, e.value) == ("frames", 85) and "at most 81 frames (--max_frames)" in str(e)
     e = refused(width=1280, height=720)
-    assert e.field == "width" and "1280x720" in str(e) and str(832 * 480) in str(e) and "--max-pixels" in str(e)
+    assert e.field == "width" and "1280x720" in str(e) and str(832 * 480) in str(e) and "--max_pixels" in str(e)
     e = refused(steps=201)
     assert (e.field, e.value) == ("steps", 201) and "at most 200 steps" in str(e)
     e = refused(prompt="fox " * 2501)

@@ -97,20 +97,22 @@ def test_names_and_paths_from_a_client_cannot_leave_their_folders(studio):
 
 def test_queued_jobs_survive_a_restart_and_finished_outputs_are_never_rewritten(tmp_path, checkpoints):
     base = tmp_path / "studio"
-    server = StudioServer(base, checkpoints).start()
+    server = StudioServer(base, checkpoints, gated=True).start()
     try:
         c = client(server)
         first = c.predict(request_json(prompt="before the restart"), api_name="/generate")
         done_file = first["files"][0]
         assert done_file.endswith(".mp4")
         digest = hashlib.sha256(open(done_file, "rb").read()).hexdigest()
-        slow = c.predict(request_json(prompt="cut short", frames=41, steps=60), api_name="/queue_job")
+        server.gate.touch()  # the "[hold]" job is caught running, however fast the machine
+        slow = c.predict(request_json(prompt="cut short [hold]", steps=3), api_name="/queue_job")
         waiting = [c.predict(request_json(prompt=f"waiting {i}"), api_name="/queue_job") for i in range(2)]
         wait_job(c, slow, ("running",))
     finally:
         server.proc.kill()  # a crash: no chance to save anything more
         server.proc.wait()
-    server = StudioServer(base, checkpoints, port=free_port()).start()
+        server.gate.unlink(missing_ok=True)
+    server = StudioServer(base, checkpoints, port=free_port(), gated=True).start()
     try:
         c = client(server)
         jobs = [wait_job(c, j) for j in (slow, *waiting)]

@@ -228,7 +228,8 @@ def test_a14b_root_folder_asks_for_one_expert(tmp_path, official_state):
 def test_fp8_file_kept_quantised(tmp_path, official_state, probe):
     """keep_fp8: the file's fp8 weights stay fp8 in memory (about half of bf16), and the model
     computes what the dequantised model computes."""
-    from wan.optim.quant import QuantLinear, module_bytes
+    from wan.layers.quant import QuantLinear
+    from wan.optim.quant import module_bytes
     state, dequantised = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}, {}
     for k, v in official_state.items():
         if _is_quantised(k, v):

@@ -105,8 +105,8 @@ def test_choosing_another_model_releases_the_previous_one(engine):
 
 def test_model_manager_keeps_fp8_files_and_quantises_others(tmp_path):
     from safetensors.torch import save_file
-    from wan.engine.models import ModelManager
-    from wan.optim.quant import QuantLinear
+    from wan.engine.model_manager import ModelManager
+    from wan.layers.quant import QuantLinear
     from wan.testing.tiny_family import tiny_dit_state_dict
     state = tiny_dit_state_dict("t2v", seed=1)
     fp8 = {k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 and k.startswith("blocks.") else v) for k, v in state.items()}
@@ -125,7 +125,7 @@ def test_on_cuda_with_mmgp_the_profile_becomes_mmgp_settings(tmp_path, monkeypat
     """The CUDA path's logic, checked on the CPU: with CUDA and mmgp present (faked), models load
     into RAM and are handed to mmgp with the profile's budgets and pinning."""
     import importlib.util
-    from wan.engine.models import ModelManager
+    from wan.engine.model_manager import ModelManager
     from wan.optim import mmgp_backend
     from wan.optim.apply import mmgp_settings_from_profile, resolve_profile
     from wan.registry import get_model

@@ -550,3 +550,19 @@ def test_a_prompt_with_a_lone_surrogate_is_saved_and_the_queue_goes_on(tmp_path)
     again = JobQueue(tmp_path / "q.json", lambda job, progress, cancel: RunOutcome())
     assert [j.request["prompt"] for j in again.jobs()] == ["snow \ud83e fox", "next"]
     assert again.get(job.id) is not None
+
+
+def test_wait_finished_wakes_on_the_jobs_end_without_polling(queue, runner):
+    """The API's /generate waits on the queue's change signal: it returns once the job ended, with
+    its final state, and a timeout returns the job as it stands."""
+    queue.start()
+    job = queue.add(request("block until released"), session="s1")
+    assert runner.blocked.wait(TIMEOUT)
+    still = queue.wait_finished(job.id, timeout=0.05)
+    assert still.status == "running"
+    threading.Timer(0.05, runner.gate.set).start()
+    t0 = time.monotonic()
+    done = queue.wait_finished(job.id, timeout=TIMEOUT)
+    assert done.status == "done" and done.files == [f"outputs/{job.id}.mp4"]
+    assert time.monotonic() - t0 < TIMEOUT / 2
+    assert queue.wait_finished("no-such-job", timeout=TIMEOUT) is None

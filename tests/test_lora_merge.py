@@ -186,7 +186,7 @@ def test_zero_multiplier_writes_the_original_back_exactly(model, tmp_path):
 
 
 def test_quantised_layer_keeps_hooks_with_a_notice(model, tmp_path):
-    from wan.optim.quant import QuantLinear
+    from wan.layers.quant import QuantLinear
     attn = model.blocks[0].self_attn
     attn.q = QuantLinear.from_linear(attn.q, "int8")
     lora = write_lora(tmp_path, "lora")

@@ -4,7 +4,6 @@ much, without loading anything)."""
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -315,7 +314,8 @@ def test_planning_imports_no_torch():
 
 def test_profiles_command_prints_every_profile_and_its_plan(capsys):
     from wan.cli_profiles import add_arguments, run
-    parser = argparse.ArgumentParser()
+    from wan.flags import FlagParser
+    parser = FlagParser()  # the hyphen spellings below still parse
     add_arguments(parser)
     assert run(parser.parse_args(["--ram-gb", "16", "--vram-gb", "8"])) == 0
     out = capsys.readouterr().out

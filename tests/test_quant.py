@@ -22,9 +22,10 @@ import wan
 from helpers import randomize_, rel_err
 from wan.loading.files import open_checkpoint, weight_reader
 from wan.models.dit import DiTConfig, WanDiT
-from wan.optim.quant import (FP8, QUANT_MODES, QuantLinear, compute_dtype_of, is_prequantized,
-                             keep_from_traits, load_quantized_linear_from, module_bytes, prequantized_mode,
-                             quantize_, quantize_fp8, quantize_fp8_blockwise, scaled_mm_linear, select_matmul)
+from wan.layers.quant import (FP8, QUANT_MODES, QuantLinear, compute_dtype_of, quantize_fp8, quantize_fp8_blockwise,
+                              scaled_mm_linear, select_matmul)
+from wan.optim.quant import (is_prequantized, keep_from_traits, load_quantized_linear_from, module_bytes,
+                             prequantized_mode, quantize_)
 from wan.testing.tiny_encoders import TINY_T5, tiny_t5_state_dict
 
 HEADS = 2

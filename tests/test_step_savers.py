@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from wan.engine import Engine, GenerationRequest
-from wan.engine.loop import StepSavers
+from wan.optim.step_savers import StepSavers
 from wan.optim.guidance import (GuidanceSettings, SkipLayerGuidance, StepGuidance, cfg_apply_pattern,
                                 cfg_zero_star_alpha)
 from wan.optim.step_cache import calibrate_teacache, teacache_schedule

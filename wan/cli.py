@@ -1,11 +1,14 @@
 """Command table of ``wgp.py``: one small function per command.
 
-    python wgp.py [serve] [--listen] [--server-port N] [--share] [--auth U:P] [--model ID] ...  the web app
+    python wgp.py [serve] [--listen] [--server_port N] [--share] [--auth U:P] [--model ID] ...  the web app
     python wgp.py generate --model ID --prompt TEXT [...]   headless generation (see wan/cli_generate.py)
     python wgp.py models                 list the models of the registry
     python wgp.py profiles [--model ID]  list the profiles and the memory plan each gives here
     python wgp.py lora list|check|convert  the LoRA folder, compatibility, format conversion
-    python wgp.py download MODEL [--variant bf16|fp16|fp8] [--checkpoint-dir DIR]
+    python wgp.py download MODEL [--variant bf16|fp16|fp8] [--checkpoint_dir DIR]
+
+Flags are shown with underscores (``--server_port``); the hyphen spelling (``--server-port``) is
+read as the same flag (``wan.flags.FlagParser``).
 
 Exit codes: 0 success, 1 runtime failure, 2 bad input (a clear message, never a traceback).
 """
@@ -74,7 +77,9 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wgp.py", description="Wan Studio: Wan 2.1 / 2.2 video generation")
+    from wan.flags import FlagParser
+    parser = FlagParser(prog="wgp.py", description="Wan Studio: Wan 2.1 / 2.2 video generation; flags are "
+                                                   "written --like_this, and --like-this works too")
     sub = parser.add_subparsers(dest="command")
 
     from wan.app.settings import add_server_arguments
@@ -103,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download a model's files into the checkpoints folder")
     dl.add_argument("model", help="model id (see: wgp.py models)")
     dl.add_argument("--variant", default="bf16", help="weights variant: bf16 (default), fp16, fp32, fp8_e4m3fn, fp8_scaled")
-    dl.add_argument("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR)
+    dl.add_argument("--checkpoint_dir", default=DEFAULT_CHECKPOINT_DIR)
     dl.set_defaults(func=_download)
     return parser
 

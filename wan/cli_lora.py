@@ -17,7 +17,7 @@ EXIT_OK, EXIT_BAD_INPUT = 0, 2
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="lora_command", required=True)
     ls = sub.add_parser("list", help="the LoRAs of the folder, with rank, size and trigger words")
-    ls.add_argument("--lora_dir", "--lora-dir", dest="lora_dir", default="loras")
+    ls.add_argument("--lora_dir", default="loras")
     ls.add_argument("--family", default=None)
     ck = sub.add_parser("check", help="does a LoRA fit a model? (full / partial / none)")
     ck.add_argument("file")

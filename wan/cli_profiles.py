@@ -1,9 +1,9 @@
 """``python wgp.py profiles``: every profile, and the memory plan it gives for one model.
 
-    python wgp.py profiles [--model ID] [--ram-gb N] [--vram-gb N] [--profile-dir DIR]
+    python wgp.py profiles [--model ID] [--ram_gb N] [--vram_gb N] [--profile_dir DIR]
 
-The machine is detected (RAM by psutil, the GPU by torch.cuda); ``--ram-gb`` / ``--vram-gb``
-replace what was detected, to see the plans of another machine (``--vram-gb 0``: no GPU).
+The machine is detected (RAM by psutil, the GPU by torch.cuda); ``--ram_gb`` / ``--vram_gb``
+replace what was detected, to see the plans of another machine (``--vram_gb 0``: no GPU).
 Exit codes: 0 listed, 2 bad input (unknown model or profile folder, malformed profile).
 """
 
@@ -22,15 +22,15 @@ EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model id to plan for (default {DEFAULT_MODEL})")
-    parser.add_argument("--ram-gb", type=float, default=None, help="plan for this much RAM instead of the detected")
-    parser.add_argument("--vram-gb", type=float, default=None,
+    parser.add_argument("--ram_gb", type=float, default=None, help="plan for this much RAM instead of the detected")
+    parser.add_argument("--vram_gb", type=float, default=None,
                         help="plan for a GPU with this much memory instead of the detected (0: no GPU)")
-    parser.add_argument("--profile-dir", default=None,
+    parser.add_argument("--profile_dir", default=None,
                         help=f"folder of user profiles (default {DEFAULT_USER_DIR}, if present)")
 
 
 def machine_for(args: argparse.Namespace) -> Machine:
-    """The detected machine with ``--ram-gb`` / ``--vram-gb`` replacing what they name."""
+    """The detected machine with ``--ram_gb`` / ``--vram_gb`` replacing what they name."""
     from wan.optim.machine import detect_machine
     machine = detect_machine()
     ram_gb, vram_gb = getattr(args, "ram_gb", None), getattr(args, "vram_gb", None)

@@ -340,6 +340,18 @@ class JobQueue:
         with self._lock:
             return self._changed.wait_for(lambda: not self._busy and not self._queued, timeout)
 
+    def wait_finished(self, job_id: str, timeout: float | None = None) -> Job | None:
+        """Waits until the job has ended (done, failed or cancelled) or left the queue; returns a copy
+        of it then (None once it is gone), or as it stands when ``timeout`` passes. Woken by each
+        change of the queue, not by polling."""
+        def ended() -> bool:
+            job = self._find(job_id)
+            return job is None or job.status not in ("queued", "running")
+        with self._lock:
+            self._changed.wait_for(ended, timeout)
+            job = self._find(job_id)
+            return copy.deepcopy(job) if job is not None else None
+
     def _work(self) -> None:
         # imported here, once there is a job, not at module level or at start: the web page is served
         # and the app stays light until the first job (torch takes a second and hundreds of MB)

@@ -160,7 +160,7 @@ def store_upload(src: str | os.PathLike, uploads_dir: Path, kind: str, max_bytes
     size = src.stat().st_size
     if size > max_bytes:
         raise ValueError(f"upload {_short_repr(name)} is {size / 2**20:.1f} MB; the limit is "
-                         f"{max_bytes / 2**20:.1f} MB (--max-upload-mb)")
+                         f"{max_bytes / 2**20:.1f} MB (--max_upload_mb)")
     if size == 0:
         raise ValueError(f"upload {_short_repr(name)} is empty (0 bytes)")
     folder = Path(os.path.realpath(Path(uploads_dir).expanduser()))
@@ -190,7 +190,7 @@ def _copy_limited(inp, out, max_bytes: int, name: str) -> str:
         copied += len(chunk)
         if copied > max_bytes:
             raise ValueError(f"upload {_short_repr(name)} grew past the limit of "
-                             f"{max_bytes / 2**20:.1f} MB while it was copied (--max-upload-mb)")
+                             f"{max_bytes / 2**20:.1f} MB while it was copied (--max_upload_mb)")
         out.write(chunk)
         digest.update(chunk)
     return digest.hexdigest()
@@ -219,11 +219,11 @@ def check_request_limits(request: GenerationRequest, settings: ServerSettings) -
     # not reach arithmetic here ("x" * 10**9 would build a string instead of failing).
     frames, width, height, steps = (_number(getattr(request, f)) for f in ("frames", "width", "height", "steps"))
     if frames is not None and frames > settings.max_frames:
-        raise RequestError("frames", frames, f"at most {settings.max_frames} frames (--max-frames)")
+        raise RequestError("frames", frames, f"at most {settings.max_frames} frames (--max_frames)")
     if width is not None and height is not None and width * height > settings.max_pixels:
         raise RequestError("width", width,
                            f"{width}x{height} is {width * height} pixels per frame; at most "
-                           f"{settings.max_pixels} pixels (width*height, --max-pixels)")
+                           f"{settings.max_pixels} pixels (width*height, --max_pixels)")
     if steps is not None and steps > MAX_STEPS:
         raise RequestError("steps", steps, f"at most {MAX_STEPS} steps")
     for field_name in ("prompt", "negative_prompt"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from pathlib import Path
 
@@ -115,8 +114,7 @@ def _api(state: AppState) -> None:
     def generate(request_json: str) -> dict:
         """Queues the request and waits for its job to finish."""
         job_id = submit(request_json)
-        while (found := state.queue.get(job_id)) is not None and found.status in ("queued", "running"):
-            time.sleep(0.2)
+        state.queue.wait_finished(job_id)
         result = job(job_id)
         if result["status"] != "done":
             raise gr.Error(f"job {job_id} {result['status']}: {result['error'] or ''}")

@@ -3,7 +3,7 @@ saved to the config file for the next start (flags given on the command line sti
 
 Only what the user changed in the tab is written, over what the file already says: flags given at
 this start are not turned into file settings by a save. While the server is reachable from other
-machines (``--listen``, ``--share`` or a non-local ``--server-name``), the settings that decide its
+machines (``--listen``, ``--share`` or a non-local ``--server_name``), the settings that decide its
 exposure and its folders are read-only here: a visitor must not be able to open the next start
 to the network or point its output folder at the whole disk. Passwords never appear.
 """
@@ -17,7 +17,7 @@ import gradio as gr
 
 from wan.app.state import AppState
 
-HIDDEN = ("auth",)  # passwords belong in --auth-file, never in the config file or a page
+HIDDEN = ("auth",)  # passwords belong in --auth_file, never in the config file or a page
 # settings that decide who can reach the server and what it reads, writes and serves
 GUARDED = ("listen", "server_name", "server_port", "share", "auth_file", "checkpoint_dir", "lora_dir", "output_dir",
            "state_dir", "max_frames", "max_pixels", "max_upload_mb", "max_queue")
@@ -35,7 +35,7 @@ def render(state: AppState) -> dict:
     note = (" This server is reachable from other machines, so its network, folder and limit settings are "
             "read-only here: change them in the config file on the server machine." if locked else "")
     gr.Markdown("Settings are saved to the config file and used at the next start "
-                f"(flags given on the command line still win). Passwords go in `--auth-file`.{note}")
+                f"(flags given on the command line still win). Passwords go in `--auth_file`.{note}")
     for f in dataclasses.fields(state.settings):
         if f.name in HIDDEN:
             continue

@@ -15,10 +15,14 @@ from typing import Callable
 
 import torch
 
+from wan.engine.attach import AttentionKernel, SetOnNetworks, attach_job
 from wan.engine.conditioning import Conditioning, build_conditioning
-from wan.engine.loop import CancelToken, ExpertPlan, StepInfo, StepSavers, denoise
-from wan.engine.models import ModelManager, ModelSet
+from wan.engine.loop import CancelToken, Denoising, ExpertPlan, StepInfo, denoise
+from wan.engine.model_manager import ModelManager, ModelSet
 from wan.engine.request import GenerationRequest, RequestError, resolve_request
+from wan.optim.guidance import StepGuidance
+from wan.optim.profiles import ProfileError
+from wan.optim.step_savers import StepSavers
 from wan.registry import Registry, default_registry
 
 log = logging.getLogger(__name__)
@@ -92,22 +96,14 @@ class Engine:
             Cancelled: ``cancel`` was set; nothing was written.
         """
         req, spec = resolve_request(request, self.registry)
-        from wan.optim.apply import resolve_profile, savers_from_profile
-        from wan.optim.attention import apply_attention
-        from wan.optim.magcache_tables import bind_magcache
-        from wan.optim.profiles import ProfileError
+        profile, savers = self._profile_and_savers(req, spec, savers)
         try:
-            profile = resolve_profile(req.profile, req.profile_overrides)
-            if savers is None:
-                savers = savers_from_profile(profile, spec)
-            savers = bind_magcache(savers, self.magcache_tables, req, spec)  # MagCache: table or recording
             nets = self.models.get(spec, profile)
         except ProfileError as e:
             raise RequestError("profile", req.profile, str(e)) from None
         notices: list[str] = list(nets.notes)
-        for dit in nets.dits.values():  # each job sets its kernel: the model outlives the job
-            selection = apply_attention(dit, profile.attention if profile else ("sdpa",), device=self.device)
-        notices += selection.notices
+        loras = self._loras(req, nets, profile)
+        notices += loras.notices
         steps: list[StepInfo] = []
 
         def record(info: StepInfo) -> None:
@@ -115,16 +111,8 @@ class Engine:
             if progress is not None:
                 progress(info)
 
-        from wan.lora.job import prepare_loras
-        loras = prepare_loras(req.loras, nets.dits, self.lora_dir, mode=profile.lora.mode if profile else "hooks",
-                              names_only=self.lora_names_only)
-        notices += loras.notices
-        loras.attach(nets.dits)
-        try:
-            latent, cond = self.denoise(req, nets, progress=record, cancel=cancel, savers=savers,
-                                        on_step=loras.on_step)
-        finally:
-            loras.detach()
+        latent, cond = self.denoise(req, nets, progress=record, cancel=cancel, savers=savers, loras=loras,
+                                    attention=profile.attention if profile else ("sdpa",), notices=notices)
         if savers.magcache_source is not None:  # MagCache: saves a table recorded by this run
             notices += savers.magcache_source.finish()
         video = nets.vae.decode(latent[None].float(), tile=vae_tiling(profile, cond.size))[0]
@@ -138,11 +126,40 @@ class Engine:
                                  latents=latent if req.save_latents else None, model=spec.id, task=req.task)
         return GenerationResult(files, req, metadata, latent, video, steps, notices)
 
+    def _profile_and_savers(self, req: GenerationRequest, spec, savers: StepSavers | None):
+        """The job's profile (with its overrides) and step savers (MagCache bound to the model's
+        table store); a bad profile is a request error on the ``profile`` field."""
+        from wan.optim.apply import resolve_profile, savers_from_profile
+        from wan.optim.magcache_tables import bind_magcache
+        try:
+            profile = resolve_profile(req.profile, req.profile_overrides)
+            if savers is None:
+                savers = savers_from_profile(profile, spec)
+            return profile, bind_magcache(savers, self.magcache_tables, req, spec)  # MagCache: table or recording
+        except ProfileError as e:
+            raise RequestError("profile", req.profile, str(e)) from None
+
+    def _loras(self, req: GenerationRequest, nets: ModelSet, profile):
+        """The request's LoRAs loaded and checked against the loaded networks (not yet attached)."""
+        from wan.lora import LoraError
+        from wan.lora.job import prepare_loras
+        try:
+            return prepare_loras(req.loras, nets.dits, self.lora_dir, mode=profile.lora.mode if profile else "hooks",
+                                 names_only=self.lora_names_only)
+        except LoraError as e:
+            raise RequestError("loras", e.value, e.allowed) from None
+
     def denoise(self, req: GenerationRequest, nets: ModelSet, *, noise: torch.Tensor | None = None,
-                progress=None, cancel=None, savers: StepSavers | None = None,
-                on_step=None) -> tuple[torch.Tensor, Conditioning]:
+                progress=None, cancel=None, savers: StepSavers | None = None, loras=None,
+                attention: tuple[str, ...] | str = ("sdpa",),
+                notices: list[str] | None = None) -> tuple[torch.Tensor, Conditioning]:
         """Conditioning, text, noise and the sampling loop for a resolved request; returns the final
-        latent (VACE reference frames removed) and the conditioning."""
+        latent (VACE reference frames removed) and the conditioning.
+
+        The job (attention kernel, RIFLEx, the step savers' block runner, ``loras``: a prepared
+        :class:`~wan.lora.job.JobLoras`) is attached to the networks for the loop only; what
+        attaching says is appended to ``notices``.
+        """
         from wan.engine.samplers import make_sampler
         device = self.device
         cond = build_conditioning(req, nets.spec, nets, device)
@@ -157,19 +174,22 @@ class Engine:
             latent = (1 - sigma) * cond.init_latent + sigma * noise
         if cond.fixed_mask is not None:  # TI2V image mode
             latent = (1 - cond.fixed_mask) * cond.fixed_latent + cond.fixed_mask * latent
-        plan = ExpertPlan(req.boundary, req.guidance, req.guidance_high_noise)
-        extra = cond.dit_kwargs
         savers = savers or StepSavers()
+        runner = savers.runner(nets.dits, sampler, start)
         riflex = savers.riflex_setting(cond.noise_shape[1], req.frames, req.fps)
-        for dit in nets.dits.values():
-            dit.riflex = riflex
-        try:
-            latent = denoise(nets.dits, sampler, latent, {"context": context[None].to(device), **extra},
-                             {"context": context_neg[None].to(device), **extra}, plan, cond, start=start,
-                             progress=progress, cancel=cancel, savers=savers, on_step=on_step)
-        finally:
-            for dit in nets.dits.values():
-                dit.riflex = None
+        run = Denoising(nets.dits, sampler, {"context": context[None].to(device), **cond.dit_kwargs},
+                        {"context": context_neg[None].to(device), **cond.dit_kwargs},
+                        ExpertPlan(req.boundary, req.guidance, req.guidance_high_noise), cond,
+                        StepGuidance(savers.guidance, len(sampler.timesteps)), start=start, runner=runner,
+                        batched_cfg=savers.batched_cfg, on_step=loras.on_step if loras is not None else None)
+        parts = [AttentionKernel(attention, device),
+                 SetOnNetworks("riflex", riflex) if riflex is not None else None,
+                 SetOnNetworks("block_runner", runner) if runner is not None else None,
+                 loras]
+        with attach_job(nets.dits, parts) as attached:
+            if notices is not None:
+                notices += attached
+            latent = denoise(run, latent, progress=progress, cancel=cancel)
         return latent[:, cond.drop_front:], cond
 
     @staticmethod

@@ -63,7 +63,7 @@ def load_transformer(path: str | os.PathLike | Sequence, device: str | torch.dev
 def _with_fp8_layers(dit: WanDiT, fp8: dict[str, tuple], compute: torch.dtype) -> WanDiT:
     """Replaces (on the meta device) the named linear layers by quantised layers of the file's
     fp8 dtype and scale shape, to be filled by materialize."""
-    from wan.optim.quant import QuantLinear
+    from wan.layers.quant import QuantLinear
     for name, (dtype, scale_shape) in fp8.items():
         owner_name, _, leaf = name.rpartition(".")
         owner = dit.get_submodule(owner_name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wan.engine.request import RequestError
+from wan.lora import LoraError
 from wan.lora.apply import LoraRuntime, LoraUse
 
 
@@ -23,17 +23,19 @@ class JobLoras:
     runtimes: dict[str, LoraRuntime] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)
 
-    def attach(self, dits: dict) -> None:
-        """Attaches every expert's LoRAs; if one fails, those already attached are detached (and
-        their merged weights restored) before the error goes on."""
+    def attach(self, dits: dict) -> list[str]:
+        """Attaches every expert's LoRAs (a part of ``wan.engine.attach.attach_job``); if one
+        fails, those already attached are detached (and their merged weights restored) before the
+        error goes on. The notices were given by :func:`prepare_loras`."""
         try:
             for expert, rt in self.runtimes.items():
                 rt.attach(dits[expert])
         except Exception:
             self.detach()
             raise
+        return []
 
-    def detach(self) -> None:
+    def detach(self, dits: dict | None = None) -> None:
         for rt in self.runtimes.values():
             rt.detach()
 
@@ -54,7 +56,7 @@ def resolve_lora_path(path: str, lora_dir: str | Path | None, names_only: bool =
         candidate = (Path(lora_dir) / p).resolve()
         if candidate.is_file() and Path(lora_dir).resolve() in candidate.parents:
             return candidate
-    raise RequestError("loras", path, f"an existing LoRA file, or a name inside the LoRA folder {lora_dir}")
+    raise LoraError(path, f"an existing LoRA file, or a name inside the LoRA folder {lora_dir}")
 
 
 def prepare_loras(choices, dits: dict, lora_dir: str | Path | None = None, mode: str = "hooks",
@@ -82,16 +84,16 @@ def prepare_loras(choices, dits: dict, lora_dir: str | Path | None = None, mode:
             if "transformer" in dits:  # one network: a "high;low" string has nothing to apply to
                 multiplier.at(0, 1, "transformer")
         except ValueError as e:
-            raise RequestError("loras", f"{choice.path}:{choice.multiplier}", str(e)) from None
+            raise LoraError(f"{choice.path}:{choice.multiplier}", str(e)) from None
         path = resolve_lora_path(choice.path, lora_dir, names_only)
         try:
             lora = load_lora(path)
         except (CheckpointError, ValueError, OSError) as e:
-            raise RequestError("loras", choice.path, f"a readable LoRA file ({e})") from None
+            raise LoraError(choice.path, f"a readable LoRA file ({e})") from None
         any_dit = next(iter(dits.values()))
         compat = check_lora(lora, linear_shapes(any_dit))
         if compat.status == "none":
-            raise RequestError("loras", choice.path, f"a LoRA for this model; it matches none of its layers "
+            raise LoraError(choice.path, f"a LoRA for this model; it matches none of its layers "
                                                      f"({compat.guess})")
         if compat.status == "partial":
             job.notices.append(f"LoRA {path.name}: {compat.matched} of {compat.total} tensors match this model")

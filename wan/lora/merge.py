@@ -24,7 +24,7 @@ switch between Wan 2.2 experts), the layers of the LoRAs whose value changed are
 the kept originals; steps that keep the same values write nothing.
 
 Layers that cannot take a merged weight keep the hook path, with a notice: quantised layers
-(:class:`wan.optim.quant.QuantLinear`: an 8-bit weight cannot hold ``W + delta`` without rounding
+(:class:`wan.layers.quant.QuantLinear`: an 8-bit weight cannot hold ``W + delta`` without rounding
 it), any weight stored in a non-float dtype (fp8, int8), blocks streamed from the checkpoint (their
 weights are placeholders between forwards), and linear layers without a bias when the LoRA carries a
 bias delta.

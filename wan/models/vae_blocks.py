@@ -1,6 +1,7 @@
 """Pieces shared by the Wan 2.1 and 2.2 VAEs: causal convolutions with a per-call frame cache,
-the L2 "RMS_norm", residual / attention / resampling blocks, the chunked encode/decode driver and
-spatial tiling.
+the L2 "RMS_norm", residual / attention / resampling blocks, and the runners that push chunks or
+single frames through a stack of them. (The encode/decode drivers are in ``vae_base``, spatial
+tiling in ``vae_tiling``.)
 
 Module and parameter names follow the official Wan code (``wan/modules/vae.py``) so official and
 ComfyUI checkpoints load without renaming (``residual.0/2/3/6``, ``shortcut``, ``resample.1``,

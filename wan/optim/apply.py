@@ -1,12 +1,14 @@
-"""From a profile to what one generation uses: the step savers, the attention backend, RIFLEx.
+"""From a profile to what one generation uses: the profile itself (with per-job overrides), its
+step savers (TeaCache, MagCache, RIFLEx, the guidance shortcuts) and, on CUDA, mmgp's settings.
 
 The memory side of a profile (offload, quantisation) is applied when models are loaded
-(wan.engine.models); this module covers what can change from one job to the next.
+(``wan.engine.model_manager``); the attention backend is attached per job by the engine
+(``wan.engine.attach``).
 """
 
 from __future__ import annotations
 
-from wan.engine.loop import StepSavers
+from wan.optim.step_savers import StepSavers
 from wan.optim.guidance import GuidanceSettings, SkipLayerGuidance
 from wan.optim.profiles import Profile, apply_overrides, load_profiles
 from wan.optim.step_cache import teacache_coefficients

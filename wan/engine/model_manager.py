@@ -168,7 +168,7 @@ class ModelManager:
             return dit, handle
         keep_fp8 = quant in ("fp8", "fp8_scaled")
         dit = wan.load_transformer(path, device=device, dtype=dtype, keep_fp8=keep_fp8)
-        from wan.optim.quant import QuantLinear
+        from wan.layers.quant import QuantLinear
         if keep_fp8 and any(isinstance(m, QuantLinear) for m in dit.modules()):
             notes.append(f"transformer: fp8 weights of {Path(path).name} kept quantised (no requantisation)")
         elif quant != "none":
