@@ -64,7 +64,7 @@ def main() -> None:
     path = checkpoint_path()
     if not path.exists():
         write_checkpoint(path)
-    from wan.optim.profiles import load_profiles
+    from wan.optim.profile_files import load_profiles
     names = [p for p in load_profiles().names() if p != "auto"]
     rows = []
     for name in names:

@@ -6,13 +6,14 @@ import sys
 import pytest
 import yaml
 
+from wan.app.access import find_port, listen_warning, read_auth, share_warning
 from wan.app.settings import (DEFAULTS, FIELD_NAMES, ServerSettings, SettingsError, add_server_arguments,
-                              find_port, listen_warning, load_settings, read_auth, save_settings,
-                              settings_from_dict, settings_to_dict, share_warning)
+                              load_settings, save_settings, settings_from_dict, settings_to_dict)
+from wan.flags import FlagParser
 
 
 def parse(*argv):
-    return add_server_arguments(argparse.ArgumentParser(prog="wgp.py")).parse_args(list(argv))
+    return add_server_arguments(FlagParser(prog="wgp.py")).parse_args(list(argv))
 
 
 def write_config(path, data):
@@ -29,7 +30,7 @@ def test_every_field_has_a_flag_and_the_field_list_is_as_specified():
     assert vars(args) == {"config": None}, "setting flags must default to SUPPRESS"
     help_text = add_server_arguments(argparse.ArgumentParser()).format_help()
     for name in FIELD_NAMES:
-        assert "--" + name.replace("_", "-") in help_text
+        assert "--" + name in help_text
 
 
 def test_host_follows_listen():
@@ -105,9 +106,10 @@ def test_flag_errors(capsys):
             parse(*argv)
         assert e.value.code == 2
         err = capsys.readouterr().err
-        assert f"argument {argv[0]}: " in err and argv[1] in err.splitlines()[-1] and expected in err, err
+        flag = "--" + argv[0][2:].replace("-", "_")  # declared with underscores, typed either way
+        assert f"argument {flag}: " in err and argv[1] in err.splitlines()[-1] and expected in err, err
     # a namespace built by hand goes through the same checks
-    with pytest.raises(SettingsError, match=r"--max-queue: 0 is not allowed; expected a whole number > 0"):
+    with pytest.raises(SettingsError, match=r"--max_queue: 0 is not allowed; expected a whole number > 0"):
         load_settings(argparse.Namespace(config=None, max_queue=0))
     with pytest.raises(SettingsError) as e:  # a password is never echoed
         settings_from_dict({"auth": ""}, where="flag")
@@ -119,7 +121,7 @@ def test_save_load_round_trip_without_auth(tmp_path):
                        model="wan2.1-t2v-1.3B", max_pixels=832 * 480, compile=True, attention="sdpa")
     path = save_settings(s, tmp_path / "sub" / "wan_studio.yaml")
     text = path.read_text()
-    assert "s3cret" not in text and "auth:" not in text and "auth-file" in text  # the comment points to it
+    assert "s3cret" not in text and "auth:" not in text and "auth_file" in text  # the comment points to it
     raw = yaml.safe_load(text)
     assert set(raw) == {"server_port", "share", "auth_file", "model", "max_pixels", "compile", "attention"}
     assert [p.name for p in path.parent.iterdir()] == ["wan_studio.yaml"]  # no temp file left
@@ -211,7 +213,7 @@ def test_find_port_moves_past_a_held_port():
         assert (free, note) == (port, None)
         with pytest.raises(SettingsError) as e:
             find_port("127.0.0.1", busy, tries=0)
-        assert f"tried {busy}," in str(e.value) and "--server-port" in str(e.value)
+        assert f"tried {busy}," in str(e.value) and "--server_port" in str(e.value)
     finally:
         held.close()
 

@@ -209,38 +209,30 @@ def test_variant_choice_fallback_and_unknown_variant(tmp_path, online):
 
 def test_generated_files_come_from_the_named_generator(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # generated files need no network
-    module = tmp_path / "gen_mod" / "fake_tiny.py"
-    module.parent.mkdir()
-    module.write_text(
-        "from pathlib import Path\n"
-        "CALLS = []\n"
-        "def write_all(checkpoint_dir):\n"
-        "    CALLS.append(Path(checkpoint_dir))\n"
-        "    for name in ['tiny/t2v/transformer.safetensors', 'tiny/vae_2.1.safetensors',\n"
-        "                 'tiny/umt5.safetensors', 'tiny/tokenizer/spiece.model']:\n"
-        "        p = Path(checkpoint_dir) / name\n"
-        "        p.parent.mkdir(parents=True, exist_ok=True)\n"
-        "        p.write_bytes(b'z')\n")
-    monkeypatch.syspath_prepend(str(module.parent))
-    base = get_model("test-tiny-t2v")
-    assert {f.generator for f in missing_files(base, tmp_path / "ck")} == \
+    from wan.testing import tiny_family
+    calls = []
+
+    def write_all(checkpoint_dir):
+        calls.append(Path(checkpoint_dir))
+        for name in ["tiny/t2v/transformer.safetensors", "tiny/vae_2.1.safetensors",
+                     "tiny/umt5.safetensors", "tiny/tokenizer/spiece.model"]:
+            p = Path(checkpoint_dir) / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(b"z")
+    # specs may name only the allowed generators (wan.registry.specs.GENERATORS): stand in for one
+    monkeypatch.setattr(tiny_family, "ensure_tiny_checkpoints", write_all)
+    spec = get_model("test-tiny-t2v")
+    assert {f.generator for f in missing_files(spec, tmp_path / "ck")} == \
         {"wan.testing.tiny_family.ensure_tiny_checkpoints"}
-    specs = tmp_path / "specs"
-    specs.mkdir()
-    text = Path(base.source_file).read_text(encoding="utf-8").replace(
-        "wan.testing.tiny_family.ensure_tiny_checkpoints", "fake_tiny.write_all")
-    (specs / "tiny.yaml").write_text(text, encoding="utf-8")
-    spec = load_registry([specs]).get("test-tiny-t2v")
     paths = ensure_files(spec, tmp_path / "ck", progress=False)
-    import fake_tiny
-    assert fake_tiny.CALLS == [tmp_path / "ck"]  # one call for all the files
+    assert calls == [tmp_path / "ck"]  # one call for all the files
     assert paths["transformer"] == tmp_path / "ck/tiny/t2v/transformer.safetensors"
     assert paths["tokenizer"] == tmp_path / "ck/tiny/tokenizer"
-    # A generator that cannot be imported gives the usual single error.
-    (specs / "tiny.yaml").write_text(text.replace("fake_tiny.write_all", "no_such_mod.make"), encoding="utf-8")
-    spec = load_registry([specs]).get("test-tiny-i2v")
-    with pytest.raises(DownloadError, match=r"generator no_such_mod\.make is not available"):
-        ensure_files(spec, tmp_path / "ck2", progress=False)
+    # A generator that cannot be found gives the usual single error.
+    monkeypatch.delattr(tiny_family, "ensure_tiny_checkpoints")
+    with pytest.raises(DownloadError, match=r"generator wan\.testing\.tiny_family\.ensure_tiny_checkpoints is not "
+                                            r"available"):
+        ensure_files(get_model("test-tiny-i2v"), tmp_path / "ck2", progress=False)
 
 
 def test_importing_download_fetches_nothing_and_loads_no_hub_client():

@@ -9,15 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wan.optim.profiles import (
-    BUILTIN_DIR,
-    Profile,
-    ProfileError,
-    apply_overrides,
-    load_profiles,
-    parse_override,
-    profile_to_dict,
-)
+from wan.optim.profile_files import BUILTIN_DIR, load_profiles
+from wan.optim.profiles import Profile, ProfileError, apply_overrides, parse_override, profile_to_dict
 
 NUMBERED = {1: "HighRAM_HighVRAM", 2: "HighRAM_LowVRAM", 3: "LowRAM_HighVRAM", 4: "LowRAM_LowVRAM",
             5: "VeryLowRAM_LowVRAM"}

@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from wan.cli_generate import run
-    return run(args, args.parser)
+    return run(args)
 
 
 def _profiles(args: argparse.Namespace) -> int:
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     from wan.cli_generate import add_arguments
     gen = sub.add_parser("generate", help="generate a video or image without the UI")
     add_arguments(gen)
-    gen.set_defaults(func=_generate, parser=gen)
+    gen.set_defaults(func=_generate)
 
     from wan.cli_profiles import add_arguments as add_profile_arguments
     prof = sub.add_parser("profiles", help="list the profiles and the memory plan each gives on this machine")

@@ -3,8 +3,13 @@
 Flags are the request's field names (``--guidance``), plus the musubi-tuner spellings users know
 (``--task t2v-14B``, ``--video_size H W``, ``--video_length``, ``--infer_steps``,
 ``--guidance_scale``, ``--flow_shift``, ``--save_path``, ``--image_path``, ``--end_image_path``,
-``--control_path`` ...). Prompt files and interactive mode take one prompt per line with inline
-options: ``a fox in snow --w 832 --h 480 --f 33 --d 42 --s 30 --g 5 --fs 3 --n blurry --i img.png``.
+``--control_path`` ...). Each request field's flag, help, default and other spellings come from its
+declaration in :mod:`wan.engine.request`; only the flags that are not request fields are written
+here. Flags are shown with underscores; the parser (a :class:`wan.flags.FlagParser`) also reads
+them with hyphens (``--negative-prompt``).
+
+Prompt files and interactive mode take one prompt per line with inline options:
+``a fox in snow --w 832 --h 480 --f 33 --d 42 --s 30 --g 5 --fs 3 --n blurry --i img.png``.
 
 Exit codes: 0 all done, 1 a generation failed at run time, 2 bad input (named field, no traceback),
 130 interrupted.
@@ -16,7 +21,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from wan.engine.request import TASKS, GenerationRequest, LoraChoice, RequestError
+from wan.engine.request import (
+    REQUEST_FIELDS,
+    GenerationRequest,
+    LoraChoice,
+    RequestError,
+    RequestField,
+    request_default,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -28,46 +40,22 @@ MUSUBI_TASKS = {
     "i2v-14B-FC": "wan2.1-fun-control-14B", "t2v-A14B": "wan2.2-t2v-A14B", "i2v-A14B": "wan2.2-i2v-A14B",
     "ti2v-5B": "wan2.2-ti2v-5B",
 }
-# Inline options of prompt-file lines: option -> (request field, type).
+# Inline options of prompt-file lines: option -> request field (the value's type is the field's).
 INLINE_OPTIONS = {
-    "w": ("width", int), "h": ("height", int), "f": ("frames", int), "d": ("seed", int), "s": ("steps", int),
-    "g": ("guidance", float), "l": ("guidance", float), "fs": ("shift", float), "n": ("negative_prompt", str),
-    "i": ("image", str), "ei": ("end_image", str), "cn": ("control_video", str),
+    "w": "width", "h": "height", "f": "frames", "d": "seed", "s": "steps", "g": "guidance", "l": "guidance",
+    "fs": "shift", "n": "negative_prompt", "i": "image", "ei": "end_image", "cn": "control_video",
 }
 
 
-class _BadInput(Exception):
-    pass
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``generate``; each ``dest`` is a request field name."""
+    """The flags of ``generate``: one per request field, as the field declares it (``dest`` is the
+    field name, the default is the request's), then the flags that are not request fields."""
+    for f in REQUEST_FIELDS.values():
+        if f.flag:
+            p.add_argument(f"--{f.name}", *f.aliases, dest=f.name, **_flag_kind(f))
     a = p.add_argument
-    a("--model", help="model id (python wgp.py models); or musubi's --task name, e.g. t2v-1.3B")
-    a("--task", help=f"task ({', '.join(TASKS)}) or a musubi-tuner task name (t2v-14B, i2v-A14B, ...)")
-    a("--prompt", "-p", default=None)
-    a("--negative_prompt", "--negative-prompt", dest="negative_prompt")
-    a("--width", type=int)
-    a("--height", type=int)
     a("--video_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
       help="musubi-tuner order: height then width")
-    a("--frames", "--video_length", dest="frames", type=int)
-    a("--steps", "--infer_steps", dest="steps", type=int)
-    a("--guidance", "--guidance_scale", dest="guidance", type=float)
-    a("--guidance_high_noise", "--guidance_scale_high_noise", dest="guidance_high_noise", type=float)
-    a("--boundary", "--timestep_boundary", dest="boundary", type=float,
-      help="Wan 2.2 A14B expert switch, fraction of 1000 (musubi's value above 1 is read as a timestep)")
-    a("--shift", "--flow_shift", dest="shift", type=float)
-    a("--sampler", "--sample_solver", dest="sampler")
-    a("--seed", type=int, default=-1)
-    a("--image", "--image_path", dest="image")
-    a("--end_image", "--end_image_path", dest="end_image")
-    a("--video", "--video_path", dest="video")
-    a("--strength", "--denoise_strength", dest="strength", type=float, default=0.75)
-    a("--control_video", "--control_path", dest="control_video")
-    a("--mask_video", "--mask_path", dest="mask_video")
-    a("--ref_images", nargs="+", default=[])
-    a("--vace_scale", type=float, default=1.0)
     a("--lora", action="append", default=[], metavar="FILE[:MULT]", help="repeatable")
     a("--lora_weight", nargs="+", default=[])
     a("--lora_multiplier", nargs="+", default=[])
@@ -76,66 +64,69 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
            "modules whose official name matches")
     a("--exclude_patterns", nargs="+", default=[], metavar="REGEX",
       help="one per LoRA, in order: modules whose official name matches are left alone")
-    a("--lora_dir", "--lora-dir", dest="lora_dir", default="loras", help="folder LoRA names are looked up in")
-    a("--profile", help="profile name or number (python wgp.py profiles), e.g. 4 or fast_preview")
-    a("--set", dest="profile_overrides", action="append", default=[], metavar="KEY=VALUE",
+    a("--lora_dir", default="loras", help="folder LoRA names are looked up in")
+    a("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
       help="override one profile setting for this job, e.g. --set step_savers.teacache.enabled=true")
-    a("--output_dir", "--save_path", dest="output_dir", default="outputs")
-    a("--name_template", default="{time}_seed{seed}_{prompt}")
-    a("--fps", type=int)
-    a("--quality", type=int, default=8)
-    a("--save_latents", action="store_true")
-    a("--trim_tail", type=int, default=0)
-    a("--cpu_noise", action="store_true", help="draw the noise on the CPU (same result on every device)")
     a("--from_file", help="a text file with one prompt per line and inline options")
     a("--from_output", help="rebuild the request of an earlier output (.mp4, .png or its .json); "
                             "flags given explicitly override its settings")
     a("--interactive", action="store_true", help="read prompts from the terminal")
-    a("--checkpoint_dir", "--checkpoint-dir", dest="checkpoint_dir", default="checkpoints")
-    a("--device", default=None)
+    a("--checkpoint_dir", default="checkpoints", help="folder of the model checkpoints")
+    a("--device", default=None, help="torch device, e.g. cuda:1 or cpu")
     a("--quiet", action="store_true", help="no progress bar")
 
 
-def base_request(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> GenerationRequest:
-    """The request the flags describe (prompt-file lines override parts of it)."""
+def _flag_kind(f: RequestField) -> dict:
+    """argparse keywords for a request field's flag, from its type: a bool is a switch (off by
+    default), a list takes one or more values; the help shows a default the request sets itself."""
+    shown = f.default not in (None, "", False, [])
+    kind = {"default": f.default, "help": f.help + (" (default: %(default)s)" if shown else "")}
+    if f.type is bool:
+        return {**kind, "action": "store_true"}
+    kind["metavar"] = f.metavar
+    if f.type is not str:
+        kind["type"] = f.type
+    if f.many:
+        kind["nargs"] = "+"
+    return kind
+
+
+def base_request(args: argparse.Namespace) -> GenerationRequest:
+    """The request the flags describe (prompt-file lines override parts of it). With
+    ``--from_output``: the request stored in that output, with the fields whose flags were given
+    (their value differs from the default) replaced."""
+    values = _flag_values(args)
     if args.from_output:
-        return _request_from_output(args, parser)
-    model, task = args.model, args.task
-    if task in MUSUBI_TASKS:
-        model, task = model or MUSUBI_TASKS[task], None
-    if not model:
+        given = {name: v for name, v in values.items() if v != request_default(name)}
+        return _request_from_output(args.from_output).replace(**given)
+    if not values["model"]:
         raise RequestError("model", None, "give --model (see: python wgp.py models) or a musubi --task name")
-    width, height = args.width, args.height
+    return GenerationRequest(**values)
+
+
+def _flag_values(args: argparse.Namespace) -> dict:
+    """Every request field as the flags give it. musubi-tuner's spellings are converted: a task
+    name names the model, ``--video_size`` is height then width, a boundary above 1 is a timestep;
+    the LoRA flags make ``loras`` and ``--set`` makes ``profile_overrides``."""
+    values = {name: getattr(args, name) for name, f in REQUEST_FIELDS.items() if f.flag}
+    if values["task"] in MUSUBI_TASKS:
+        values["model"], values["task"] = values["model"] or MUSUBI_TASKS[values["task"]], None
     if args.video_size:
-        height, width = args.video_size
-    boundary = args.boundary / 1000 if args.boundary is not None and args.boundary > 1 else args.boundary
-    return GenerationRequest(
-        model=model, task=task, prompt=args.prompt or "", negative_prompt=args.negative_prompt, width=width,
-        height=height, frames=args.frames, steps=args.steps, guidance=args.guidance,
-        guidance_high_noise=args.guidance_high_noise, boundary=boundary, shift=args.shift, sampler=args.sampler,
-        seed=args.seed, image=args.image, end_image=args.end_image, video=args.video, strength=args.strength,
-        control_video=args.control_video, mask_video=args.mask_video, ref_images=list(args.ref_images),
-        vace_scale=args.vace_scale, loras=_loras(args), profile=args.profile,
-        profile_overrides=_overrides(args.profile_overrides), output_dir=args.output_dir,
-        name_template=args.name_template, fps=args.fps, quality=args.quality, save_latents=args.save_latents,
-        trim_tail=args.trim_tail, cpu_noise=args.cpu_noise)
+        values["height"], values["width"] = args.video_size
+    if values["boundary"] is not None and values["boundary"] > 1:
+        values["boundary"] /= 1000
+    values["loras"], values["profile_overrides"] = _loras(args), _overrides(args.overrides)
+    return values
 
 
-def _request_from_output(args: argparse.Namespace, parser) -> GenerationRequest:
-    """The request stored in an output file, with the flags that differ from their defaults applied."""
+def _request_from_output(path: str) -> GenerationRequest:
+    """The request stored in an output file."""
     from wan.engine import request_from_metadata
     from wan.engine.media import read_metadata
     try:
-        saved = request_from_metadata(read_metadata(args.from_output))
+        return request_from_metadata(read_metadata(path))
     except (OSError, ValueError) as e:
-        raise RequestError("from_output", args.from_output, f"an output file written by Wan Studio ({e})") from None
-    if parser is None:
-        return saved
-    changes = {}
-    for name in saved.to_dict():
-        if name in vars(args) and getattr(args, name) != parser.get_default(name):
-            changes[name] = getattr(args, name)
-    return saved.replace(**changes)
+        raise RequestError("from_output", path, f"an output file written by Wan Studio ({e})") from None
 
 
 def _overrides(items: list[str]) -> dict:
@@ -178,7 +169,8 @@ def parse_prompt_line(line: str, base: GenerationRequest) -> GenerationRequest:
         option, _, value = part.strip().partition(" ")
         if option not in INLINE_OPTIONS:
             raise RequestError(f"--{option}", value, f"inline options are: {', '.join('--' + o for o in INLINE_OPTIONS)}")
-        field, kind = INLINE_OPTIONS[option]
+        field = INLINE_OPTIONS[option]
+        kind = REQUEST_FIELDS[field].type
         try:
             changes[field] = kind(value.strip())
         except ValueError:
@@ -198,13 +190,13 @@ def read_prompt_file(path: str) -> list[tuple[int, str]]:
             if line.strip() and not line.strip().startswith("#")]
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     """Runs the generate command; returns the exit code."""
     import logging
     # the CLI prints each job's notices itself (a fallback is also logged by the library)
     logging.getLogger("wan.optim.attention").setLevel(logging.ERROR)
     try:
-        base = base_request(args, parser)
+        base = base_request(args)
     except RequestError as e:
         return _report_bad(str(e))
     engine = None

@@ -50,29 +50,12 @@ def _list(args) -> int:
     return EXIT_OK
 
 
-def model_linear_shapes(model_id: str) -> dict:
-    """The linear layers' weight shapes of a registry model, from its architecture alone (the
-    network is built on the meta device: no weights are read or needed)."""
-    import torch
-    from wan.lora.compat import linear_shapes
-    from wan.models.dit import DiTConfig, WanDiT
-    from wan.registry import get_model
-    spec = get_model(model_id)
-    a = spec.arch
-    cfg = DiTConfig(dim=a.dim, ffn_dim=a.ffn_dim, num_heads=a.num_heads, num_layers=a.num_layers, in_dim=a.in_dim,
-                    out_dim=a.out_dim, text_dim=a.text_dim, freq_dim=a.freq_dim, patch_size=tuple(a.patch_size),
-                    image_dim=1280 if spec.needs_clip else None,
-                    vace_layers=tuple(a.vace_layers or ()), vace_in_dim=a.vace_in_dim or 96)
-    with torch.device("meta"):
-        return linear_shapes(WanDiT(cfg))
-
-
 def _check(args) -> int:
-    from wan.lora.compat import check_lora
+    from wan.lora.compat import check_lora, model_linear_shapes
     from wan.lora.formats import load_lora
-    from wan.registry import RegistryError
+    from wan.registry import RegistryError, get_model
     try:
-        shapes = model_linear_shapes(args.model)
+        shapes = model_linear_shapes(get_model(args.model))
     except RegistryError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

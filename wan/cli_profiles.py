@@ -14,7 +14,8 @@ import dataclasses
 import sys
 
 from wan.optim.planner import GiB, Machine, describe, model_sizes, plan, run_precision
-from wan.optim.profiles import DEFAULT_USER_DIR, ProfileError, load_profiles
+from wan.optim.profiles import ProfileError
+from wan.optim.profile_files import DEFAULT_USER_DIR, load_profiles
 
 DEFAULT_MODEL = "wan2.1-t2v-14B"
 EXIT_OK, EXIT_BAD_INPUT = 0, 2

@@ -8,6 +8,10 @@ each "profile" to keep what the profile says) that become ``profile_overrides``,
 (free ``key=value`` lines, the CLI's ``--set``), and ``loras`` + ``lora_multipliers`` (Wan2GP's
 space-separated multiplier string, one entry per selected LoRA, each with the schedule syntax).
 
+Defaults are never retyped here: an empty control means the request field's default
+(``request_default``), and the step-saver numbers start at the profile schema's defaults
+(``saver_defaults``).
+
 ``form_to_requests`` is what the "Add to queue" button calls; ``request_to_form`` loads an earlier
 output's settings back into the form. Both are tested without a browser.
 """
@@ -16,7 +20,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from wan.engine.request import INPUT_FIELDS, GenerationRequest, LoraChoice, RequestError
+from wan.engine.request import (
+    INPUT_FIELDS,
+    REQUEST_FIELDS,
+    GenerationRequest,
+    LoraChoice,
+    RequestError,
+    request_default,
+)
 
 KEEP = "profile"  # picker value: leave the profile's setting alone
 CUSTOM = "custom"
@@ -53,7 +64,35 @@ PLAIN_FIELDS = ("model", "task", "negative_prompt", "frames", "steps", "guidance
 # request fields the form has no control for: carried as they are in the hidden ``extra`` value, so
 # loading an output's settings and queueing them again reproduces it (cpu_noise changes the noise)
 EXTRA_FIELDS = ("cpu_noise", "trim_tail", "name_template", "save_latents")
-INT_FIELDS = ("frames", "steps", "fps", "quality", "seed", "width", "height", "cfg_zero_init_steps")
+# whole-number keys: the request's int fields and the one whole-number step-saver setting
+INT_FIELDS = (*(name for name, f in REQUEST_FIELDS.items() if f.type is int), "cfg_zero_init_steps")
+
+
+SUGGESTED_CFG_SKIP_RATIO = 0.6
+
+
+def saver_defaults() -> dict[str, Any]:
+    """Starting values of the step-saver numbers (``SAVER_NUMBERS``) and of ``slg_layers``: what a
+    profile that states nothing has, read from the profile schema so they are written once."""
+    from functools import reduce
+
+    from wan.optim.profiles import Profile
+    schema = Profile()  # every setting at its default
+
+    def read(setting: str) -> Any:
+        return reduce(getattr, setting.split("."), schema)
+    out = {key: read(setting) for key, (_, setting) in SAVER_NUMBERS.items()}
+    # The one number the form suggests itself: the schema's ratio 1.0 applies CFG on every step, so
+    # picking a CFG-skip mode would skip nothing; the form offers the fast_preview profile's 0.6.
+    out["cfg_skip_ratio"] = SUGGESTED_CFG_SKIP_RATIO
+    key, _, setting = SLG_LAYERS
+    out[key] = _layers_text(read(setting))
+    return out
+
+
+def _layers_text(layers) -> str:
+    """SLG block numbers as the form shows them: ``(8, 9)`` -> ``"8 9"``."""
+    return " ".join(map(str, layers or ()))
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -137,14 +176,12 @@ def form_to_requests(values: Mapping[str, Any]) -> list[GenerationRequest]:
         fields["width"], fields["height"] = _number("width", values.get("width")), _number("height", values.get("height"))
     else:
         fields["width"], fields["height"] = parse_resolution(resolution)
-    seed = _number("seed", values.get("seed"))
-    fields["seed"] = -1 if seed is None else seed  # -1: a random seed, recorded in the output
+    fields["seed"] = _number("seed", values.get("seed"))
     for name in INPUT_FIELDS:
         v = values.get(name)
         fields[name] = list(v or []) if name == "ref_images" else (v or None)
-    fields["strength"] = fields["strength"] if fields["strength"] is not None else 0.75
-    fields["vace_scale"] = fields["vace_scale"] if fields["vace_scale"] is not None else 1.0
-    fields["quality"] = fields["quality"] if fields["quality"] is not None else 8
+    # an empty control means the request's default (for most fields None: the model's default)
+    fields = {k: request_default(k) if v is None else v for k, v in fields.items()}
     extra = values.get("extra") or {}
     fields.update({k: extra[k] for k in EXTRA_FIELDS if k in extra})
     fields["profile_overrides"] = _overrides(values)
@@ -177,7 +214,7 @@ def request_to_form(req: GenerationRequest, sizes=()) -> dict[str, Any]:
         values[key] = overrides.pop(setting, None)
     key, _, setting = SLG_LAYERS
     layers = overrides.pop(setting, None)
-    values[key] = " ".join(map(str, layers)) if layers else ""
+    values[key] = _layers_text(layers)
     values["overrides"] = "\n".join(f"{k}={_yaml_value(v)}" for k, v in overrides.items())
     values["loras"] = [lo.path for lo in req.loras]
     values["extra"] = {k: getattr(req, k) for k in EXTRA_FIELDS}

@@ -309,7 +309,7 @@ def blocked_paths(settings: ServerSettings, config_path: str | os.PathLike | Non
     it is simply never allowed. ``config_path`` defaults to ``wan_studio.yaml`` here.
     """
     from wan.app.settings import DEFAULT_CONFIG
-    from wan.optim.profiles import BUILTIN_DIR, DEFAULT_USER_DIR  # yaml only, no torch
+    from wan.optim.profile_files import BUILTIN_DIR, DEFAULT_USER_DIR  # yaml only, no torch
 
     paths = [settings.checkpoint_dir, settings.lora_dir, BUILTIN_DIR, DEFAULT_USER_DIR,
              config_path if config_path is not None else DEFAULT_CONFIG]

@@ -127,7 +127,7 @@ def _api(state: AppState) -> None:
 def serve(settings: ServerSettings, config_path: str | Path | None = None) -> None:
     """Builds the app, starts the queue's worker and serves until interrupted."""
     from wan.app.security import allowed_paths, blocked_paths
-    from wan.app.settings import find_port, listen_warning, read_auth, share_warning
+    from wan.app.access import find_port, listen_warning, read_auth, share_warning
     logging.basicConfig(level=logging.DEBUG if settings.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):  # one line per request gradio makes to itself

@@ -12,8 +12,17 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from wan.app.form import CUSTOM, KEEP, PICKER_CHOICES, form_to_requests, request_to_form, resolution_choices
+from wan.app.form import (
+    CUSTOM,
+    KEEP,
+    PICKER_CHOICES,
+    form_to_requests,
+    request_to_form,
+    resolution_choices,
+    saver_defaults,
+)
 from wan.app.state import AppState
+from wan.engine.request import SAMPLERS, TASK_INPUTS, RequestError, request_default, resolve_request
 
 # inputs of each task, in the order they are shown (request field names)
 TASK_INPUT_FIELDS = ("image", "end_image", "video", "strength", "control_video", "mask_video", "ref_images",
@@ -34,13 +43,12 @@ def model_choices(state: AppState) -> list[tuple[str, str]]:
 
 
 def profile_choices() -> list[tuple[str, str]]:
-    from wan.optim.profiles import load_profiles
+    from wan.optim.profile_files import load_profiles
     return [(p.label, p.name) for p in load_profiles()]
 
 
 def visible_inputs(task: str) -> set[str]:
     """The input controls a task shows (see ``TASK_INPUTS`` of the request)."""
-    from wan.engine.request import TASK_INPUTS
     shown = set(TASK_INPUTS.get(task, ()))
     if "video" in shown:
         shown.add("strength")
@@ -74,9 +82,10 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
         c["ref_images"] = gr.File(file_count="multiple", file_types=["image"], label=INPUT_LABELS["ref_images"],
                                   elem_id="ref-images", visible=False)
     with gr.Row():
-        c["strength"] = gr.Slider(0.05, 1.0, 0.75, step=0.05, label="Video strength (how much is re-noised)",
-                                  visible=False, elem_id="strength")
-        c["vace_scale"] = gr.Slider(0.0, 2.0, 1.0, step=0.05, label="Control strength", visible=False)
+        c["strength"] = gr.Slider(0.05, 1.0, request_default("strength"), step=0.05,
+                                  label="Video strength (how much is re-noised)", visible=False, elem_id="strength")
+        c["vace_scale"] = gr.Slider(0.0, 2.0, request_default("vace_scale"), step=0.05, label="Control strength",
+                                    visible=False)
     with gr.Row():
         c["resolution"] = gr.Dropdown([], label="Resolution", elem_id="resolution")
         c["width"] = gr.Number(label="Width", precision=0, visible=False, elem_id="width")
@@ -90,31 +99,32 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
                                              elem_id="guidance-high-noise")
         c["boundary"] = gr.Number(label="Expert switch (fraction of 1000)", visible=False, elem_id="boundary")
         c["shift"] = gr.Number(label="Shift", elem_id="shift")
-        c["sampler"] = gr.Dropdown(["unipc", "dpm++", "euler"], label="Sampler", elem_id="sampler")
+        c["sampler"] = gr.Dropdown(list(SAMPLERS), label="Sampler", elem_id="sampler")
     with gr.Row():
-        c["seed"] = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="seed")
+        c["seed"] = gr.Number(request_default("seed"), label="Seed (-1: random)", precision=0, elem_id="seed")
         random_seed = gr.Button("Random", elem_id="random-seed", scale=0, min_width=90)
         c["fps"] = gr.Number(label="FPS", precision=0, elem_id="fps")
-        c["quality"] = gr.Slider(0, 10, 8, step=1, label="Video quality", elem_id="quality")
+        c["quality"] = gr.Slider(0, 10, request_default("quality"), step=1, label="Video quality", elem_id="quality")
     c["random_seed"] = random_seed
+    saver = saver_defaults()
     with gr.Accordion("Advanced: step savers and per-job profile overrides", open=False):
         with gr.Row():
             c["teacache"] = gr.Dropdown(list(PICKER_CHOICES["teacache"]), value=KEEP, label="TeaCache")
-            c["teacache_speedup"] = gr.Number(1.75, label="TeaCache target speed-up")
+            c["teacache_speedup"] = gr.Number(saver["teacache_speedup"], label="TeaCache target speed-up")
             c["magcache"] = gr.Dropdown(list(PICKER_CHOICES["magcache"]), value=KEEP,
                                         label="MagCache (a model's first MagCache run records its table)")
-            c["magcache_speedup"] = gr.Number(2.0, label="MagCache target speed-up")
+            c["magcache_speedup"] = gr.Number(saver["magcache_speedup"], label="MagCache target speed-up")
         with gr.Row():
             c["slg_mode"] = gr.Dropdown(list(PICKER_CHOICES["slg_mode"]), value=KEEP, label="Skip-layer guidance")
-            c["slg_layers"] = gr.Textbox("9", label="SLG layers")
-            c["slg_scale"] = gr.Number(3.0, label="SLG scale")
-            c["slg_start"] = gr.Number(0.1, label="SLG start")
-            c["slg_end"] = gr.Number(0.9, label="SLG end")
+            c["slg_layers"] = gr.Textbox(saver["slg_layers"], label="SLG layers")
+            c["slg_scale"] = gr.Number(saver["slg_scale"], label="SLG scale")
+            c["slg_start"] = gr.Number(saver["slg_start"], label="SLG start")
+            c["slg_end"] = gr.Number(saver["slg_end"], label="SLG end")
         with gr.Row():
             c["cfg_skip_mode"] = gr.Dropdown(list(PICKER_CHOICES["cfg_skip_mode"]), value=KEEP, label="CFG skipping")
-            c["cfg_skip_ratio"] = gr.Number(0.6, label="CFG apply ratio")
+            c["cfg_skip_ratio"] = gr.Number(saver["cfg_skip_ratio"], label="CFG apply ratio")
             c["cfg_zero_star"] = gr.Dropdown(list(PICKER_CHOICES["cfg_zero_star"]), value=KEEP, label="CFG-Zero*")
-            c["cfg_zero_init_steps"] = gr.Number(0, precision=0, label="Zero-init steps")
+            c["cfg_zero_init_steps"] = gr.Number(saver["cfg_zero_init_steps"], precision=0, label="Zero-init steps")
             c["riflex"] = gr.Dropdown(list(PICKER_CHOICES["riflex"]), value=KEEP, label="RIFLEx (long clips)")
         c["extra"] = gr.State({})  # request fields without a control, kept from loaded settings
         c["overrides"] = gr.Textbox(label="More profile overrides, one KEY=VALUE per line "
@@ -163,7 +173,7 @@ def plan_text(state: AppState, model_id: str, profile_name: str) -> str:
     """The profile's memory plan on this machine in plain words (as ``wgp.py profiles`` prints)."""
     from wan.optim.machine import detect_machine
     from wan.optim.planner import describe, model_sizes, plan, run_precision
-    from wan.optim.profiles import load_profiles
+    from wan.optim.profile_files import load_profiles
     from wan.registry import get_model
     try:
         profiles = load_profiles()
@@ -192,7 +202,6 @@ def collect(state: AppState, keys: list[str], args: tuple) -> list:
         kept = [p if state.is_ours(p) else str(store_upload(p, state.uploads_dir, kind, max_bytes)) for p in paths]
         values[key] = kept if key == "ref_images" else kept[0]
     requests = form_to_requests(values)
-    from wan.engine.request import resolve_request
     for r in requests:
         resolve_request(state.prepare(r))  # fail now, in the form, not later in the queue
     return requests
@@ -222,7 +231,6 @@ def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
     c["random_seed"].click(lambda: -1, None, c["seed"])
 
     def add(session_id, shown, *args):
-        from wan.engine.request import RequestError
         jobs = []
         try:
             for r in collect(state, keys, args):

@@ -41,12 +41,12 @@ def lora_rows(state: AppState, model_id: str) -> tuple[list[tuple[str, str]], st
 
 def check_selected(state: AppState, model_id: str, selected: list[str]) -> str:
     """The full compatibility check of the selected LoRAs against the model's layer shapes."""
-    from wan.cli_lora import model_linear_shapes
-    from wan.lora.compat import check_lora
+    from wan.lora.compat import check_lora, model_linear_shapes
     from wan.lora.formats import load_lora
+    from wan.registry import get_model
     if not selected:
         return "Select LoRAs to check."
-    shapes = model_linear_shapes(model_id)
+    shapes = model_linear_shapes(get_model(model_id))
     out = []
     for rel in selected:
         try:

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wan.engine.request import request_default
 from wan.fileio import fsync_dir
 
 METADATA_KEY = "wan_studio"      # PNG iTXt key and safetensors header key
@@ -67,24 +68,25 @@ _NO_HARDLINK = {errno.EPERM, errno.EACCES, errno.EXDEV, errno.EMLINK, errno.ENOS
 @dataclass
 class OutputOptions:
     """Where and how results are written. Validated on construction (ValueError naming the field).
+    The defaults are those of a request's output fields, so a direct caller writes what a request would.
 
     Attributes:
         folder: output folder, created when missing.
         name_template: file name without extension; fields {time} (YYYY-MM-DD_HH-MM-SS), {seed},
             {prompt} (first 40 characters, sanitised), {model}, {task}. Literal text may use letters,
             digits, '-', '_', '.', ' ' (spaces become '_').
-        video_quality: 0 (worst) .. 10 (best), imageio's scale: libx264 CRF = int((1 - q/10) * 51),
-            so the default 8 gives CRF 10, what the official Wan code writes.
+        video_quality: 0 (worst) .. 10 (best), imageio's scale: libx264 CRF = int((1 - q/10) * 51);
+            8 gives CRF 10, what the official Wan code writes.
         save_latents: also write ``<name>.latents.safetensors``.
         trim_tail_frames: frames dropped from the end before writing (must leave at least one).
         sidecar_json: also write ``<name>.json`` with the metadata.
     """
 
-    folder: str = "outputs"
-    name_template: str = "{time}_seed{seed}_{prompt}"
-    video_quality: int = 8
-    save_latents: bool = False
-    trim_tail_frames: int = 0
+    folder: str = request_default("output_dir")
+    name_template: str = request_default("name_template")
+    video_quality: int = request_default("quality")
+    save_latents: bool = request_default("save_latents")
+    trim_tail_frames: int = request_default("trim_tail")
     sidecar_json: bool = True
 
     def __post_init__(self):
@@ -196,7 +198,8 @@ def _ffmetadata(text: str) -> str:
     return f";FFMETADATA1\n{MP4_METADATA_TAG}={escaped}\n"
 
 
-def encode_mp4(frames: np.ndarray, fps: float, dest: Path, quality: float = 8, comment: str | None = None) -> None:
+def encode_mp4(frames: np.ndarray, fps: float, dest: Path, quality: float = request_default("quality"),
+               comment: str | None = None) -> None:
     """Encodes frames [T, H, W, 3] uint8 (even H, W) to an H.264 MP4 at `dest` with the bundled ffmpeg.
 
     The same path as the official code (imageio -> ffmpeg, libx264, yuv420p, CRF from `quality`), but
@@ -453,7 +456,7 @@ def _write_one(path, suffixes, write: Callable[[Path], None]) -> Path:
 
 
 def write_video(frames, fps: float, path: str | os.PathLike, *, metadata: dict | None = None,
-                quality: float = 8) -> Path:
+                quality: float = request_default("quality")) -> Path:
     """Writes frames [T, H, W, 3] uint8 to the new MP4 `path` atomically (FileExistsError if taken).
 
     Odd sizes are padded to even by repeating the last row/column (with a warning), never resized.

@@ -1,10 +1,15 @@
 """The one request type every caller builds: UI, CLI, batch files and Python.
 
-``GenerationRequest`` holds every generation setting; field names are the CLI flag names (with
-``_`` for ``-``) and the UI's keys. ``resolve_request`` validates it in one place and fills every
-unset field from the model registry, giving a request with no ``None`` left and a concrete seed:
-that resolved request is what is stored in an output's metadata and what rebuilds the output.
-Bad input raises :class:`RequestError`, which names the field, the value and what is allowed.
+``GenerationRequest`` holds every generation setting; field names are the CLI flag names and the
+UI's keys. Each field is declared once, with :func:`option`: its default, its help text, the other
+spellings of its flag (musubi-tuner's and the official scripts') and its type. The ``generate``
+flags and the UI form's defaults are read from there (:data:`REQUEST_FIELDS`,
+:func:`request_default`), so no default is written twice.
+
+``resolve_request`` validates a request in one place and fills every unset field from the model
+registry, giving a request with no ``None`` left and a concrete seed: that resolved request is what
+is stored in an output's metadata and what rebuilds the output. Bad input raises
+:class:`RequestError`, which names the field, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,44 +61,78 @@ class LoraChoice:
     exclude: list[str] = field(default_factory=list)
 
 
+def option(default: Any = dataclasses.MISSING, help: str = "", *, aliases: tuple[str, ...] = (),  # noqa: A002
+           metavar: str | None = None, flag: bool = True) -> Any:
+    """A request field, declared once with everything its callers show of it.
+
+    Args:
+        default: the value when the caller gives none (none for ``model``, which every request
+            names). An empty list or dict becomes a fresh one per request.
+        help: what the field means; the CLI's help text.
+        aliases: other spellings of its ``generate`` flag (musubi-tuner's, the official scripts').
+        metavar: the value's name in ``--help``.
+        flag: False for a field ``generate`` builds from flags of its own (``--lora``, ``--set``).
+    """
+    metadata = {"help": help, "aliases": tuple(aliases), "metavar": metavar, "flag": flag}
+    if isinstance(default, (list, dict)):
+        if default:
+            raise ValueError("a request field's list or dict default must be empty (it is made fresh each time)")
+        return field(default_factory=type(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class GenerationRequest:
     """Every setting of one generation. ``None`` means "the model's default"."""
 
-    model: str
-    prompt: str = ""
-    task: str | None = None
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    frames: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    guidance_high_noise: float | None = None  # Wan 2.2 A14B: guidance while the high-noise expert runs
-    boundary: float | None = None             # Wan 2.2 A14B: expert switch, as a fraction of 1000
-    shift: float | None = None
-    sampler: str | None = None
-    seed: int = -1                            # -1: pick a random seed and record it
+    model: str = option(help="model id (see: python wgp.py models)")
+    prompt: str = option("", "what the video shows", aliases=("-p",))
+    task: str | None = option(None, f"one of {', '.join(TASKS)} (default: the model's first); generate also "
+                                    "takes a musubi-tuner task name (t2v-14B, i2v-A14B, ...), which names the model")
+    negative_prompt: str | None = option(None, "what to steer away from (default: the model's negative prompt)")
+    width: int | None = option(None, "width in pixels (default: the model's)")
+    height: int | None = option(None, "height in pixels (default: the model's)")
+    frames: int | None = option(None, "number of frames, 4k+1 (default: the model's)", aliases=("--video_length",))
+    steps: int | None = option(None, "denoising steps (default: the model's)", aliases=("--infer_steps",))
+    guidance: float | None = option(None, "classifier-free guidance scale (default: the model's)",
+                                    aliases=("--guidance_scale",))
+    guidance_high_noise: float | None = option(
+        None, "Wan 2.2 A14B: guidance while the high-noise expert runs (default: the model's, else --guidance)",
+        aliases=("--guidance_scale_high_noise",))
+    boundary: float | None = option(
+        None, "Wan 2.2 A14B: expert switch, a fraction of 1000 (musubi's value above 1 is read as a timestep)",
+        aliases=("--timestep_boundary",))
+    shift: float | None = option(None, "timestep shift of the flow schedule (default: the model's for the size)",
+                                 aliases=("--flow_shift",))
+    sampler: str | None = option(None, f"one of {', '.join(SAMPLERS)} (default: the model's)",
+                                 aliases=("--sample_solver",))
+    seed: int = option(-1, "noise seed; -1 picks a random one and records it")
     # task inputs
-    image: str | None = None
-    end_image: str | None = None
-    video: str | None = None
-    strength: float = 0.75                    # v2v: how much of the input video is re-noised (0..1]
-    control_video: str | None = None
-    mask_video: str | None = None
-    ref_images: list[str] = field(default_factory=list)
-    vace_scale: float = 1.0
-    loras: list[LoraChoice] = field(default_factory=list)
-    profile: str | None = None                # name or number (1-5) of a profile in profiles/
-    profile_overrides: dict[str, Any] = field(default_factory=dict)  # "step_savers.teacache.enabled": True ...
+    image: str | None = option(None, "start image (i2v, flf2v, fun_inp, ti2v; the reference of fun_control)",
+                               aliases=("--image_path",))
+    end_image: str | None = option(None, "end image (flf2v, fun_inp; optional for i2v)",
+                                   aliases=("--end_image_path",))
+    video: str | None = option(None, "input video (v2v)", aliases=("--video_path",))
+    strength: float = option(0.75, "v2v: how much of the input video is re-noised, in (0, 1]",
+                             aliases=("--denoise_strength",))
+    control_video: str | None = option(None, "control video (fun_control, vace)", aliases=("--control_path",))
+    mask_video: str | None = option(None, "vace: mask video of the control video", aliases=("--mask_path",))
+    ref_images: list[str] = option([], "vace: reference images", metavar="IMAGE")
+    vace_scale: float = option(1.0, "vace: strength of the control")
+    loras: list[LoraChoice] = option([], "LoRAs of this job (generate: --lora, --lora_weight ...)", flag=False)
+    profile: str | None = option(None, "profile name or number (see: python wgp.py profiles), e.g. 4 or fast_preview")
+    profile_overrides: dict[str, Any] = option(
+        {}, "profile settings changed for this job, by dotted key, e.g. step_savers.teacache.enabled: True "
+            "(generate: --set KEY=VALUE)", flag=False)
     # output
-    output_dir: str = "outputs"
-    name_template: str = "{time}_seed{seed}_{prompt}"
-    fps: int | None = None
-    quality: int = 8
-    save_latents: bool = False
-    trim_tail: int = 0
-    cpu_noise: bool = False                   # draw the noise on the CPU (same on every device)
+    output_dir: str = option("outputs", "folder the outputs are written to", aliases=("--save_path",))
+    name_template: str = option("{time}_seed{seed}_{prompt}", "output file name without extension; fields: "
+                                                                "{time} {seed} {prompt} {model} {task}")
+    fps: int | None = option(None, "frames per second of the video (default: the model's)")
+    quality: int = option(8, "video quality, 0 (smallest file) to 10 (best)")
+    save_latents: bool = option(False, "also write the final latents (.safetensors)")
+    trim_tail: int = option(0, "frames dropped from the end of the clip before writing")
+    cpu_noise: bool = option(False, "draw the noise on the CPU (same result on every device)")
 
     # -- serialisation --------------------------------------------------------------------------
 
@@ -119,6 +160,62 @@ class GenerationRequest:
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fields as the CLI and the UI read them
+
+
+@dataclass(frozen=True)
+class RequestField:
+    """One request field's declaration, read for building flags and form controls.
+
+    ``type`` is the type of one value: ``int`` for ``int | None``, ``str`` for ``list[str]`` (then
+    ``many`` is true), ``dict`` for ``profile_overrides``.
+    """
+
+    name: str
+    type: type
+    many: bool
+    help: str
+    aliases: tuple[str, ...]
+    metavar: str | None
+    flag: bool
+
+    @property
+    def default(self) -> Any:
+        return request_default(self.name)
+
+
+def request_default(name: str) -> Any:
+    """The value of field ``name`` when the caller gives none (a fresh list or dict for those
+    fields); None for ``model``, which has no default: every request names its model."""
+    f = _DATACLASS_FIELDS[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _value_type(hint: Any) -> tuple[type, bool]:
+    """A field's annotation -> (type of one value, whether it is a list)."""
+    origin, args = typing.get_origin(hint), [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin is list:
+        return args[0], True
+    if origin in (types.UnionType, typing.Union):  # "X | None": None means the model's default
+        return args[0], False
+    return origin or hint, False
+
+
+def _describe(f: dataclasses.Field, hint: Any) -> RequestField:
+    kind, many = _value_type(hint)
+    m = f.metadata
+    return RequestField(f.name, kind, many, m["help"], m["aliases"], m["metavar"], m["flag"])
+
+
+_DATACLASS_FIELDS = {f.name: f for f in dataclasses.fields(GenerationRequest)}
+_HINTS = typing.get_type_hints(GenerationRequest)
+# Every field of GenerationRequest by name, in declaration order.
+REQUEST_FIELDS: dict[str, RequestField] = {name: _describe(f, _HINTS[name]) for name, f in _DATACLASS_FIELDS.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,6 +84,15 @@ def linear_shapes(dit: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def model_linear_shapes(spec) -> dict[str, tuple[int, ...]]:
+    """:func:`linear_shapes` of a registry model (``ModelSpec``), from its architecture alone: the
+    network is built on the meta device, so no weights are read or needed. The UI's and
+    ``wgp.py lora check``'s check of a LoRA against a model that is not loaded."""
+    from wan.models.dit import DiTConfig, WanDiT
+    with torch.device("meta"):
+        return linear_shapes(WanDiT(DiTConfig(**spec.dit_config())))
+
+
 def check_lora(lora: LoraFile, model_shapes: dict[str, tuple]) -> Compatibility:
     """Matches every adapter of ``lora`` against the model's modules and weight shapes."""
     has_image = any(_IMAGE_ONLY.search(n) for n in model_shapes)

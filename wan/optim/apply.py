@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from wan.optim.step_savers import StepSavers
 from wan.optim.guidance import GuidanceSettings, SkipLayerGuidance
-from wan.optim.profiles import Profile, apply_overrides, load_profiles
+from wan.optim.profiles import Profile, apply_overrides
+from wan.optim.profile_files import load_profiles
 from wan.optim.step_cache import teacache_coefficients
 
 

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-CFG_SKIP_MODES = ("none", "early", "late", "middle", "early_late", "alternate")
-SLG_MODES = ("none", "original", "uncond")
+from wan.optim.profiles import CFG_SKIP_MODES, SLG_MODES, CfgSkipSettings, CfgZeroStarSettings, SlgSettings
+
+# Defaults are the profile schema's (wan.optim.profiles), written once there.
+_SLG, _CFG_SKIP, _CFG_ZERO = SlgSettings(), CfgSkipSettings(), CfgZeroStarSettings()
 
 
 def cfg_apply_pattern(mode: str, ratio: float, steps: int) -> list[bool]:
@@ -58,11 +60,11 @@ class SkipLayerGuidance:
     ``uncond`` (Wan2GP): the negative-prompt pass runs without the layers.
     """
 
-    mode: str = "none"
-    layers: tuple[int, ...] = (9,)
-    scale: float = 3.0
-    start: float = 0.1
-    end: float = 0.9
+    mode: str = _SLG.mode
+    layers: tuple[int, ...] = _SLG.layers
+    scale: float = _SLG.scale
+    start: float = _SLG.start
+    end: float = _SLG.end
 
     def __post_init__(self):
         if self.mode not in SLG_MODES:
@@ -88,11 +90,11 @@ def cfg_zero_star_alpha(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tenso
 class GuidanceSettings:
     """The guidance part of a profile's step savers."""
 
-    cfg_skip_mode: str = "none"
-    cfg_skip_ratio: float = 1.0
+    cfg_skip_mode: str = _CFG_SKIP.mode
+    cfg_skip_ratio: float = _CFG_SKIP.ratio
     slg: SkipLayerGuidance = field(default_factory=SkipLayerGuidance)
-    cfg_zero_star: bool = False
-    zero_init_steps: int = 0   # CFG-Zero*: the first N steps predict zero flow (no model pass)
+    cfg_zero_star: bool = _CFG_ZERO.enabled
+    zero_init_steps: int = _CFG_ZERO.zero_init_steps  # CFG-Zero*: the first N steps predict zero flow
 
 
 class StepGuidance:

@@ -48,7 +48,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from wan.optim.profiles import Profile, ProfileSet
+from wan.optim.profiles import Profile
+from wan.optim.profile_files import ProfileSet
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -224,26 +225,6 @@ def dit_parameter_counts(*, dim: int, ffn_dim: int, num_layers: int, in_dim: int
     return rest, block, blocks
 
 
-def dit_config_kwargs(spec) -> dict:
-    """Keyword arguments of ``wan.models.dit.DiTConfig`` for a registry ``ModelSpec``: what the
-    architecture table states, plus CLIP width 1280 (ViT-H) when the model takes CLIP features,
-    flf2v's 2 x 257 image positions, and the Fun V1.1 reference conv."""
-    a = spec.arch
-    kwargs = dict(dim=a.dim, ffn_dim=a.ffn_dim, num_heads=a.num_heads, num_layers=a.num_layers,
-                  in_dim=a.in_dim, out_dim=a.out_dim, patch_size=tuple(a.patch_size), freq_dim=a.freq_dim,
-                  text_dim=a.text_dim, text_len=a.text_len, eps=a.eps)
-    if spec.needs_clip:
-        kwargs["image_dim"] = 1280
-        if a.model_type == "flf2v":
-            kwargs["image_pos_tokens"] = 2 * 257
-    if a.extras.get("ref_conv"):
-        kwargs["ref_conv_in"] = int(a.extras.get("in_dim_ref_conv", 16))
-    if a.vace_layers:
-        kwargs["vace_layers"] = tuple(a.vace_layers)
-        kwargs["vace_in_dim"] = a.vace_in_dim or 96
-    return kwargs
-
-
 # umT5 encoders: vocab, dim, attention width, ffn, heads, layers, relative-position buckets.
 TEXT_ENCODER_DIMS = {"umt5-xxl": (256384, 4096, 4096, 10240, 64, 24, 32)}
 # CLIP ViT-H/14 image tower as our encoder keeps it: 31 of its 32 blocks (the output is the
@@ -299,7 +280,7 @@ def model_sizes(spec, precision: str = "bf16", *, text_encoder_precision: str | 
     def base(p: str) -> str:
         return "bf16" if p in QUANT_BYTES else p
 
-    rest, _, blocks = dit_parameter_counts(**dit_config_kwargs(spec))
+    rest, _, blocks = dit_parameter_counts(**spec.dit_config())
     billions = sum(blocks, rest).total / 1e9
     def dit_label(role: str) -> str:
         expert = role.split("_", 1)[1].replace("_", "-") if "_" in role else ""
@@ -601,7 +582,7 @@ def resolve_auto(auto: Profile, models: Sequence[ModelSize], machine: Machine,
         itself sets to other than the defaults, the chosen profile, why it was chosen in words).
     """
     if profiles is None:
-        from wan.optim.profiles import load_profiles
+        from wan.optim.profile_files import load_profiles
         profiles = load_profiles()
     numbered = [profiles.get(n) for n in AUTO_ORDER if n in profiles]
     if not numbered:

@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from wan.optim.guidance import GuidanceSettings
+from wan.optim.profiles import MagCacheSettings, StepSaverSettings, TeaCacheSettings
 from wan.optim.step_cache import (StepRunner, calibrate_magcache_passes, calibrate_teacache, magcache_schedule,
                                   teacache_schedule, time_embeddings)
 
+# Defaults are the profile schema's (wan.optim.profiles), written once there.
+_TEA, _MAG, _SAVERS = TeaCacheSettings(), MagCacheSettings(), StepSaverSettings()
 RIFLEX_K = 6
 RIFLEX_AUTO_SECONDS = 6  # Wan was trained on clips of about 5 s; past 6 s RIFLEx keeps motion coherent
 
@@ -35,16 +38,16 @@ class StepSavers:
     guidance: GuidanceSettings = field(default_factory=GuidanceSettings)
     teacache_speedup: float | None = None
     teacache_threshold: float | None = None
-    teacache_start: float = 0.1
+    teacache_start: float = _TEA.start
     teacache_coefficients: tuple | None = None
     magcache_ratios: tuple[float, ...] | None = None  # per-step table for this step count (calibrated)
     magcache_speedup: float | None = None
     magcache_threshold: float | None = None
-    magcache_max_skips: int = 2
-    magcache_start: float = 0.2
+    magcache_max_skips: int = _MAG.max_skips
+    magcache_start: float = _MAG.start
     magcache_source: Any = None       # MagCacheJob: ratios(sampler, start), recorder(sampler, start), not_used(why)
-    batched_cfg: bool = False
-    riflex: str = "auto"             # "auto": on for clips longer than RIFLEX_AUTO_SECONDS at the model's fps
+    batched_cfg: bool = _SAVERS.batched_cfg
+    riflex: str = _SAVERS.riflex     # "auto": on for clips longer than RIFLEX_AUTO_SECONDS at the model's fps
 
     @property
     def magcache_on(self) -> bool:

@@ -18,7 +18,9 @@ finetune is a few lines::
 A YAML file holds up to three top-level keys: ``family`` (the default family of its models),
 ``components`` (shared file tables, e.g. the VAE, referenced by name from a model's ``files``) and
 ``models`` (id -> spec). Keys starting with ``x-`` are ignored: they hold YAML anchors. Unknown keys,
-wrong types and inconsistent values are errors naming the file and the key.
+wrong types and inconsistent values are errors naming the file, the key, the value and what is
+allowed (:mod:`wan.config`). A ``source: generated`` file may only name one of the project's test
+generators (``specs.GENERATORS``): a spec from a user never makes the app run code of its choosing.
 
 Lookup: ``get_model(id)``, ``list_models()``, ``families()`` use the built-ins plus ``finetunes/``,
 loaded once on first use; ``load_registry()`` builds a fresh ``Registry`` object.
@@ -29,7 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from wan.registry.parse import _component, _model, _read_folder, _resolve_inheritance, _Where
+from wan.registry.parse import _component, _model, _read_folder, _resolve_inheritance
 from wan.registry.specs import (BUILTIN_DIR, EXPERTS, MODEL_TYPES, REPO_ROOT, SAMPLERS, TASKS, USER_DIR,  # noqa: F401
                                 VAE_SHAPES, VARIANT_FALLBACK, VARIANTS, Arch, Component, Defaults, FileSource,
                                 ModelSpec, Registry, RegistryError, UnknownModelError, VaeSpec)
@@ -71,7 +73,7 @@ def load_registry(extra_dirs: Iterable[str | Path] = (), include_builtin: bool =
         layer_models, layer_components = _read_folder(folder)
         models.update(_resolve_inheritance(layer_models, models))
         components.update(layer_components)
-    shared = {name: _component(raw, _Where(file, f"components.{name}"), name)
+    shared = {name: _component(name, raw, file, f"components.{name}")
               for name, (raw, file) in components.items()}
     specs = {mid: _model(mid, raw, file, shared) for mid, (raw, file) in models.items()}
     return Registry(specs)

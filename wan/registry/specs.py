@@ -1,4 +1,4 @@
-"""The typed model specs (frozen dataclasses) and the constants their validation uses."""
+"""The typed model specs (frozen dataclasses) and the constants and types their validation uses."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
+
+from wan.config import ConfigError, choice, did_you_mean, integer, is_int, is_number, items, number, rule, section
 
 BUILTIN_DIR = Path(__file__).parent / "models"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -33,11 +35,22 @@ VARIANT_FALLBACK = {
 VAE_SHAPES = {"2.1": ((4, 8, 8), 16), "2.2": ((4, 16, 16), 48)}
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
-_DOTTED_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
+# The functions a `source: generated` file may name. A spec can come from a user's finetunes/ folder:
+# it must not make the app import and run any function it likes (os.system, say).
+GENERATORS = ("wan.testing.tiny_family.ensure_tiny_checkpoints",)
 
 
-class RegistryError(ValueError):
+class RegistryError(ConfigError):
     """A spec file is malformed, or a model id is unknown. The message names file and key."""
+
+    @classmethod
+    def show(cls, key: str, value: Any) -> str:
+        return f"{super().show(key, value)} ({type(value).__name__})"
+
+    @classmethod
+    def unknown(cls, where: str, key: str, name: Any, known: Any) -> "RegistryError":
+        return cls(f"{cls.at(where, key)}: unknown key {name!r}{did_you_mean(name, known)}; "
+                   f"allowed keys: {', '.join(known)}")
 
 
 class UnknownModelError(RegistryError, KeyError):
@@ -62,7 +75,8 @@ class FileSource:
             or a tokenizer folder.
         sizes: known byte sizes, path -> bytes (a present file of another size is re-fetched).
         verified: False when the file name could not be confirmed from public sources.
-        generator: dotted name of a function ``f(checkpoint_dir)`` writing generated files.
+        generator: dotted name of a function ``f(checkpoint_dir)`` writing generated files (one
+            of ``GENERATORS``).
         note: free text (e.g. how the dtype was inferred).
     """
 
@@ -103,37 +117,57 @@ class Component:
         return self.variants[self.default]
 
 
-@dataclass(frozen=True)
-class Arch:
-    """DiT hyperparameters (wan-architecture.md §1.1). head_dim is dim // num_heads."""
+# The value types of the spec sections that are read as they are written (Arch, VaeSpec).
+Count = integer(1)
+Index = integer(0)
+Positive = number(0.0, open=True)
 
-    dim: int
-    ffn_dim: int
-    num_heads: int
-    num_layers: int
-    in_dim: int
-    out_dim: int
-    model_type: str
-    text_dim: int = 4096
-    freq_dim: int = 256
-    text_len: int = 512
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    eps: float = 1e-6
-    vace_layers: tuple[int, ...] | None = None
-    vace_in_dim: int | None = None
-    experts: tuple[str, ...] = ()
-    extras: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+def _version(v: Any) -> Any:
+    # YAML reads an unquoted 2.1 as a float; accept it and spell it as a string.
+    return str(v) if is_number(v) else v
+
+
+Version = rule("one of " + ", ".join(VAE_SHAPES), lambda v: _version(v) in VAE_SHAPES, _version)
+Triple = rule("3 integers >= 1 (t, h, w)", lambda v: isinstance(v, list) and len(v) == 3
+              and all(is_int(x) and x >= 1 for x in v), tuple)
+FrozenMapping = rule("a mapping", lambda v: isinstance(v, dict), lambda v: MappingProxyType(dict(v)))
+
+
+@section
+class Arch:
+    """DiT hyperparameters (wan-architecture.md §1.1), the ``arch:`` of a spec as written; the
+    rules between them are checked with the rest of the model. head_dim is dim // num_heads."""
+
+    dim: Count
+    ffn_dim: Count
+    num_heads: Count
+    num_layers: Count
+    in_dim: Count
+    out_dim: Count
+    model_type: choice(MODEL_TYPES)
+    text_dim: Count = 4096
+    freq_dim: Count = 256
+    text_len: Count = 512
+    patch_size: Triple = (1, 2, 2)
+    eps: Positive = 1e-6
+    vace_layers: items(Index) | None = None
+    vace_in_dim: Count | None = None
+    experts: items(choice(EXPERTS)) = ()
+    extras: FrozenMapping = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
 
-@dataclass(frozen=True)
+@section
 class VaeSpec:
-    version: str
-    stride: tuple[int, int, int]
-    z_dim: int
+    """The ``vae:`` of a spec as written; it must match the shape of its version."""
+
+    version: Version
+    stride: items(Count)
+    z_dim: Count
 
 
 @dataclass(frozen=True)
@@ -191,6 +225,30 @@ class ModelSpec:
     @property
     def is_two_expert(self) -> bool:
         return bool(self.arch.experts)
+
+    def dit_config(self) -> dict[str, Any]:
+        """Keyword arguments of ``wan.models.dit.DiTConfig`` for this model, the one conversion from
+        a spec to a network (plain data: the registry imports no torch).
+
+        Beyond the ``arch:`` table: the CLIP feature width and tokens per image when the model takes
+        CLIP features (ViT-H: 1280 and 257, unless ``arch.extras`` gives ``image_dim`` /
+        ``image_tokens``), flf2v's two images of positions, and the Fun V1.1 reference conv.
+        """
+        a = self.arch
+        kwargs: dict[str, Any] = dict(
+            dim=a.dim, ffn_dim=a.ffn_dim, num_heads=a.num_heads, num_layers=a.num_layers, in_dim=a.in_dim,
+            out_dim=a.out_dim, patch_size=tuple(a.patch_size), freq_dim=a.freq_dim, text_dim=a.text_dim,
+            text_len=a.text_len, eps=a.eps)
+        if self.needs_clip:
+            kwargs["image_dim"] = int(a.extras.get("image_dim", 1280))
+            if a.model_type == "flf2v":
+                kwargs["image_pos_tokens"] = 2 * int(a.extras.get("image_tokens", 257))
+        if a.extras.get("ref_conv"):
+            kwargs["ref_conv_in"] = int(a.extras.get("in_dim_ref_conv", 16))
+        if a.vace_layers:
+            kwargs["vace_layers"] = tuple(a.vace_layers)
+            kwargs["vace_in_dim"] = a.vace_in_dim or 96
+        return kwargs
 
     def __hash__(self) -> int:  # the mapping fields are unhashable; the id identifies a spec
         return hash((self.id, self.source_file))
