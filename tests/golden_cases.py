@@ -6,7 +6,8 @@ input files (a still image, a control clip and a hard black-and-white mask clip)
 too, so that the decoded inputs do not depend on the encoder of the machine running the test.
 
 Regenerate a reference only for a change that is meant to change outputs, and say so in the
-commit.
+commit. Changes so far: ``vace.npz`` after the VACE mask fix of issue 19 (the codec leaves values of
+253 in the mask clip, which now reach the mask channels as 253/255 where 1 was passed before).
 """
 
 from __future__ import annotations

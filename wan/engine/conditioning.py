@@ -95,6 +95,19 @@ def resize(image: torch.Tensor, height: int, width: int, mode: str = "bicubic") 
     return F.interpolate(frames, size=(height, width), mode=mode, align_corners=False).transpose(0, 1)
 
 
+def resize_cover(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[3, T, H, W] scaled to cover (height, width), then the centre cropped: the official VACE
+    ``resize_crop`` (``wan/utils/vace_processor.py``), bicubic with antialias, sizes rounded."""
+    h, w = video.shape[-2:]
+    if (h, w) == (height, width):
+        return video
+    scale = max(width / w, height / h)
+    frames = video.transpose(0, 1).float()  # [T, 3, H, W]
+    frames = F.interpolate(frames, size=(round(scale * h), round(scale * w)), mode="bicubic", antialias=True)
+    top, left = (frames.shape[-2] - height) // 2, (frames.shape[-1] - width) // 2
+    return frames[..., top:top + height, left:left + width].transpose(0, 1)
+
+
 def center_crop_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Resize to cover (height, width) keeping the aspect, then crop the centre (flf2v's last frame)."""
     h, w = image.shape[-2:]
@@ -150,18 +163,26 @@ class Inputs:
         except (OSError, ValueError) as e:
             raise RequestError(name, path, f"a readable image file ({e})") from None
 
-    def video(self, name: str, frames: int, height: int, width: int) -> torch.Tensor:
-        """[3, frames, height, width]: the first ``frames`` frames, resized."""
-        from wan.engine.media import load_video
+    def video(self, name: str, frames: int, height: int, width: int, fit: str = "squash") -> torch.Tensor:
+        """[3, frames, height, width]: the first ``frames`` frames at the output size. ``fit``:
+        ``"squash"`` resizes to the size (bicubic), ``"cover"`` scales to cover it and crops the centre
+        (bicubic with antialias), as the official VACE code prepares its control and mask videos."""
         path = getattr(self.req, name)
-        try:
-            video, _fps = load_video(path)
-        except (OSError, ValueError) as e:
-            raise RequestError(name, path, f"a readable video file ({e})") from None
+        video, _fps = self._read_video(name)
         if video.shape[1] < frames:
             raise RequestError(name, path, f"a video of at least {frames} frames (the clip's length); "
                                            f"it has {video.shape[1]}")
-        return resize(video[:, :frames], height, width)
+        video = video[:, :frames]
+        return resize_cover(video, height, width) if fit == "cover" else resize(video, height, width)
+
+    def _read_video(self, name: str) -> tuple[torch.Tensor, float]:
+        """The whole video file of field ``name``: ([3, T, H, W] in [-1, 1], fps)."""
+        from wan.engine.media import load_video
+        path = getattr(self.req, name)
+        try:
+            return load_video(path)
+        except (OSError, ValueError) as e:
+            raise RequestError(name, path, f"a readable video file ({e})") from None
 
 
 def build_conditioning(req: GenerationRequest, spec, nets, device) -> Conditioning:
@@ -260,15 +281,21 @@ def _fun_control(req, spec, nets, device, inputs) -> Conditioning:
 
 def _vace(req, spec, nets, device, inputs) -> Conditioning:
     """VACE: context = [inactive latents (16), reactive latents (16), mask (64)], reference images
-    encoded as extra latent frames in front (dropped after denoising)."""
+    encoded as extra latent frames in front (dropped after denoising).
+
+    As the official code: the mask is the mask video's first channel mapped to [0, 1]; the frames are
+    split with it thresholded at 0.5, while the 64 mask channels take its raw values, so feathered
+    (grey) edges reach the model as grey."""
     stride, frames, h, w = spec.vae.stride, req.frames, req.height, req.width
-    video = inputs.video("control_video", frames, h, w) if req.control_video else torch.zeros(3, frames, h, w)
+    video = (inputs.video("control_video", frames, h, w, fit="cover") if req.control_video
+             else torch.zeros(3, frames, h, w))
     if req.mask_video:
-        mask = (inputs.video("mask_video", frames, h, w).mean(0, keepdim=True) > 0).float()  # [-1,1] -> {0,1}
+        mask = ((inputs.video("mask_video", frames, h, w, fit="cover")[:1] + 1) / 2).clamp(0, 1)
     else:
         mask = torch.ones(1, frames, h, w)
-    inactive = _encode(nets.vae, video * (1 - mask), device)
-    reactive = _encode(nets.vae, video * mask, device)
+    split = (mask > 0.5).float()
+    inactive = _encode(nets.vae, video * (1 - split), device)
+    reactive = _encode(nets.vae, video * split, device)
     latents = torch.cat([inactive, reactive])
     refs = [_fit_on_white(Inputs(req.replace(image=p)).image("image"), h, w) for p in req.ref_images]
     ref_lat = [torch.cat([z := _encode(nets.vae, r[:, None], device), torch.zeros_like(z)]) for r in refs]
