@@ -159,3 +159,25 @@ def test_a_job_failing_at_run_time_shows_its_error_and_the_queue_goes_on(studio)
     failed = wait_job(c, bad)
     assert failed["status"] == "failed" and "loras" in failed["error"] and "too_wide" in failed["error"]
     assert wait_job(c, good)["status"] == "done"
+
+
+def test_a_job_holding_a_lone_surrogate_survives_save_restart_and_page_load(tmp_path, checkpoints):
+    """One such job used to fail the page's load and refresh for every session, across restarts."""
+    from wan.app.jobqueue import JobQueue
+
+    def refuse(job, progress, cancel):
+        raise ValueError(f"prompt: {job.request['prompt']!r} is not allowed")
+    base = tmp_path / "studio"
+    q = JobQueue(base / "state" / "queue.json", refuse)  # saved as the server saves it
+    q.add({"model": "test-tiny-t2v", "prompt": "snow \ud83e fox"}, "someone")
+    q.start()
+    assert q.wait_idle(30) and q.stop(30)
+    server = StudioServer(base, checkpoints).start()
+    try:
+        c = client(server)
+        start = c.predict("my-session", "test-tiny-t2v", api_name="/start")
+        assert start[0] == "my-session"
+        status, _, table, *_ = c.predict("my-session", None, False, api_name="/tick")
+        assert [row[3] for row in table["data"]] == ["test-tiny-t2v: snow \ufffd fox"]
+    finally:
+        server.stop()

@@ -148,3 +148,18 @@ def test_on_cuda_with_mmgp_the_profile_becomes_mmgp_settings(tmp_path, monkeypat
     assert handed["s"].budgets_mb["transformer"] == 100
     assert nets.dit.blocks[0].ffn[0].weight.device.type == "cpu"  # loaded into RAM for mmgp
     assert not nets.handles and any("mmgp" in n for n in nets.notes)  # no own streaming with mmgp
+
+
+def test_a_cancel_in_the_last_step_stops_before_decoding(engine, tmp_path):
+    """Abort takes effect within one step, the last one too: nothing is decoded or written after it
+    (the loop checks between steps; the engine checks again between its stages)."""
+    token = CancelToken()
+
+    def progress(info):
+        if info.step == info.total:
+            token.cancel()
+
+    with pytest.raises(Cancelled, match="before decoding"):
+        engine.generate(GenerationRequest(model="test-tiny-t2v", prompt="x", steps=2, output_dir=str(tmp_path / "o")),
+                        progress=progress, cancel=token)
+    assert not (tmp_path / "o").exists()

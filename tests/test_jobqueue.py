@@ -566,3 +566,100 @@ def test_wait_finished_wakes_on_the_jobs_end_without_polling(queue, runner):
     assert done.status == "done" and done.files == [f"outputs/{job.id}.mp4"]
     assert time.monotonic() - t0 < TIMEOUT / 2
     assert queue.wait_finished("no-such-job", timeout=TIMEOUT) is None
+
+
+# -- hardening: bad files, sessions, logging ----------------------------------------------------
+
+
+def good_record(job_id: str, status: str = "queued", **fields) -> dict:
+    return {"id": job_id, "session": "s", "request": request(job_id), "label": f"t2v: {job_id}", "status": status,
+            "created": 1.0, **fields}
+
+
+def test_a_deeply_nested_queue_file_is_set_aside_and_the_queue_starts(tmp_path, runner, caplog):
+    path = tmp_path / "queue.json"
+    path.write_text('{"version": 1, "jobs": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with caplog.at_level(logging.WARNING, logger="wan.app.jobqueue"):
+        q = JobQueue(path, runner)  # raised RecursionError before: the server did not start
+    assert q.jobs() == [] and len(list(tmp_path.glob("queue.json.corrupt-*"))) == 1
+
+
+def test_one_bad_job_is_set_aside_and_the_others_load(tmp_path, runner, caplog):
+    """A bad job (a wrong field, a request nested deeper than anything we write, a repeated id)
+    no longer discards the whole queue: the file is kept aside, the good jobs load and are saved."""
+    deep: dict = {}
+    node = deep
+    for _ in range(600):  # parses, but would make every copy of the queue fail with RecursionError
+        node["x"] = {}
+        node = node["x"]
+    records = [good_record("good1"), good_record("bad-status", status="exploded"),
+               good_record("deep", request=deep), good_record("good2", status="done"), good_record("good1")]
+    path = tmp_path / "queue.json"
+    content = json.dumps({"version": 1, "jobs": records})
+    path.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="wan.app.jobqueue"):
+        q = JobQueue(path, runner)
+    assert [(j.id, j.status) for j in q.jobs()] == [("good1", "queued"), ("good2", "done")]
+    assert [j["id"] for j in saved(path)] == ["good1", "good2"]  # saved again at once, without the bad ones
+    aside = list(tmp_path.glob("queue.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text() == content
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "bad-status" in warning and "deep" in warning and "appears earlier" in warning
+    q.start()
+    assert q.wait_idle(TIMEOUT) and q.get("good1").status == "done"
+
+
+def test_partial_saves_of_a_crashed_run_are_removed_at_start(tmp_path, runner):
+    (tmp_path / ".queue.json.k2j3h4.tmp").write_text('{"version": 1, "jobs": [' + "x" * 1000)
+    keep = [tmp_path / "notes.tmp", tmp_path / ".other.json.a.tmp", tmp_path / "queue.json.corrupt-1"]
+    for p in keep:
+        p.write_text("mine")
+    JobQueue(tmp_path / "queue.json", runner)  # no queue file yet: a crash during the first save
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep)
+
+
+def test_a_session_may_have_only_so_many_jobs_waiting(tmp_path, runner):
+    q = JobQueue(tmp_path / "q.json", runner, max_queued=5, max_per_session=2)
+    for i in range(2):
+        q.add(request(f"a{i}"), "alice")
+    with pytest.raises(ValueError, match=r"2 jobs waiting.*--max_queue_per_session 2"):
+        q.add(request("a2"), "alice")
+    q.add(request("b0"), "bob")  # another session is not held back by alice's jobs
+    with pytest.raises(ValueError, match="session"):
+        q.add(request("x"), "s" * 1000)
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested"):  # was a RecursionError
+        q.add({"prompt": "x", "extra": deep}, "bob")
+    assert [j.session for j in q.jobs()] == ["alice", "alice", "bob"]
+
+
+def test_an_owner_acts_only_on_its_own_jobs(queue, runner):
+    queue.start()
+    running = queue.add(request("block"), "alice").id
+    assert runner.blocked.wait(TIMEOUT)
+    a, b = queue.add(request("a"), "alice").id, queue.add(request("b"), "bob").id
+    for act in (lambda: queue.move(a, 1, owner="bob"), lambda: queue.remove(a, owner="bob"),
+                lambda: queue.abort(a, owner="bob"), lambda: queue.abort(running, owner="bob"),
+                lambda: queue.abort(owner="bob")):
+        with pytest.raises(ValueError, match=f"job ({a}|{running}) is another session's job"):
+            act()
+    assert [(j.id, j.status) for j in queue.jobs()] == [(running, "running"), (a, "queued"), (b, "queued")]
+    queue.move(b, -1, owner="bob")
+    assert [j.id for j in queue.jobs()] == [running, b, a]
+    queue.remove(a, owner="alice")
+    assert queue.abort(running, owner="alice")
+    assert queue.wait_finished(running, TIMEOUT).status == "cancelled"
+
+
+def test_a_refused_job_is_logged_as_one_line_and_a_bug_with_its_traceback(queue, runner, caplog):
+    refused, crash = queue.add(request("fail-request"), "s").id, queue.add(request("fail-runtime"), "s").id
+    with caplog.at_level(logging.DEBUG, logger="wan.app.jobqueue"):
+        queue.start()
+        assert queue.wait_idle(TIMEOUT)
+    lines = [r for r in caplog.records if refused in r.getMessage() and r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING and lines[0].exc_info is None
+    assert "steps: 0 is not allowed" in lines[0].getMessage() and "\n" not in lines[0].getMessage()
+    crashes = [r for r in caplog.records if crash in r.getMessage() and r.levelno >= logging.ERROR]
+    assert len(crashes) == 1 and crashes[0].exc_info is not None

@@ -478,3 +478,27 @@ def test_resize_video_matches_the_official_image_resize():
     assert torch.allclose(image, video[:, 0].reshape(3, 10, 2, 15, 2).mean((2, 4)), atol=1e-6)
     with pytest.raises(ValueError, match="mode"):
         resize_video(video, 8, 8, mode="lanczos")
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder as the app lists it (its "every output" gallery sends what it lists)
+
+
+def test_the_output_folder_listing_never_follows_a_link(tmp_path):
+    from types import SimpleNamespace
+
+    from wan.app.ui_gallery import folder_outputs
+
+    out, private = tmp_path / "outputs", tmp_path / "state"
+    out.mkdir()
+    private.mkdir()
+    (private / "queue.json").write_text('{"jobs": [{"prompt": "a secret"}]}')
+    (out / "video.mp4").write_bytes(b"mp4")
+    (out / "queue.mp4").symlink_to(private / "queue.json")  # a link out of the folder, with a shown suffix
+    (out / "again.png").symlink_to(out / "video.mp4")        # a link inside it: not followed either
+    (out / "loop.mp4").symlink_to(out / "loop.mp4")
+    (out / "folder.mp4").mkdir()
+    assert folder_outputs(SimpleNamespace(output_dir=out)) == [str(out / "video.mp4")]
+    alias = tmp_path / "alias"  # an output folder configured as a link is listed at its real place
+    alias.symlink_to(out)
+    assert folder_outputs(SimpleNamespace(output_dir=alias)) == [str(out / "video.mp4")]

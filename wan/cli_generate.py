@@ -29,6 +29,7 @@ from wan.engine.request import (
     RequestField,
     request_default,
 )
+from wan.engine.request_checks import Limits
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -74,6 +75,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--checkpoint_dir", default="checkpoints", help="folder of the model checkpoints")
     a("--device", default=None, help="torch device, e.g. cuda:1 or cpu")
     a("--quiet", action="store_true", help="no progress bar")
+    for name, words in LIMIT_FLAGS.items():
+        a(f"--{name}", type=int, default=getattr(Limits(), name), metavar="N",
+          help=f"refuse a request over {words} (default: %(default)s; the web server's limit of the same name); "
+               "raise it to allow more")
+
+
+LIMIT_FLAGS = {"max_frames": "this many frames", "max_pixels": "this many pixels (width*height) per frame",
+               "max_steps": "this many steps"}
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    """The limits the flags set (the server's defaults unless raised)."""
+    import dataclasses
+    values = {name: getattr(args, name, None) for name in LIMIT_FLAGS}
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise RequestError(name, value, "a whole number > 0")
+    return dataclasses.replace(Limits(), **{k: v for k, v in values.items() if v is not None})
 
 
 def _flag_kind(f: RequestField) -> dict:
@@ -162,8 +181,9 @@ def _loras(args) -> list[LoraChoice]:
 
 
 def parse_prompt_line(line: str, base: GenerationRequest) -> GenerationRequest:
-    """``prompt text --w 832 --h 480 ...`` -> ``base`` with the prompt and those fields replaced."""
-    parts = line.split(" --")
+    """``prompt text --w 832 --h 480 ...`` -> ``base`` with the prompt and those fields replaced. A
+    line of options alone (``--w 64``) has no prompt: it is refused, not run with the options as text."""
+    parts = (" " + line.strip()).split(" --")
     changes: dict = {"prompt": parts[0].strip()}
     for part in parts[1:]:
         option, _, value = part.strip().partition(" ")
@@ -197,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("wan.optim.attention").setLevel(logging.ERROR)
     try:
         base = base_request(args)
+        limits = limits_of(args)
     except RequestError as e:
         return _report_bad(str(e))
     engine = None
@@ -205,9 +226,10 @@ def run(args: argparse.Namespace) -> int:
         nonlocal engine
         from wan.engine import Cancelled, Engine, resolve_request
         try:
-            resolve_request(req, check_files=True)  # bad input is reported before any model loads
+            resolve_request(req, check_files=True, limits=limits)  # bad input is reported before any model loads
             if engine is None:
-                engine = Engine(checkpoint_dir=args.checkpoint_dir, device=args.device, lora_dir=args.lora_dir)
+                engine = Engine(checkpoint_dir=args.checkpoint_dir, device=args.device, lora_dir=args.lora_dir,
+                                limits=limits)
             result = engine.generate(req, progress=None if args.quiet else _progress_bar(label))
         except RequestError as e:
             return _report_bad(f"{label}{e}")

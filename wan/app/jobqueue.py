@@ -22,7 +22,17 @@ server died is queued again at the head (``restarts`` counted; after ``max_resta
 failed instead, so a job that kills the server cannot do it forever); finished jobs stay in the
 history and never run again. A file that cannot be read, or that a newer version wrote, is
 renamed aside to ``<name>.corrupt-<timestamp>`` with a logged warning and the queue starts
-empty: the server always starts, and the old file is kept for a person to look at.
+empty: the server always starts, and the old file is kept for a person to look at. A readable
+file with some bad jobs in it (a wrong field, a request nested too deeply, an id used twice) is
+renamed aside the same way, but only those jobs are dropped: the others load and are saved
+again at once. Temporary files of saves cut short by a crash (``.<name>.*.tmp``) are removed.
+
+Sessions: on a shared server the app passes ``owner`` to :meth:`move`, :meth:`remove` and
+:meth:`abort`, so a session acts only on its own jobs (checked under the lock), and gives
+``max_per_session`` so one session cannot fill the whole queue.
+
+Logging: a job refused by our own checks (a ``ValueError`` subclass of this package:
+``RequestError``, ``LoraError``, ...) is logged as one line; anything else with its traceback.
 
 Outputs: the queue never writes, rewrites or deletes output files; removing a finished job from
 the history leaves its files on disk. A completed output is never overwritten by a later job
@@ -56,6 +66,9 @@ FINISHED = ("done", "failed", "cancelled")
 FILE_VERSION = 1
 LABEL_PROMPT_CHARS = 60
 MAX_ERROR_CHARS = 1000
+MAX_ID_CHARS = 64
+MAX_SESSION_CHARS = 128
+MAX_REQUEST_DEPTH = 32  # a request is a flat dict of fields with small lists and dicts inside
 
 
 @dataclass
@@ -109,39 +122,81 @@ class Job:
         """Rebuilds a job from :meth:`to_dict`. Raises ValueError naming a bad or unknown field."""
         if not isinstance(data, dict):
             raise ValueError(f"job: {type(data).__name__} is not allowed; a JSON object")
+        def show(value) -> str:  # a value from a file, short and printable in a log line
+            return printable(repr(value), 80)
         known = set(_PERSISTED)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"job field {unknown[0]!r} is not known; fields are: {', '.join(sorted(known))}")
+            raise ValueError(f"job field {show(unknown[0])} is not known; fields are: {', '.join(sorted(known))}")
         for name, kind in (("id", str), ("session", str), ("request", dict), ("label", str), ("status", str)):
             if not isinstance(data.get(name), kind):
-                raise ValueError(f"job field {name!r}: {data.get(name)!r} is not allowed; a {kind.__name__}")
+                raise ValueError(f"job field {name!r}: {show(data.get(name))} is not allowed; a {kind.__name__}")
+        if not 0 < len(data["id"]) <= MAX_ID_CHARS or not data["id"].isprintable():
+            raise ValueError(f"job id {show(data['id'])} is not allowed; 1 to {MAX_ID_CHARS} printable characters")
+        if _too_deep(data["request"]):
+            raise ValueError(f"job {data['id']} request: nested more than {MAX_REQUEST_DEPTH} levels deep")
         if data["status"] not in STATUSES:
-            raise ValueError(f"job {data['id']} status: {data['status']!r} is not allowed; one of {', '.join(STATUSES)}")
+            raise ValueError(f"job {data['id']} status: {show(data['status'])} is not allowed; "
+                             f"one of {', '.join(STATUSES)}")
         for name in ("files", "notices"):
             value = data.get(name, [])
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"job {data['id']} field {name!r}: {value!r} is not allowed; a list of strings")
+                raise ValueError(f"job {data['id']} field {name!r}: {show(value)} is not allowed; a list of strings")
         for name, optional in (("created", False), ("started", True), ("finished", True)):
             value = data.get(name, None if optional else 0.0)
             if not (optional and value is None) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-                raise ValueError(f"job {data['id']} field {name!r}: {value!r} is not allowed; a time in seconds")
+                raise ValueError(f"job {data['id']} field {name!r}: {show(value)} is not allowed; a time in seconds")
         if not isinstance(data.get("error"), (str, type(None))):
-            raise ValueError(f"job {data['id']} field 'error': {data['error']!r} is not allowed; text or null")
+            raise ValueError(f"job {data['id']} field 'error': {show(data['error'])} is not allowed; text or null")
         restarts = data.get("restarts", 0)
-        if not isinstance(restarts, int) or restarts < 0:
-            raise ValueError(f"job {data['id']} restarts: {restarts!r} is not allowed; a whole number >= 0")
+        if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
+            raise ValueError(f"job {data['id']} restarts: {show(restarts)} is not allowed; a whole number >= 0")
         return cls(**copy.deepcopy(data))
 
 
 _PERSISTED = tuple(f.name for f in fields(Job) if f.name != "progress")
 
 
+def printable(value, limit: int | None = None) -> str:
+    """``value`` as text that any page, log or JSON encoder takes: lone surrogates (which UTF-8
+    cannot encode) become U+FFFD, control characters a space, and it is cut to ``limit``
+    characters with an ellipsis. Text from a job is shown through this, never as it is."""
+    text = value if isinstance(value, str) else str(value)
+    if limit is not None and len(text) > limit:
+        text = text[:max(limit - 1, 0)] + "…"
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else ("\ufffd" if "\ud800" <= c <= "\udfff" else " ") for c in text)
+    return text
+
+
+def _too_deep(value, limit: int = MAX_REQUEST_DEPTH) -> bool:
+    """Whether lists and dicts nest more than ``limit`` levels (checked without recursion: a deep
+    value must be refused, not crash the check, copy.deepcopy or json.dumps with RecursionError)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def expected_failure(e: BaseException) -> bool:
+    """A refusal by one of our checks (``RequestError``, ``LoraError``, ``ConfigError``...: a
+    ValueError subclass defined in this package), logged as one line; anything else (a plain
+    ValueError, a RuntimeError) may be a bug and is logged with its traceback."""
+    kind = type(e)
+    return isinstance(e, ValueError) and kind is not ValueError and kind.__module__.split(".")[0] == "wan"
+
+
 def make_label(request: dict) -> str:
     """``"<task>: <first 60 characters of the prompt>"`` on one line (the model id when no task is set)."""
     kind = request.get("task") or request.get("model") or "job"
-    prompt = " ".join(str(request.get("prompt") or "").split())
-    return f"{kind}: {prompt[:LABEL_PROMPT_CHARS]}"
+    kind = kind if isinstance(kind, str) else type(kind).__name__
+    prompt = request.get("prompt") or ""
+    prompt = " ".join((prompt if isinstance(prompt, str) else type(prompt).__name__)[:LABEL_PROMPT_CHARS * 20].split())
+    return f"{kind[:LABEL_PROMPT_CHARS]}: {prompt[:LABEL_PROMPT_CHARS]}"
 
 
 def error_message(e: BaseException) -> str:
@@ -168,13 +223,15 @@ class JobQueue:
         max_queued: how many jobs may wait at once; ``add`` refuses more.
         max_history: how many finished jobs are kept (newest first).
         max_restarts: a job found running at load that was already restarted this often is failed.
+        max_per_session: how many jobs one session may have waiting at once (None: no limit of its own).
     """
 
     def __init__(self, path: str | os.PathLike | None, runner: Runner, max_queued: int = 100,
-                 max_history: int = 200, max_restarts: int = 3):
+                 max_history: int = 200, max_restarts: int = 3, max_per_session: int | None = None):
         self.path = Path(path) if path is not None else None
         self._runner = runner
         self.max_queued = max_queued
+        self.max_per_session = max_per_session
         self.max_history = max_history
         self.max_restarts = max_restarts
         self._lock = threading.Lock()
@@ -190,6 +247,8 @@ class JobQueue:
         self._write_lock = threading.Lock()
         self._seq = 0       # snapshot number, taken under _lock
         self._written = 0   # last snapshot number on disk, under _write_lock
+        if self.path is not None:
+            self._remove_partial_saves()
         if self.path is not None and self.path.exists():
             self._load()
 
@@ -216,19 +275,31 @@ class JobQueue:
         """Queues ``request`` (a ``GenerationRequest.to_dict()``) for ``session``; returns the job.
 
         Raises:
-            ValueError: the queue already holds ``max_queued`` waiting jobs, or the request is not
-                a JSON-ready dict.
+            ValueError: the queue already holds ``max_queued`` waiting jobs (or the session its
+                ``max_per_session``), the session is not a short string, or the request is not a
+                JSON-ready dict.
         """
         if not isinstance(request, dict):
             raise ValueError(f"request: {type(request).__name__} is not allowed; a dict (GenerationRequest.to_dict())")
+        if not isinstance(session, str) or len(session) > MAX_SESSION_CHARS:
+            raise ValueError(f"session: {printable(repr(session), 40)} is not allowed; "
+                             f"a string of at most {MAX_SESSION_CHARS} characters")
+        if _too_deep(request):
+            raise ValueError(f"request: nested more than {MAX_REQUEST_DEPTH} levels deep; "
+                             "pass GenerationRequest.to_dict()")
         try:
             request = json.loads(json.dumps(request))  # our own copy, and proof that it can be saved
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise ValueError(f"request: cannot be saved as JSON ({e}); pass GenerationRequest.to_dict()") from None
         with self._lock:
             if len(self._queued) >= self.max_queued:
                 raise ValueError(f"the queue is full: {len(self._queued)} jobs are waiting (limit {self.max_queued}); "
                                  "wait for some to finish or remove some")
+            mine = sum(1 for j in self._queued if j.session == session)
+            if self.max_per_session is not None and mine >= self.max_per_session:
+                raise ValueError(f"you have {mine} jobs waiting, the most one session may have on this server "
+                                 f"(--max_queue_per_session {self.max_per_session}); wait for some to finish "
+                                 "or remove some")
             job = Job(id=self._new_id(), session=str(session), request=request,
                       label=label if label is not None else make_label(request), created=time.time())
             self._queued.append(job)
@@ -236,26 +307,30 @@ class JobQueue:
         self._publish(pending)
         return copy.deepcopy(job)
 
-    def move(self, job_id: str, offset: int) -> None:
-        """Moves a queued job ``offset`` places (-1: one up, +1: one down), clamped at the ends."""
+    def move(self, job_id: str, offset: int, owner: str | None = None) -> None:
+        """Moves a queued job ``offset`` places (-1: one up, +1: one down), clamped at the ends.
+        With ``owner``, only a job of that session (else ValueError naming the job)."""
         with self._lock:
             job = self._queued_job(job_id, "moved")
+            _check_owner(job, owner, "moved")
             i = self._queued.index(job)
             j = min(max(i + int(offset), 0), len(self._queued) - 1)
             self._queued.insert(j, self._queued.pop(i))
             pending = self._change("moved", job)
         self._publish(pending)
 
-    def remove(self, job_id: str) -> None:
+    def remove(self, job_id: str, owner: str | None = None) -> None:
         """Drops a queued job, or a finished one from the history (its output files stay on disk).
 
         Raises:
-            ValueError: the job is running ("abort it first") or is not known.
+            ValueError: the job is running ("abort it first"), is not known, or is not ``owner``'s
+                (when given).
         """
         with self._lock:
             job = self._find(job_id)
             if job is None:
-                raise ValueError(f"job {job_id!r} is not in the queue or its history")
+                raise ValueError(f"job {printable(repr(job_id), 80)} is not in the queue or its history")
+            _check_owner(job, owner, "removed")
             if job is self._running:
                 raise ValueError(f"job {job_id} is running; abort it first")
             (self._queued if job.status == "queued" else self._history).remove(job)
@@ -274,21 +349,23 @@ class JobQueue:
         self._publish(pending)
         return len(gone)
 
-    def abort(self, job_id: str | None = None) -> bool:
+    def abort(self, job_id: str | None = None, owner: str | None = None) -> bool:
         """Cancels the running job (no id, or its id), or a queued job (it never runs).
 
         The running job stops at its next step boundary and becomes "cancelled" when the runner
         raises ``Cancelled``. Returns False when there was nothing to cancel (no running job, or
-        the job already finished). Raises ValueError for an unknown id.
+        the job already finished). Raises ValueError for an unknown id, or a job that is not
+        ``owner``'s (when given).
         """
         with self._lock:
             job = self._running if job_id is None else self._find(job_id)
             if job is None:
                 if job_id is None:
                     return False
-                raise ValueError(f"job {job_id!r} is not in the queue or its history")
+                raise ValueError(f"job {printable(repr(job_id), 80)} is not in the queue or its history")
             if job.status in FINISHED:
                 return False
+            _check_owner(job, owner, "aborted")
             if job is self._running:
                 self._token.cancel()
                 return True
@@ -435,7 +512,12 @@ class JobQueue:
         except cancelled:
             return "cancelled", RunOutcome(), None
         except BaseException as e:  # whatever the runner raises fails its job, never the worker
-            log.exception("job queue: job %s (%s) failed", job.id, job.label)
+            if expected_failure(e):  # a refusal with its reason: one line (the traceback with --verbose)
+                log.warning("job queue: job %s (%s) failed: %s", job.id, printable(job.label, 80),
+                            printable(error_message(e), 300))
+                log.debug("job queue: where job %s failed", job.id, exc_info=True)
+            else:
+                log.exception("job queue: job %s (%s) failed", job.id, printable(job.label, 80))
             return "failed", RunOutcome(), error_message(e)
 
     # -- internals (called with the lock held unless said otherwise) -------------------------------
@@ -450,7 +532,7 @@ class JobQueue:
     def _queued_job(self, job_id: str, verb: str) -> Job:
         job = self._find(job_id)
         if job is None:
-            raise ValueError(f"job {job_id!r} is not in the queue or its history")
+            raise ValueError(f"job {printable(repr(job_id), 80)} is not in the queue or its history")
         if job.status != "queued":
             raise ValueError(f"job {job_id} is {job.status}; only queued jobs can be {verb}")
         return job
@@ -503,13 +585,36 @@ class JobQueue:
 
     # -- loading ---------------------------------------------------------------------------------
 
+    def _remove_partial_saves(self) -> None:
+        """Deletes the temporary files of saves that a crash cut short (``.queue.json.*.tmp``):
+        nothing else writes them, and one save of a long queue can leave megabytes behind."""
+        prefix = f".{self.path.name}."
+        try:
+            with os.scandir(self.path.parent) as entries:
+                partial = [e.path for e in entries if e.name.startswith(prefix) and e.name.endswith(".tmp")
+                           and e.is_file(follow_symlinks=False)]
+        except OSError:
+            return  # no folder yet: nothing to clean
+        for name in partial:
+            try:
+                os.unlink(name)
+            except OSError as e:
+                log.warning("job queue: could not remove the partial save %s (%s)", name, e)
+        if partial:
+            log.info("job queue: removed %d partial save(s) of %s left by an earlier run", len(partial), self.path)
+
     def _load(self) -> None:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            jobs = _parse_file(data)
-        except (OSError, ValueError, TypeError) as e:
+            jobs, bad = _parse_file(data)
+        except (OSError, ValueError, TypeError, RecursionError) as e:  # RecursionError: JSON nested too deep
             self._set_aside(e)
             return
+        if bad:
+            reasons = "; ".join(f"job {printable(key, 40)}: {printable(reason, 200)}" for key, reason in bad[:5])
+            more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+            self._set_aside(f"{len(bad)} job(s) could not be read and were left out, "
+                            f"{len(jobs)} loaded: {reasons}{more}")
         restarted = []
         for job in jobs:
             job.progress = None
@@ -531,12 +636,14 @@ class JobQueue:
         if restarted:
             log.warning("job queue: %d job(s) were running when the server stopped; queued again first: %s",
                         len(restarted), ", ".join(j.id for j in restarted))
+        if restarted or (bad and jobs):  # saved at once: the file was renamed aside with the bad jobs
             with self._lock:
                 pending = self._change("added", *restarted)
             self._publish(pending)
 
-    def _set_aside(self, reason: Exception) -> None:
-        """Renames an unreadable queue file out of the way, so the server starts with an empty queue."""
+    def _set_aside(self, reason: Exception | str) -> None:
+        """Renames an unreadable queue file out of the way (kept whole for a person to look at), so
+        the server starts with an empty queue, or with the jobs that could be read (``reason`` a str)."""
         aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
         n = 1
         while aside.exists():
@@ -544,11 +651,12 @@ class JobQueue:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
         try:
             os.replace(self.path, aside)
-            log.warning("job queue: %s could not be read (%s); kept as %s, starting with an empty queue",
-                        self.path, reason, aside)
+            log.warning("job queue: %s could not be read (%s); kept as %s, starting with %s",
+                        self.path, printable(reason, 2000), aside,
+                        "the jobs that could be read" if isinstance(reason, str) else "an empty queue")
         except OSError as e:
-            log.error("job queue: %s could not be read (%s) nor renamed aside (%s); starting with an empty "
-                      "queue and NOT saving, so the file is left as it is", self.path, reason, e)
+            log.error("job queue: %s could not be read (%s) nor renamed aside (%s); starting without its "
+                      "bad jobs and NOT saving, so the file is left as it is", self.path, printable(reason, 2000), e)
             self.path = None
 
 
@@ -565,15 +673,33 @@ class _BrokenToken:
         pass
 
 
-def _parse_file(data) -> list[Job]:
-    """Jobs of a queue file. Raises ValueError for anything we did not write."""
+def _check_owner(job: Job, owner: str | None, verb: str) -> None:
+    if owner is not None and job.session != owner:
+        raise ValueError(f"job {job.id} is another session's job: on this shared server a session can "
+                         f"only change its own jobs, so it was not {verb}")
+
+
+def _parse_file(data) -> tuple[list[Job], list[tuple[str, str]]]:
+    """The jobs of a queue file, and (job id or position, reason) for each job that cannot be
+    read. Raises ValueError when the file as a whole is not one we wrote."""
     if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
         raise ValueError("not a job queue file (a JSON object with a 'jobs' list was expected)")
     version = data.get("version")
-    if not isinstance(version, int) or not 1 <= version <= FILE_VERSION:
-        raise ValueError(f"version {version!r}; this Wan Studio reads versions 1 to {FILE_VERSION}")
-    jobs = [Job.from_dict(item) for item in data["jobs"]]
-    ids = [j.id for j in jobs]
-    if len(set(ids)) != len(ids):
-        raise ValueError("the same job id appears twice")
-    return jobs
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FILE_VERSION:
+        raise ValueError(f"version {printable(repr(version), 40)}; this Wan Studio reads versions 1 to {FILE_VERSION}")
+    jobs: list[Job] = []
+    bad: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for n, item in enumerate(data["jobs"], start=1):
+        key = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else f"#{n}"
+        try:
+            job = Job.from_dict(item)
+        except (ValueError, TypeError, RecursionError) as e:
+            bad.append((key, str(e)))
+            continue
+        if job.id in seen:
+            bad.append((key, "the same job id appears earlier in the file"))
+            continue
+        seen.add(job.id)
+        jobs.append(job)
+    return jobs, bad

@@ -8,8 +8,9 @@ where the UI expects a name, a path or a number. This module is the one place th
 - ``is_inside``: whether a path lies in a folder once symlinks are resolved.
 - ``store_upload``: an uploaded file is copied under a random name with a whitelisted suffix;
   the browser's file name never becomes a path.
-- ``check_request_limits`` / ``check_request_paths``: what one request may ask of the machine,
-  and which files it may read (uploads, outputs) and write (the output folder).
+- ``accept_request``: a client's request as the server queues it, checked with the server's
+  limits on the resolved request (``limits_of``) and ``check_request_paths``: which files it may
+  read (uploads, outputs) and write (the output folder).
 - ``allowed_paths`` / ``blocked_paths``: what gradio may serve.
 
 No gradio or torch import here: the request types are imported only when a request is checked.
@@ -49,11 +50,6 @@ UPLOAD_SUFFIXES: dict[str, tuple[str, ...]] = {
 }
 UPLOADS_FOLDER = "uploads"
 _UUID_NAME = re.compile(r"^[0-9a-f]{32}\.[a-z0-9]+$")
-
-MAX_STEPS = 200
-MAX_PROMPT_CHARS = 10_000
-MAX_REF_IMAGES = 16
-MAX_LORAS = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +168,9 @@ def store_upload(src: str | os.PathLike, uploads_dir: Path, kind: str, max_bytes
             out.flush()
             os.fsync(out.fileno())
         final = folder / f"{digest[:32]}{suffix}"
-        if final.is_file():  # already stored: same content, same name
+        if final.is_file():  # already stored: same content, same name; fresh again for pruning by age
             Path(tmp).unlink()
+            os.utime(final)
         else:
             os.replace(tmp, final)
     except BaseException:
@@ -206,46 +203,35 @@ def is_stored_upload(path: str | os.PathLike, settings: ServerSettings) -> bool:
 # Requests
 
 
-def check_request_limits(request: GenerationRequest, settings: ServerSettings) -> None:
-    """Refuses what one request may not ask of this machine. ``None`` fields (model defaults)
-    are not checked here; the model's defaults stay within the limits of any sane settings.
+def limits_of(settings: ServerSettings):
+    """The request limits this server's settings set (:class:`wan.engine.request_checks.Limits`)."""
+    import dataclasses
+
+    from wan.engine.request_checks import Limits
+    fields = {f.name for f in dataclasses.fields(Limits)}
+    return Limits(**{name: getattr(settings, name) for name in fields if hasattr(settings, name)})
+
+
+def accept_request(data, state) -> GenerationRequest:
+    """A client's request (a mapping, as sent to ``/queue_job``, or a request the form built) as this
+    server will queue it, fully checked: the same checks as the job itself will run, with this
+    server's limits on the resolved request (defaults filled, sizes derived) and its paths.
 
     Raises:
-        RequestError: naming the field, its value and the limit (and the flag that sets it).
+        RequestError: naming the field, the value (cut short) and what is allowed. Nothing else,
+        whatever ``data`` holds.
     """
-    from wan.engine.request import RequestError
-
-    # Only numbers are compared: a value of another type is refused by resolve_request, and must
-    # not reach arithmetic here ("x" * 10**9 would build a string instead of failing).
-    frames, width, height, steps = (_number(getattr(request, f)) for f in ("frames", "width", "height", "steps"))
-    if frames is not None and frames > settings.max_frames:
-        raise RequestError("frames", frames, f"at most {settings.max_frames} frames (--max_frames)")
-    if width is not None and height is not None and width * height > settings.max_pixels:
-        raise RequestError("width", width,
-                           f"{width}x{height} is {width * height} pixels per frame; at most "
-                           f"{settings.max_pixels} pixels (width*height, --max_pixels)")
-    if steps is not None and steps > MAX_STEPS:
-        raise RequestError("steps", steps, f"at most {MAX_STEPS} steps")
-    for field_name in ("prompt", "negative_prompt"):
-        text = getattr(request, field_name)
-        if text is None and field_name == "negative_prompt":
-            continue
-        if not isinstance(text, str):
-            raise RequestError(field_name, type(text).__name__, "a string")
-        if len(text) > MAX_PROMPT_CHARS:
-            raise RequestError(field_name, text[:40] + "...",
-                               f"at most {MAX_PROMPT_CHARS} characters (this one has {len(text)})")
-    for field_name, limit, what in (("ref_images", MAX_REF_IMAGES, "reference images"),
-                                    ("loras", MAX_LORAS, "LoRAs")):
-        items = getattr(request, field_name)
-        if not isinstance(items, list):
-            raise RequestError(field_name, type(items).__name__, f"a list of at most {limit} {what}")
-        if len(items) > limit:
-            raise RequestError(field_name, f"{len(items)} {what}", f"at most {limit} {what}")
-
-
-def _number(v):
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    from wan.engine.request import GenerationRequest, RequestError, resolve_request
+    from wan.engine.request_checks import check_field_types
+    request = data if isinstance(data, GenerationRequest) else GenerationRequest.from_dict(data)
+    check_field_types(request)  # before any path is looked at
+    if isinstance(data, dict) and "output_dir" in data and not (
+            isinstance(request.output_dir, str) and is_inside(request.output_dir, state.output_dir)):
+        raise RequestError("output_dir", request.output_dir,
+                           f"the server's output folder {state.output_dir} or a folder inside it")
+    prepared = state.prepare(request)
+    resolve_request(prepared, limits=limits_of(state.settings))
+    return prepared
 
 
 def check_request_paths(request: GenerationRequest, settings: ServerSettings) -> None:

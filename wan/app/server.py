@@ -19,10 +19,10 @@ import gradio as gr
 
 from wan.app import ui_gallery, ui_generate, ui_loras, ui_queue, ui_settings
 from wan.app.settings import ServerSettings
-from wan.app.state import AppState
+from wan.app.jobqueue import MAX_SESSION_CHARS, printable
+from wan.app.state import API_SESSION, AppState
 
 log = logging.getLogger(__name__)
-API_SESSION = "api"
 CSS = "#message p, #queue-message p {font-weight: 600}"
 
 
@@ -40,7 +40,7 @@ def build_app(state: AppState, config_path: str | Path | None = None) -> gr.Bloc
                         message = gr.Markdown("", elem_id="message")
                     with gr.Column(scale=2):
                         queue = ui_queue.render()
-                        gallery = ui_gallery.render()
+                        gallery = ui_gallery.render(shared=state.shared)
             with gr.Tab("Settings", id="settings"):
                 settings_ui = ui_settings.render(state)
         _wire(demo, state, session, form, loras, add, message, queue, gallery)
@@ -65,7 +65,7 @@ def _wire(demo, state, session, form, loras, add, message, queue, gallery) -> No
     ui_gallery.listen(state, gallery, session, load_request)
 
     def start(session_id, model_id):
-        session_id = session_id or uuid.uuid4().hex
+        session_id = session_id if valid_session(session_id) else uuid.uuid4().hex
         updates = generate.on_model(model_id, None)
         choices, table = ui_loras.lora_rows(state, model_id)
         return [session_id, *updates, gr.update(choices=choices), table,
@@ -79,45 +79,71 @@ def _wire(demo, state, session, form, loras, add, message, queue, gallery) -> No
     shown = gallery["shown"]
 
     def tick(session_id, picked, show_all, last_items, last_choices):
-        jobs = state.queue.jobs()  # one snapshot for the whole refresh
-        items = ui_gallery.items(state, session_id, show_all, jobs)
-        views = ui_queue.views(state, session_id, picked, last_choices, jobs)
-        return [*views, gr.update() if items == last_items else items, items]
+        return refresh(state, session_id, picked, show_all, last_items, last_choices)
     timer.tick(tick, [session, queue["pick"], gallery["show_all"], shown, queue["shown"]],
                [*queue_outputs, gallery["gallery"], shown], show_progress="hidden")
 
 
+def valid_session(session_id) -> bool:
+    """A session id the page may keep: a short printable string, never the API's."""
+    return (isinstance(session_id, str) and 0 < len(session_id) <= MAX_SESSION_CHARS and session_id.isprintable()
+            and session_id != API_SESSION)
+
+
+def refresh(state: AppState, session_id, picked, show_all, last_items, last_choices) -> list:
+    """The timer's refresh of one session's page: the queue panel's outputs, then the gallery and
+    its shown items. Never raises, whatever the jobs hold (the views render what they can)."""
+    try:
+        jobs = state.queue.jobs()  # one snapshot for the whole refresh
+        items = ui_gallery.items(state, session_id, bool(show_all), jobs)
+        views = ui_queue.views(state, session_id, picked, last_choices, jobs)
+        return [*views, gr.update() if items == last_items else items, items]
+    except Exception as e:  # noqa: BLE001 - a bug of ours: the page keeps what it shows
+        state.warn_once(f"the page refresh failed: {type(e).__name__}: {printable(e, 300)}")
+        return [gr.update() for _ in range(4)] + [last_choices, gr.update(), last_items]
+
+
+def refusal(message: str) -> gr.Error:
+    """A refused API call: one line in the log, the message to the client, and no traceback
+    (gradio prints one for every gr.Error unless told not to)."""
+    text = printable(message, 1000)
+    log.warning("refused an API call: %s", text)
+    return gr.Error(text, print_exception=False)
+
+
 def _api(state: AppState) -> None:
     """Script endpoints; jobs go through the same queue as the UI's."""
-    from wan.engine.request import GenerationRequest, RequestError, resolve_request
+    from wan.engine.request import GenerationRequest, RequestError
 
     def submit(request_json: str) -> str:
-        from wan.app.security import is_inside
+        from wan.app.security import accept_request
         try:
-            data = json.loads(request_json)
-            request = GenerationRequest.from_dict(data)
-            if "output_dir" in data and not is_inside(request.output_dir, state.output_dir):
-                raise RequestError("output_dir", request.output_dir,
-                                   f"the server's output folder {state.output_dir.resolve()} or a folder inside it")
-            resolve_request(state.prepare(request))
-            return state.queue.add(request.to_dict(), API_SESSION).id
-        except (RequestError, ValueError, TypeError) as e:
-            raise gr.Error(str(e)) from None
+            try:
+                data = json.loads(request_json)
+            except (TypeError, ValueError, RecursionError) as e:
+                raise RequestError("request", request_json, f"a JSON object of request fields ({e})") from None
+            accept_request(data, state)
+            return state.queue.add(GenerationRequest.from_dict(data).to_dict(), API_SESSION).id
+        except (RequestError, ValueError) as e:
+            raise refusal(str(e)) from None
 
     def job(job_id: str) -> dict:
-        found = state.queue.get(job_id)
+        found = state.queue.get(job_id) if isinstance(job_id, str) else None
         if found is None:
-            raise gr.Error(f"job: {job_id!r} is not in the queue")
-        return {"id": found.id, "status": found.status, "files": found.files, "error": found.error,
-                "notices": found.notices}
+            raise refusal(f"job: {printable(repr(job_id), 80)} is not in the queue")
+        # printable: a text of the job's that JSON cannot carry would fail the answer, not the job
+        return {"id": found.id, "status": found.status, "files": [printable(f) for f in found.files],
+                "error": printable(found.error) if found.error is not None else None,
+                "notices": [printable(n) for n in found.notices]}
 
     def generate(request_json: str) -> dict:
         """Queues the request and waits for its job to finish."""
         job_id = submit(request_json)
         state.queue.wait_finished(job_id)
         result = job(job_id)
-        if result["status"] != "done":
-            raise gr.Error(f"job {job_id} {result['status']}: {result['error'] or ''}")
+        if result["status"] != "done":  # the queue logged why; no traceback of this wait
+            raise gr.Error(printable(f"job {job_id} {result['status']}: {result['error'] or ''}", 1000),
+                           print_exception=False)
         return result
     gr.api(submit, api_name="queue_job", concurrency_limit=None)
     gr.api(job, api_name="job", concurrency_limit=None)

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from wan.config import Bool, ConfigError, choice, did_you_mean, integer, is_int, read_yaml, rule, section, validate
+from wan.engine.request_checks import Limits
 from wan.fileio import write_text_atomic as _write_atomic
 from wan.optim.profiles import ATTENTION_BACKENDS
 
@@ -64,7 +65,11 @@ ProfileRef = rule("a profile name or number (see: wgp.py profiles)", lambda v: i
                   optional=True)
 Port = integer(1, MAX_PORT, words=f"a whole number from 1 to {MAX_PORT}")
 Positive = integer(1, words="a whole number > 0")
+Limit = integer(0, words="a whole number >= 0 (0: no limit)")
 Attention = choice(("auto",) + ATTENTION_BACKENDS, optional=True)
+
+
+_LIMITS = Limits()  # the request limits' defaults, shared with the command line (wan.engine.request_checks)
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -92,11 +97,18 @@ class ServerSettings:
     open_browser: Bool = _setting(False, "open the app in a browser once it is up")
     verbose: Bool = _setting(False, "log more")
     # limits on what one browser client may ask of this machine
-    max_frames: Positive = _setting(161, "most frames one request may ask for")
-    max_pixels: Positive = _setting(1280 * 720, "most pixels (width*height) of one frame a request may ask for")
+    max_frames: Positive = _setting(_LIMITS.max_frames, "most frames one request may ask for")
+    max_pixels: Positive = _setting(_LIMITS.max_pixels, "most pixels (width*height) of one frame a request may ask for")
+    max_steps: Positive = _setting(_LIMITS.max_steps, "most denoising steps one request may ask for")
     max_upload_mb: Positive = _setting(1024, "largest file a browser may upload, in MB")
     max_queue: Positive = _setting(100, "most jobs waiting in the queue, all sessions together")
     state_dir: Text = _setting(".wan_studio", "folder of the queue file and uploads")
+    max_queue_per_session: Positive = _setting(20, "most jobs one session may have waiting when the server is "
+                                                   "shared (--listen, --share or a non-local --server_name)")
+    uploads_max_age_days: Limit = _setting(7, "uploads older than this many days are deleted (at start and after "
+                                              "jobs), except those a waiting or running job uses; 0: no age limit")
+    uploads_max_mb: Limit = _setting(10240, "the uploads folder is kept under this many MB by deleting the oldest "
+                                            "uploads, except those a waiting or running job uses; 0: no size limit")
 
     @property
     def host(self) -> str:

@@ -3,12 +3,21 @@ worker, and the engine (created on the first job, so the page serves before any 
 
 Each browser session keeps only its own id (in the browser's storage) and form values; jobs carry
 the id of the session that queued them, so each session's gallery shows its own results while the
-queue runs everyone's jobs in order.
+queue runs everyone's jobs in order. On a shared server (reachable from other machines: see
+:func:`is_shared`) a session may only move, remove or abort its own jobs, sees no other session's
+prompts, and may have at most ``max_queue_per_session`` jobs waiting; a local server keeps the
+single-user behaviour (every job can be managed from any tab).
+
+Uploads are pruned by age and total size (``uploads_max_age_days``, ``uploads_max_mb``) at start
+and after jobs finish (at most every few minutes); an upload that a waiting or running job names
+is never deleted.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -20,6 +29,18 @@ from wan.app.settings import ServerSettings
 log = logging.getLogger(__name__)
 QUEUE_FILE = "queue.json"
 PREVIEW_INTERVAL_S = 1.0
+API_SESSION = "api"  # the session of the jobs queued through the API (/queue_job, /generate)
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+PRUNE_INTERVAL_S = 300.0  # uploads are pruned after a job finishes at most this often
+PARTIAL_UPLOAD_AGE_S = 3600.0  # a ".upload-*.tmp" older than this is a copy a crash cut short
+UPLOAD_NAME = re.compile(r"^[0-9a-f]{32}\.[a-z0-9]+$")  # what security.store_upload names a stored upload
+MAX_WARNINGS = 100
+
+
+def is_shared(settings: ServerSettings) -> bool:
+    """Whether other machines can reach the server (``--listen``, ``--share`` or a non-local
+    ``--server_name``), so its sessions may belong to different people."""
+    return bool(settings.share or settings.host not in LOCAL_HOSTS)
 
 
 class AppState:
@@ -37,13 +58,99 @@ class AppState:
         self._engine = None
         self._engine_lock = threading.Lock()
         self._engine_factory = engine_factory or self._default_engine
-        self.queue = JobQueue(self.state_dir / QUEUE_FILE, self.run_job, max_queued=settings.max_queue)
+        self.shared = is_shared(settings)
+        self.queue = JobQueue(self.state_dir / QUEUE_FILE, self.run_job, max_queued=settings.max_queue,
+                              max_per_session=settings.max_queue_per_session if self.shared else None)
+        self._warned: set[str] = set()
+        self._pruned_at = time.monotonic()
+        self.prune_uploads()
+        self.queue.subscribe(self._on_queue_change)
+
+    def warn_once(self, text: str) -> None:
+        """Logs a warning the first time ``text`` comes (a page refresh that runs every second
+        must not repeat it every second)."""
+        if text not in self._warned and len(self._warned) < MAX_WARNINGS:
+            self._warned.add(text)
+            log.warning("%s", text)
+
+    # -- uploads ---------------------------------------------------------------------------------
+
+    def _on_queue_change(self, event: str, job: Job) -> None:
+        if event == "finished" and time.monotonic() - self._pruned_at >= PRUNE_INTERVAL_S:
+            self.prune_uploads()
+
+    def uploads_in_use(self) -> set[str]:
+        """File names of the uploads that waiting or running jobs name (any string value of their
+        requests, wherever it sits, that ends in an upload's name)."""
+        names: set[str] = set()
+        for job in self.queue.jobs(include_finished=False):
+            stack = [job.request]
+            while stack:
+                item = stack.pop()
+                if isinstance(item, dict):
+                    stack.extend(item.values())
+                elif isinstance(item, list):
+                    stack.extend(item)
+                elif isinstance(item, str) and UPLOAD_NAME.match(os.path.basename(item)):
+                    names.add(os.path.basename(item))
+        return names
+
+    def prune_uploads(self, now: float | None = None) -> list[str]:
+        """Deletes uploads older than ``uploads_max_age_days``, then the oldest ones while the
+        folder holds more than ``uploads_max_mb``, and copies a crash cut short; never one that a
+        waiting or running job names. Returns the names deleted. Cheap: one listing of the folder."""
+        self._pruned_at = time.monotonic()
+        now = time.time() if now is None else now
+        max_age = self.settings.uploads_max_age_days * 86400
+        max_bytes = self.settings.uploads_max_mb * 2**20
+        try:
+            with os.scandir(self.uploads_dir) as entries:
+                found = []
+                for entry in entries:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if entry.name.startswith(".upload-") and entry.name.endswith(".tmp"):
+                        if now - st.st_mtime > PARTIAL_UPLOAD_AGE_S:
+                            found.append((0.0, 0, entry.name, True))
+                    elif UPLOAD_NAME.match(entry.name):
+                        found.append((st.st_mtime, st.st_size, entry.name, False))
+        except OSError as e:
+            log.warning("could not prune the uploads in %s: %s", self.uploads_dir, e)
+            return []
+        in_use = self.uploads_in_use()  # after the listing: a job added meanwhile is seen
+        doomed = [name for _, _, name, partial in found if partial]
+        kept = sorted((f for f in found if not f[3]), key=lambda f: f[0])  # oldest first
+        total = sum(size for _, size, _, _ in kept)
+        for mtime, size, name, _ in kept:
+            if name in in_use:
+                continue
+            too_old = max_age > 0 and now - mtime > max_age
+            too_much = max_bytes > 0 and total > max_bytes
+            if too_old or too_much:
+                doomed.append(name)
+                total -= size
+        gone = []
+        for name in doomed:
+            try:
+                os.unlink(self.uploads_dir / name)
+                gone.append(name)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("could not delete the upload %s: %s", name, e)
+        if gone:
+            log.info("pruned %d upload(s) from %s (--uploads_max_age_days %s, --uploads_max_mb %s)", len(gone),
+                     self.uploads_dir, self.settings.uploads_max_age_days, self.settings.uploads_max_mb)
+        return gone
 
     # -- the engine, created on first use ----------------------------------------------------
 
     def _default_engine(self):
         from wan.engine import Engine
-        engine = Engine(checkpoint_dir=self.settings.checkpoint_dir, lora_dir=self.settings.lora_dir)
+        from wan.app.security import limits_of
+        engine = Engine(checkpoint_dir=self.settings.checkpoint_dir, lora_dir=self.settings.lora_dir,
+                        limits=limits_of(self.settings))
         engine.lora_names_only = True  # clients name LoRAs inside the LoRA folder, never other files
         return engine
 
@@ -73,13 +180,12 @@ class AppState:
         Raises:
             RequestError: naming the field.
         """
-        from wan.app.security import check_request_limits, check_request_paths, is_inside
+        from wan.app.security import check_request_paths, is_inside
         overrides = {**self.server_overrides(), **request.profile_overrides}
         inside = isinstance(request.output_dir, str) and is_inside(request.output_dir, self.output_dir)
         request = request.replace(output_dir=str(Path(request.output_dir).resolve()) if inside else str(self.output_dir),
                                   profile_overrides=overrides,
                                   profile=request.profile or self.settings.profile)
-        check_request_limits(request, self.settings)
         check_request_paths(request, self.settings)
         return request
 

@@ -9,6 +9,7 @@ Settings come from the metadata every output carries (the resolved request, see
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import gradio as gr
@@ -20,23 +21,52 @@ MAX_ITEMS = 200
 
 
 def session_outputs(state: AppState, session: str, jobs: list | None = None) -> list[str]:
-    """Files of this session's finished jobs, newest first (from ``jobs``, a queue snapshot)."""
+    """Files of this session's finished jobs, newest first (from ``jobs``, a queue snapshot).
+
+    Only files inside the output folder: a job's list may name any path (an edited queue file,
+    an output folder changed since), and gradio refuses to send a file outside the folders it
+    serves, which would fail the whole page refresh."""
+    from wan.app.security import is_inside
     files = []
     for job in state.queue.jobs(session=session) if jobs is None else jobs:
         if job.status == "done" and job.session == session:
-            files += [f for f in job.files if Path(f).suffix.lower() in SHOWN_SUFFIXES and Path(f).is_file()]
+            files += [f for f in job.files if isinstance(f, str) and f.isprintable()
+                      and Path(f).suffix.lower() in SHOWN_SUFFIXES and Path(f).is_file()
+                      and is_inside(f, state.output_dir)]
+            if len(files) >= MAX_ITEMS:
+                break
     return files[:MAX_ITEMS]
 
 
 def folder_outputs(state: AppState) -> list[str]:
-    """Every video and image of the output folder, newest first."""
-    found = [p for p in state.output_dir.glob("*") if p.suffix.lower() in SHOWN_SUFFIXES and p.is_file()]
-    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    return [str(p) for p in found[:MAX_ITEMS]]
+    """Every video and image of the output folder, newest first.
+
+    Links are never followed: what is listed here is sent to the browser, and a symlink in the
+    output folder may point anywhere (the queue file with everyone's prompts, a key). Only regular
+    files directly in the (resolved) folder are listed, never a link, whatever it points to."""
+    folder = Path(os.path.realpath(state.output_dir))
+    if not folder.is_dir():
+        return []
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if Path(entry.name).suffix.lower() in SHOWN_SUFFIXES and entry.is_file(follow_symlinks=False):
+                found.append((entry.stat(follow_symlinks=False).st_mtime, entry.path))
+    found.sort(key=lambda item: item[0], reverse=True)
+    return [path for _, path in found[:MAX_ITEMS]]
 
 
 def items(state: AppState, session: str, show_all: bool, jobs: list | None = None) -> list[str]:
-    return folder_outputs(state) if show_all else session_outputs(state, session, jobs)
+    """What the gallery shows. On a shared server only this session's outputs (the whole folder
+    holds everyone's, and their settings hold their prompts). Never raises: a file that cannot be
+    listed leaves the gallery empty, not the page broken."""
+    try:
+        if show_all and not getattr(state, "shared", False):
+            return folder_outputs(state)
+        return session_outputs(state, session, jobs)
+    except Exception as e:  # noqa: BLE001 - the page refreshes every second: warn once
+        state.warn_once(f"the gallery cannot list the outputs: {type(e).__name__}: {e}")
+        return []
 
 
 def settings_of(path: str | None) -> tuple[str, object]:
@@ -52,10 +82,11 @@ def settings_of(path: str | None) -> tuple[str, object]:
     return json.dumps(request.to_dict(), indent=2, ensure_ascii=False), request
 
 
-def render() -> dict:
+def render(shared: bool = False) -> dict:
+    """``shared``: the server is reachable by others, so only this session's outputs are shown."""
     ui = {}
     ui["show_all"] = gr.Checkbox(False, label="Show every output in the folder (not only this session's)",
-                                 elem_id="show-all")
+                                 elem_id="show-all", visible=not shared)
     ui["gallery"] = gr.Gallery([], label="Outputs", columns=4, height=420, elem_id="gallery", interactive=False)
     ui["selected"] = gr.State(None)
     ui["shown"] = gr.State(None)  # the items as last sent to this session (what a click indexes)

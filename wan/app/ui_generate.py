@@ -22,7 +22,7 @@ from wan.app.form import (
     saver_defaults,
 )
 from wan.app.state import AppState
-from wan.engine.request import SAMPLERS, TASK_INPUTS, RequestError, request_default, resolve_request
+from wan.engine.request import SAMPLERS, TASK_INPUTS, RequestError, request_default
 
 # inputs of each task, in the order they are shown (request field names)
 TASK_INPUT_FIELDS = ("image", "end_image", "video", "strength", "control_video", "mask_video", "ref_images",
@@ -191,7 +191,7 @@ def plan_text(state: AppState, model_id: str, profile_name: str) -> str:
 
 def collect(state: AppState, keys: list[str], args: tuple) -> list:
     """Form values -> checked requests (uploads copied in), or RequestError naming the field."""
-    from wan.app.security import store_upload
+    from wan.app.security import accept_request, store_upload
     values = dict(zip(keys, args))
     max_bytes = state.settings.max_upload_mb * 2**20
     for key, kind in UPLOAD_KINDS.items():
@@ -203,7 +203,7 @@ def collect(state: AppState, keys: list[str], args: tuple) -> list:
         values[key] = kept if key == "ref_images" else kept[0]
     requests = form_to_requests(values)
     for r in requests:
-        resolve_request(state.prepare(r))  # fail now, in the form, not later in the queue
+        accept_request(r, state)  # fail now, in the form, not later in the queue
     return requests
 
 

@@ -20,7 +20,8 @@ from wan.app.state import AppState
 HIDDEN = ("auth",)  # passwords belong in --auth_file, never in the config file or a page
 # settings that decide who can reach the server and what it reads, writes and serves
 GUARDED = ("listen", "server_name", "server_port", "share", "auth_file", "checkpoint_dir", "lora_dir", "output_dir",
-           "state_dir", "max_frames", "max_pixels", "max_upload_mb", "max_queue")
+           "state_dir", "max_frames", "max_pixels", "max_steps", "max_upload_mb", "max_queue", "max_queue_per_session",
+           "uploads_max_age_days", "uploads_max_mb")
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
@@ -40,7 +41,7 @@ def render(state: AppState) -> dict:
         if f.name in HIDDEN:
             continue
         value = getattr(state.settings, f.name)
-        kwargs = dict(label=f"{f.name}  (--{f.name.replace('_', '-')})", interactive=not (locked and f.name in GUARDED))
+        kwargs = dict(label=f"{f.name}  (--{f.name})", interactive=not (locked and f.name in GUARDED))
         if isinstance(value, bool) or f.type in ("bool", bool):
             ui["fields"][f.name] = gr.Checkbox(bool(value), **kwargs)
         elif isinstance(value, int) or f.type in ("int", int):

@@ -166,21 +166,29 @@ class Inputs:
     def video(self, name: str, frames: int, height: int, width: int, fit: str = "squash") -> torch.Tensor:
         """[3, frames, height, width]: the first ``frames`` frames at the output size. ``fit``:
         ``"squash"`` resizes to the size (bicubic), ``"cover"`` scales to cover it and crops the centre
-        (bicubic with antialias), as the official VACE code prepares its control and mask videos."""
+        (bicubic with antialias), as the official VACE code prepares its control and mask videos.
+        Only those frames are decoded, each resized as it comes (the same numbers as resizing the
+        clip), so memory follows the job whatever the file's length and size."""
         path = getattr(self.req, name)
-        video, _fps = self._read_video(name)
+        if fit == "cover":
+            def fit_frame(clip):
+                return resize_cover(clip, height, width)
+        else:
+            def fit_frame(clip):
+                return resize(clip, height, width)
+        video, _fps = self._read_video(name, frames, fit_frame)
         if video.shape[1] < frames:
             raise RequestError(name, path, f"a video of at least {frames} frames (the clip's length); "
                                            f"it has {video.shape[1]}")
-        video = video[:, :frames]
-        return resize_cover(video, height, width) if fit == "cover" else resize(video, height, width)
+        return video
 
-    def _read_video(self, name: str) -> tuple[torch.Tensor, float]:
-        """The whole video file of field ``name``: ([3, T, H, W] in [-1, 1], fps)."""
+    def _read_video(self, name: str, frames: int, fit_frame) -> tuple[torch.Tensor, float]:
+        """At most ``frames`` frames of the video file of field ``name``, each passed through
+        ``fit_frame`` ([3, 1, H, W] -> [3, 1, h, w]) as it is decoded: ([3, T, h, w] in [-1, 1], fps)."""
         from wan.engine.media import load_video
         path = getattr(self.req, name)
         try:
-            return load_video(path)
+            return load_video(path, max_frames=frames, transform=fit_frame)
         except (OSError, ValueError) as e:
             raise RequestError(name, path, f"a readable video file ({e})") from None
 

@@ -17,9 +17,10 @@ import torch
 
 from wan.engine.attach import AttentionKernel, SetOnNetworks, attach_job
 from wan.engine.conditioning import Conditioning, build_conditioning
-from wan.engine.loop import CancelToken, Denoising, ExpertPlan, StepInfo, denoise
+from wan.engine.loop import Cancelled, CancelToken, Denoising, ExpertPlan, StepInfo, denoise
 from wan.engine.model_manager import ModelManager, ModelSet
 from wan.engine.request import GenerationRequest, RequestError, resolve_request
+from wan.engine.request_checks import Limits
 from wan.optim.guidance import StepGuidance
 from wan.optim.profiles import ProfileError
 from wan.optim.step_savers import StepSavers
@@ -58,6 +59,13 @@ def vae_tiling(profile, size: tuple[int, int]):
     return None
 
 
+def _check_cancel(cancel: CancelToken | None, where: str) -> None:
+    """A cancel between the stages of a job (the loop checks between steps): abort takes effect
+    within one step or one stage, whichever is shorter."""
+    if cancel is not None and cancel.cancelled:
+        raise Cancelled(f"cancelled {where}")
+
+
 def draw_noise(shape, seed: int, device: torch.device, on_cpu: bool = False) -> torch.Tensor:
     """One ``torch.randn`` of the latent shape from a generator seeded with ``seed``, as the official
     scripts draw it (on the device; ``on_cpu`` draws on the CPU for the same noise on every device)."""
@@ -71,8 +79,10 @@ class Engine:
 
     def __init__(self, checkpoint_dir: str | Path = "checkpoints", device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, registry: Registry | None = None, variant: str = "bf16",
-                 lora_dir: str | Path | None = "loras", magcache_dir: str | Path | None = None):
+                 lora_dir: str | Path | None = "loras", magcache_dir: str | Path | None = None,
+                 limits: Limits | None = None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.limits = limits or Limits()  # what one request may ask (the server's, or the CLI's flags)
         self.lora_dir = lora_dir
         self.lora_names_only = False  # True (the web server): LoRAs only by name inside lora_dir
         # MagCache: per-model magnitude tables, recorded by the first MagCache job of a model
@@ -95,7 +105,7 @@ class Engine:
             RequestError: a field of the request is not allowed (nothing was loaded or written).
             Cancelled: ``cancel`` was set; nothing was written.
         """
-        req, spec = resolve_request(request, self.registry)
+        req, spec = resolve_request(request, self.registry, limits=self.limits)
         profile, savers = self._profile_and_savers(req, spec, savers)
         try:
             nets = self.models.get(spec, profile)
@@ -115,6 +125,7 @@ class Engine:
                                     attention=profile.attention if profile else ("sdpa",), notices=notices)
         if savers.magcache_source is not None:  # MagCache: saves a table recorded by this run
             notices += savers.magcache_source.finish()
+        _check_cancel(cancel, "before decoding")
         video = nets.vae.decode(latent[None].float(), tile=vae_tiling(profile, cond.size))[0]
         metadata = self.metadata(req)
         files: list[Path] = []
@@ -163,6 +174,7 @@ class Engine:
         from wan.engine.samplers import make_sampler
         device = self.device
         cond = build_conditioning(req, nets.spec, nets, device)
+        _check_cancel(cancel, "after encoding the inputs")
         context, context_neg = nets.text_encoder.encode_prompts([req.prompt, req.negative_prompt])
         if noise is None:
             noise = draw_noise(cond.noise_shape, req.seed, device, req.cpu_noise)

@@ -4,10 +4,12 @@ Writing (``media_out``): ``save_outputs`` turns frames [T, H, W, 3] uint8 into a
 PNG (T == 1) under a fresh, never-overwriting name, with the metadata JSON embedded, an optional
 sidecar ``.json`` and latents ``.safetensors``, all written atomically; ``read_metadata`` gets the
 metadata back; ``to_uint8_frames`` converts a decoded [3, T, H, W] video in [-1, 1].
-Reading (``media_in``): ``load_image`` / ``load_video`` give tensors in [-1, 1]; ``resize_video``.
+Reading (``media_in``): ``load_image`` / ``load_video`` give tensors in [-1, 1] (a video decoded only
+as far as asked, each frame resized as it comes); ``probe_video`` reads a video's size, length and
+rate from its header; ``resize_video``.
 """
 
-from wan.engine.media_in import RESIZE_MODES, load_image, load_video, resize_video
+from wan.engine.media_in import RESIZE_MODES, load_image, load_video, probe_video, resize_video
 from wan.engine.media_out import (
     METADATA_KEY,
     MP4_METADATA_TAG,
@@ -42,6 +44,7 @@ __all__ = [
     "load_image",
     "load_video",
     "metadata_to_json",
+    "probe_video",
     "read_metadata",
     "remove_stale_temp_files",
     "render_name",

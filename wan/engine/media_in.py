@@ -2,17 +2,23 @@
 
 Pixel values follow the official Wan preprocessing (``TF.to_tensor(img).sub_(0.5).div_(0.5)``):
 ``x = uint8 / 255`` in float32, then ``(x - 0.5) / 0.5``. Layouts: an image is [3, H, W], a video
-[3, T, H, W] (channels first, RGB), both float32.
+[3, T, H, W] (channels first, RGB), both float32. A video is decoded frame by frame and only as far
+as the caller asks, each frame transformed (resized) as it comes, so memory follows the job, not the
+file; ``probe_video`` reads a video's size, length and rate from its header alone.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from wan.engine.media_probe import check_file as _check_file
+from wan.engine.media_probe import probe_video  # noqa: F401 - re-exported (wan.engine.media)
 
 RESIZE_MODES = ("bicubic", "bilinear", "area", "nearest", "nearest-exact")
 
@@ -21,15 +27,6 @@ def _uint8_to_unit(pixels: np.ndarray) -> torch.Tensor:
     """[..., 3] uint8 -> float32 in [-1, 1] (same layout), with the official order of operations."""
     pixels = np.require(pixels, requirements=("C", "W"))  # Pillow's arrays are read-only: copy those
     return torch.from_numpy(pixels).float().div_(255).sub_(0.5).div_(0.5)
-
-
-def _check_file(path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    if not path.is_file():
-        raise ValueError(f"{path}: not a file")
-    return path
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
@@ -61,12 +58,19 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     return _uint8_to_unit(pixels).permute(2, 0, 1).contiguous()
 
 
-def load_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[torch.Tensor, float]:
+def load_video(path: str | os.PathLike, max_frames: int | None = None,
+               transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
     """Reads a video file (first video stream) -> ([3, T, H, W] float32 RGB in [-1, 1], fps).
 
+    Frames are decoded one at a time and decoding stops after ``max_frames``, so memory is bounded
+    by what the caller keeps, not by the file: a 240-frame 720p clip is 2.7 GB once in float32.
+
     Args:
-        max_frames: stop after this many frames (None: all). A long 720p video is ~11 MB per frame
-            once in float32, so callers that need only a prefix should say so.
+        max_frames: stop after this many frames (None: all). The result is allocated once, for
+            ``max_frames`` frames of the first frame's (transformed) size.
+        transform: applied to each frame as it is decoded, ``[3, 1, H, W] -> [3, 1, h, w]`` (a resize
+            to the output size), so only its result is kept. Resizing frame by frame equals resizing
+            the clip: interpolation never mixes frames.
     Raises FileNotFoundError if missing, ValueError naming the path if it is not a readable video.
     """
     import av
@@ -75,7 +79,8 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
                                    or max_frames < 1):
         raise ValueError(f"max_frames must be None or an integer >= 1, got {max_frames!r}")
     path = _check_file(path)
-    frames: list[np.ndarray] = []
+    kept: list = []  # uint8 [H, W, 3] frames, or transformed [3, 1, h, w] ones
+    out, count, size = None, 0, None  # with max_frames: the result, filled frame by frame
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -83,19 +88,38 @@ def load_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if max_frames is not None and len(frames) >= max_frames:
+                if size is None:
+                    size = (frame.width, frame.height)
+                elif (frame.width, frame.height) != size:  # checked before converting it
+                    raise ValueError(f"{path}: the frame size changes within the video "
+                                     f"({size[0]}x{size[1]}, then {frame.width}x{frame.height} at frame {count})")
+                pixels = frame.to_ndarray(format="rgb24")
+                if max_frames is None and transform is None:
+                    kept.append(pixels)  # stays uint8 until the end: a quarter of the float size
+                else:
+                    unit = _uint8_to_unit(pixels.transpose(2, 0, 1))[:, None]  # [3, 1, H, W], contiguous
+                    unit = transform(unit) if transform is not None else unit
+                    if max_frames is None:
+                        kept.append(unit)
+                    else:
+                        if out is None:
+                            out = torch.empty(3, max_frames, *unit.shape[-2:], dtype=unit.dtype)
+                        out[:, count] = unit[:, 0]
+                count += 1
+                if max_frames is not None and count >= max_frames:
                     break
     except (av.error.FFmpegError, OSError) as e:
         raise ValueError(f"{path}: cannot read the video ({type(e).__name__}: {e})") from e
-    if not frames:
+    if not count:
         raise ValueError(f"{path}: the video has no decodable frames")
     if not rate:
         raise ValueError(f"{path}: the video stream has no frame rate")
-    sizes = {f.shape for f in frames}
-    if len(sizes) > 1:
-        raise ValueError(f"{path}: the frame size changes within the video ({sorted(sizes)})")
-    video = _uint8_to_unit(np.stack(frames)).permute(3, 0, 1, 2).contiguous()
+    if out is not None:
+        video = out if count == max_frames else out[:, :count].contiguous()
+    elif transform is not None:
+        video = torch.cat(kept, dim=1)
+    else:
+        video = _uint8_to_unit(np.stack(kept)).permute(3, 0, 1, 2).contiguous()
     return video, float(rate)
 
 

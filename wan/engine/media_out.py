@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from wan.engine.request import request_default
+from wan.engine.request_checks import template_problem
 from wan.fileio import fsync_dir
 
 METADATA_KEY = "wan_studio"      # PNG iTXt key and safetensors header key
@@ -56,7 +57,6 @@ MP4_METADATA_TAG = "comment"     # MP4 tag (©cmt atom) that carries the JSON
 TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"
 PROMPT_CHARS = 40                # characters of the prompt kept in a file name
 MAX_STEM_BYTES = 180             # keeps ".<stem>.latents.safetensors.<hex>.tmp" under 255 bytes
-TEMPLATE_FIELDS = ("time", "seed", "prompt", "model", "task")
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
                      *(f"LPT{i}" for i in range(1, 10))}
@@ -279,20 +279,9 @@ def _encode_json(text: str, dest: Path) -> None:
 
 
 def _check_template(template: str) -> None:
-    if not isinstance(template, str) or not template.strip():
-        raise ValueError(f"OutputOptions.name_template must be a non-empty string, got {template!r}")
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise ValueError(f"OutputOptions.name_template {template!r} is malformed: {e}") from None
-    for literal, field, _spec, _conv in parts:
-        bad = sorted({c for c in literal if not (c.isalnum() or c in "-_. ")})
-        if bad:
-            raise ValueError(f"OutputOptions.name_template {template!r} has the characters {bad}; "
-                             "literal text may hold letters, digits, '-', '_', '.' and spaces")
-        if field is not None and field not in TEMPLATE_FIELDS:
-            raise ValueError(f"OutputOptions.name_template {template!r} has the unknown field "
-                             f"{{{field}}}; known: {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}")
+    problem = template_problem(template)
+    if problem:
+        raise ValueError(f"OutputOptions.name_template {template!r} {problem}")
 
 
 def sanitize_name_part(text: Any, max_chars: int = PROMPT_CHARS, fallback: str = "untitled") -> str:
@@ -321,11 +310,18 @@ def render_name(template: str, *, now: datetime, seed: int, prompt: str, model: 
     }
     stem = string.Formatter().vformat(template, (), values).replace(" ", "_")
     stem = stem.lstrip(".").rstrip(". ")  # no hidden files, no '..', no trailing dot (Windows)
-    while len(stem.encode("utf-8")) > MAX_STEM_BYTES:
-        stem = stem[:-1]
+    # cut to the byte budget at once (a character cut in half is dropped)
+    stem = stem.encode("utf-8")[:MAX_STEM_BYTES].decode("utf-8", "ignore").rstrip(". ")
     if not stem or stem.split(".")[0].upper() in _WINDOWS_RESERVED:
         stem = f"_{stem}"
     return stem
+
+
+def _check_stem(stem: str, folder: Path) -> None:
+    """Whatever the template, the names written (``<stem>.<suffix>``, numbered ``<stem>_N``, and their
+    ``.<name>.<hex>.tmp`` temps) stay directly inside ``folder``: a stem is one path component."""
+    if not stem or stem in (".", "..") or Path(stem).name != stem or "/" in stem or "\\" in stem or "\x00" in stem:
+        raise ValueError(f"output name {stem!r} is not a plain file name; outputs are written inside {folder}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,6 +521,7 @@ def save_outputs(frames, fps: int, metadata: dict, options: OutputOptions, *, se
     stem = render_name(options.name_template, now=now or datetime.now(), seed=seed, prompt=prompt,
                        model=model or metadata.get("model"), task=task or metadata.get("task"))
     folder = Path(options.folder)
+    _check_stem(stem, folder)
     folder.mkdir(parents=True, exist_ok=True)
 
     with _temp_files(folder) as make:

@@ -41,12 +41,24 @@ REQUIRED_INPUTS = {"i2v": ("image",), "flf2v": ("image", "end_image"), "v2v": ("
 INPUT_FIELDS = ("image", "end_image", "video", "control_video", "mask_video", "ref_images")
 
 
+SHOWN_CHARS = 200  # a refused value is echoed at most this long
+
+
+def short_repr(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a 1 MB prompt is not echoed back whole."""
+    try:
+        text = repr(value)
+    except Exception:  # a hostile __repr__ must not hide the refusal
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} characters)"
+
+
 class RequestError(ValueError):
     """A request field has a value that is not allowed."""
 
     def __init__(self, field_name: str, value: Any, allowed: str):
         self.field, self.value, self.allowed = field_name, value, allowed
-        super().__init__(f"{field_name}: {value!r} is not allowed; {allowed}")
+        super().__init__(f"{field_name}: {short_repr(value)} is not allowed; {allowed}")
 
 
 @dataclass
@@ -79,6 +91,16 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, aliases: tuple
             raise ValueError("a request field's list or dict default must be empty (it is made fresh each time)")
         return field(default_factory=type(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _lora_of(value: Any) -> "LoraChoice":
+    """A LoRA of a request mapping: a LoraChoice or a mapping of its fields."""
+    if isinstance(value, LoraChoice):
+        return value
+    names = [f.name for f in dataclasses.fields(LoraChoice)]
+    if not isinstance(value, dict) or "path" not in value or any(k not in names for k in value):
+        raise RequestError("loras", value, f"a LoRA: a mapping with 'path' and optionally {', '.join(names[1:])}")
+    return LoraChoice(**value)
 
 
 @dataclass
@@ -144,14 +166,24 @@ class GenerationRequest:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GenerationRequest":
+        """The request of a mapping (JSON, metadata). Values are taken as they are, for
+        ``resolve_request`` to check; only the shape is checked here, so whatever a client sends
+        ends in a :class:`RequestError` naming a field, never another exception."""
+        if not isinstance(data, dict):
+            raise RequestError("request", data, "a mapping of request fields to values")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted((k for k in data if k not in known), key=str)
         if unknown:
-            raise RequestError(unknown[0], data[unknown[0]], f"not a request field; fields are: {', '.join(sorted(known))}")
+            raise RequestError(str(unknown[0]), data[unknown[0]],
+                               f"not a request field; fields are: {', '.join(sorted(known))}")
+        if "model" not in data:
+            raise RequestError("model", None, "a model id (see: python wgp.py models)")
         data = dict(data)
-        data["loras"] = [lo if isinstance(lo, LoraChoice) else LoraChoice(**lo) for lo in data.get("loras", [])]
-        data["ref_images"] = list(data.get("ref_images", []))
-        data["profile_overrides"] = dict(data.get("profile_overrides", {}))
+        loras = data.get("loras", [])
+        if isinstance(loras, list):
+            data["loras"] = [_lora_of(lo) for lo in loras]
+        if isinstance(data.get("ref_images"), tuple):
+            data["ref_images"] = list(data["ref_images"])
         return cls(**data)
 
     @classmethod
@@ -181,6 +213,7 @@ class RequestField:
     aliases: tuple[str, ...]
     metavar: str | None
     flag: bool
+    optional: bool = False  # None is allowed (it means the model's default)
 
     @property
     def default(self) -> Any:
@@ -209,7 +242,8 @@ def _value_type(hint: Any) -> tuple[type, bool]:
 def _describe(f: dataclasses.Field, hint: Any) -> RequestField:
     kind, many = _value_type(hint)
     m = f.metadata
-    return RequestField(f.name, kind, many, m["help"], m["aliases"], m["metavar"], m["flag"])
+    optional = type(None) in typing.get_args(hint)
+    return RequestField(f.name, kind, many, m["help"], m["aliases"], m["metavar"], m["flag"], optional)
 
 
 _DATACLASS_FIELDS = {f.name: f for f in dataclasses.fields(GenerationRequest)}
@@ -223,12 +257,18 @@ REQUEST_FIELDS: dict[str, RequestField] = {name: _describe(f, _HINTS[name]) for 
 
 
 def resolve_request(req: GenerationRequest, registry: Registry | None = None,
-                    check_files: bool = True) -> tuple[GenerationRequest, ModelSpec]:
+                    check_files: bool = True, limits=None) -> tuple[GenerationRequest, ModelSpec]:
     """Validates ``req`` and fills every default. Returns (resolved request, model spec).
+
+    Types are checked first, on what was given; ranges and ``limits`` (a
+    :class:`~wan.engine.request_checks.Limits`, default ones when None) last, on the resolved
+    request, so a default or a derived size cannot slip past them.
 
     Raises:
         RequestError: naming the first field whose value is not allowed.
     """
+    from wan.engine.request_checks import Limits, check_field_types, check_limits, check_ranges
+    check_field_types(req)
     registry = registry or default_registry()
     try:
         spec = registry.get(req.model)
@@ -264,7 +304,7 @@ def resolve_request(req: GenerationRequest, registry: Registry | None = None,
         seed = random.randint(0, MAX_SEED)
     elif not 0 <= seed <= MAX_SEED:
         raise RequestError("seed", seed, f"-1 (random) or 0..{MAX_SEED}")
-    _check_inputs(req, task, check_files)
+    _check_inputs(req, task, check_files, limits or Limits(), frames)
     _check_profile_and_loras(req)
     if not 0.0 < req.strength <= 1.0:
         raise RequestError("strength", req.strength, "a number in (0, 1]")
@@ -277,6 +317,8 @@ def resolve_request(req: GenerationRequest, registry: Registry | None = None,
     resolved = req.replace(task=task, width=width, height=height, frames=frames, steps=steps, sampler=sampler,
                            shift=float(shift), guidance=float(guidance), guidance_high_noise=guidance_high,
                            boundary=boundary, seed=seed, negative_prompt=negative, fps=fps, model=spec.id)
+    check_ranges(resolved)
+    check_limits(resolved, limits or Limits())
     return resolved, spec
 
 
@@ -308,7 +350,10 @@ def _frames(req: GenerationRequest, spec: ModelSpec, task: str) -> int:
     return frames
 
 
-def _check_inputs(req: GenerationRequest, task: str, check_files: bool) -> None:
+VIDEO_FIELDS = ("video", "control_video", "mask_video")
+
+
+def _check_inputs(req: GenerationRequest, task: str, check_files: bool, limits, frames: int) -> None:
     allowed = TASK_INPUTS[task]
     for name in INPUT_FIELDS:
         value = getattr(req, name)
@@ -326,6 +371,28 @@ def _check_inputs(req: GenerationRequest, task: str, check_files: bool) -> None:
         for value in ([values] if isinstance(values, str) else values or []):
             if not Path(value).is_file():
                 raise RequestError(name, value, "an existing, readable file")
+            _check_input_file(name, value, limits, frames)
+
+
+def _check_input_file(name: str, path: str, limits, frames: int) -> None:
+    """An input's size and length from its header, before anything is decoded: within the limits,
+    and a video long enough for the clip."""
+    from wan.engine.media_probe import probe_image, probe_video
+    try:
+        if name in VIDEO_FIELDS:
+            width, height, count, _fps = probe_video(path)
+        else:
+            (width, height), count = probe_image(path), None
+    except ValueError as e:
+        kind = "video" if name in VIDEO_FIELDS else "image"
+        raise RequestError(name, path, f"a readable {kind} file ({e})") from None
+    if width * height > limits.max_input_pixels:
+        raise RequestError(name, path, f"an input of at most {limits.max_input_pixels} pixels per frame; "
+                                       f"this one is {width}x{height}")
+    if count is not None and count > limits.max_input_frames:
+        raise RequestError(name, path, f"a video of at most {limits.max_input_frames} frames; this one has {count}")
+    if count is not None and count < frames:
+        raise RequestError(name, path, f"a video of at least {frames} frames (the clip's length); it has {count}")
 
 
 def _check_profile_and_loras(req: GenerationRequest) -> None:

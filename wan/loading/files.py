@@ -193,11 +193,25 @@ _ST_DTYPES = {
 }
 
 
+# Bits per element of every dtype the safetensors format names (for byte counts; the ones torch
+# cannot hold are refused when read, in ``_index_safetensors``).
+_ST_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6,
+    "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+MAX_HEADER_BYTES = 100_000_000  # the official library's limit; real headers are a few MB at most
+
+
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """Returns the parsed header and the byte offset where tensor data starts.
 
-    Checks that the file holds all the data the header announces, so a truncated download is
-    reported before anything is read.
+    The header is checked as the official library checks it, before anything is allocated for the
+    data: its length within the file and 100 MB, a JSON object without duplicate names, every entry
+    with a known dtype, a shape of non-negative integers and data_offsets whose byte count is
+    dtype x shape, the tensors' data packed back to back from the start with no overlap or gap, and
+    exactly filling the rest of the file (a truncated download is reported before anything is read).
+    Every problem is a CheckpointError naming the file (and the tensor).
     """
     size = path.stat().st_size
     with open(path, "rb") as fh:
@@ -205,21 +219,121 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         if len(head) < 8:
             raise CheckpointError(f"checkpoint {path}: file is {size} bytes, too short for a safetensors file")
         (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 * 2**20:
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"checkpoint {path}: not a safetensors file (its first 8 bytes announce a header of {n} bytes, "
+                f"more than the {MAX_HEADER_BYTES} a safetensors header may have)")
+        if n > size - 8:
             raise CheckpointError(
                 f"checkpoint {path}: not a safetensors file or truncated (header of {n} bytes announced, "
                 f"file has {size} bytes)")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"checkpoint {path}: safetensors header is not valid JSON (corrupted file?)") from None
+        header = _parse_header(path, fh.read(n))
     data_start = 8 + n
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = _check_entries(path, header)
     if data_start + end > size:
         raise CheckpointError(
             f"checkpoint {path}: truncated: the header announces {data_start + end} bytes, the file has "
             f"{size} (re-download it)")
+    if data_start + end < size:
+        raise CheckpointError(
+            f"checkpoint {path}: {size - data_start - end} bytes after the last tensor's data (the header "
+            f"accounts for {data_start + end} of {size} bytes): corrupted file")
     return header, data_start
+
+
+class _DuplicateName(Exception):
+    pass
+
+
+def _object(pairs: list) -> dict:
+    """json object hook: refuses a name given twice (the second would hide the first's bytes)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        raise _DuplicateName(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"checkpoint {path}: safetensors header is not UTF-8 text (corrupted file?)") from None
+    if not text.lstrip().startswith("{"):
+        raise CheckpointError(f"checkpoint {path}: safetensors header is not a JSON object (corrupted file, "
+                              f"or not a safetensors file)")
+    try:
+        header = json.loads(text, object_pairs_hook=_object)
+    except RecursionError:
+        raise CheckpointError(f"checkpoint {path}: safetensors header is nested too deeply (a real one is "
+                              f"3 levels deep): corrupted or crafted file") from None
+    except _DuplicateName as e:
+        raise CheckpointError(f"checkpoint {path}: safetensors header names {_name(e.args[0])} twice") from None
+    except ValueError as e:  # JSONDecodeError, or an integer too long to convert
+        raise CheckpointError(
+            f"checkpoint {path}: safetensors header is not valid JSON (corrupted file?): {str(e)[:200]}") from None
+    if not isinstance(header, dict):  # e.g. "{} []": caught above as extra data; kept for safety
+        raise CheckpointError(f"checkpoint {path}: safetensors header is not a JSON object")
+    return header
+
+
+def _name(key, limit: int = 80) -> str:
+    text = repr(key)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_entries(path: Path, header: dict) -> int:
+    """Checks every entry of a parsed header; returns the byte count of the data section."""
+    meta = header.get("__metadata__")
+    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"checkpoint {path}: safetensors __metadata__ must map names to strings, "
+                              f"got {_name(meta)}")
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        where = f"checkpoint {path}: tensor {_name(key)}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: its header entry is {_name(info)}, not an object with dtype, "
+                                  f"shape and data_offsets")
+        missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
+        if missing:
+            raise CheckpointError(f"{where}: its header entry has no {', '.join(missing)}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPE_BITS:
+            raise CheckpointError(f"{where}: unknown dtype {_name(dtype)} (safetensors dtypes: "
+                                  f"{', '.join(_ST_DTYPE_BITS)})")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CheckpointError(f"{where}: shape {_name(shape)} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise CheckpointError(f"{where}: data_offsets {_name(offsets)} is not a pair of non-negative integers")
+        start, end = offsets
+        if end < start:
+            raise CheckpointError(f"{where}: data_offsets [{start}, {end}] end before they start")
+        bits = _ST_DTYPE_BITS[dtype]
+        for d in shape:
+            bits *= d
+        if bits % 8 or end - start != bits // 8:
+            need = f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits, not a whole number of bytes"
+            raise CheckpointError(f"{where}: data_offsets [{start}, {end}] hold {end - start} bytes; "
+                                  f"{dtype} of shape {tuple(shape)} needs {need}")
+        spans.append((start, end, key))
+    spans.sort()
+    pos, prev = 0, None
+    for start, end, key in spans:  # back to back from 0, as the official library requires
+        if start < pos:
+            raise CheckpointError(f"checkpoint {path}: tensor {_name(key)}: data_offsets [{start}, {end}] overlap "
+                                  f"those of tensor {_name(prev)} (which end at {pos}): corrupted or crafted file")
+        if start > pos:
+            after = f"tensor {_name(prev)}" if prev is not None else "the start of the data"
+            raise CheckpointError(f"checkpoint {path}: tensor {_name(key)}: data_offsets [{start}, {end}] leave "
+                                  f"{start - pos} bytes unaccounted for after {after}: corrupted file")
+        pos, prev = end, key
+    return pos
 
 
 def _index_safetensors(path: Path) -> tuple[dict[str, _TensorRef], dict]:
@@ -229,7 +343,8 @@ def _index_safetensors(path: Path) -> tuple[dict[str, _TensorRef], dict]:
     for key, info in header.items():
         dtype = _ST_DTYPES.get(info["dtype"])
         if dtype is None:
-            raise CheckpointError(f"checkpoint {path}: tensor {key} has unsupported dtype {info['dtype']}")
+            raise CheckpointError(f"checkpoint {path}: tensor {key} has dtype {info['dtype']}, which this loader "
+                                  f"does not read (it reads {', '.join(_ST_DTYPES)})")
         start, end = info["data_offsets"]
         refs[key] = _TensorRef(path, tuple(info["shape"]), dtype,
                                functools.partial(_read_tensor, path, data_start + start, end - start,
@@ -269,6 +384,8 @@ def _index_pickle(path: Path) -> dict[str, _TensorRef]:
     for key, t in state.items():
         if not isinstance(t, torch.Tensor):
             continue  # plain values (step counters, version strings) carry no weights
+        if not isinstance(key, str):
+            raise CheckpointError(f"checkpoint {path}: a tensor is stored under {_name(key)}, not a name")
         refs[key] = _TensorRef(path, tuple(t.shape), t.dtype, (lambda t=t: t))
     if not refs:
         raise CheckpointError(f"checkpoint {path}: holds no tensors")
@@ -278,30 +395,50 @@ def _index_pickle(path: Path) -> dict[str, _TensorRef]:
 def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     """Loads a ``.pth`` state dict safely: ``weights_only=True``, memory-mapped if possible.
 
-    A file that needs arbitrary Python objects to unpickle is refused, never executed.
+    A file that needs arbitrary Python objects to unpickle is refused, never executed. Whatever a
+    damaged file makes torch raise (KeyError, IndexError, struct.error, ... from deep inside) comes
+    out as a CheckpointError naming the file.
     """
-    is_zip = zipfile.is_zipfile(path)
     try:
+        is_zip = zipfile.is_zipfile(path)
         # mmap needs the zip format of torch.save (the default since torch 1.6).
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
+        # the weights-only unpickler's refusal (a global other than the tensor types, or an opcode it
+        # does not run: a crafted or a damaged pickle alike); nothing of the file was executed
         raise CheckpointError(
             f"checkpoint {path}: refused: it contains Python objects other than tensors, which could run "
-            f"code when loaded; it was not executed ({str(e).splitlines()[0][:200]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+            f"code when loaded, or it is damaged; it was not executed ({_unpickling_reason(e)})") from None
+    except Exception as e:  # noqa: BLE001  any other failure inside torch.load is a damaged file
         raise CheckpointError(
-            f"checkpoint {path}: not a readable PyTorch file, or truncated ({str(e).splitlines()[0][:200]})") from None
+            f"checkpoint {path}: not a readable PyTorch file, or truncated "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no details'})") from None
     return _unwrap_state(state, path)
 
 
+def _unpickling_reason(e: Exception) -> str:
+    """The one informative line of torch's weights-only refusal (its message is mostly advice)."""
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    for line in str(e).splitlines():
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1]
+        line = line.strip()
+        if line and not line.startswith(boiler):
+            return line[:200]
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
 def _unwrap_state(state, path: Path) -> dict:
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path}: expected a dict of tensors, found {type(state).__name__}")
-    for k in _NESTED_STATE_KEYS:
-        inner = state.get(k)
-        if isinstance(inner, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
-            return _unwrap_state(inner, path)
-    return state
+    """The state dict, out of the wrapper keys training scripts put around it (a few levels at most)."""
+    for _ in range(8):
+        if not isinstance(state, dict):
+            raise CheckpointError(f"checkpoint {path}: expected a dict of tensors, found {type(state).__name__}")
+        inner = next((state[k] for k in _NESTED_STATE_KEYS if isinstance(state.get(k), dict)), None)
+        if inner is None or any(isinstance(v, torch.Tensor) for v in state.values()):
+            return state
+        state = inner
+    raise CheckpointError(f"checkpoint {path}: the state dict is wrapped in more than 8 levels of "
+                          f"{'/'.join(_NESTED_STATE_KEYS)}: not a checkpoint this loader reads")
 
 
 # ---------------------------------------------------------------------------------------------

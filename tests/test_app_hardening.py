@@ -1,0 +1,85 @@
+"""The probe's three high-severity findings, replayed through the real server and ``gradio_client``
+as a client would send them (issue 11, items 1-3): each is refused at submit with a message
+naming the field, and the server, its queue and its page go on serving."""
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.app_harness import StudioServer, free_port
+from wan.testing.tiny_family import ensure_tiny_checkpoints
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    ckpts = tmp_path_factory.mktemp("ckpt")
+    ensure_tiny_checkpoints(ckpts)
+    server = StudioServer(tmp_path_factory.mktemp("studio"), ckpts).start()
+    yield server
+    server.stop()
+
+
+def client(server):
+    from gradio_client import Client
+    return Client(server.url, verbose=False, analytics_enabled=False)
+
+
+def refused(c, text: str) -> str:
+    """The message of a refused /queue_job call."""
+    with pytest.raises(Exception) as e:
+        c.predict(text, api_name="/queue_job")
+    return str(e.value)
+
+
+def page_ok(server) -> bool:
+    with urllib.request.urlopen(server.url, timeout=30) as r:
+        return r.status == 200
+
+
+def test_a_name_template_cannot_write_outside_the_output_folder(studio, tmp_path):
+    """The probe: a first job creates <outputs>/tmp/x, a second pads '/' out of a format spec to
+    write /tmp/x/PWNED_<seed>.mp4. Format specs are refused; nothing is written anywhere."""
+    c = client(studio)
+    target = Path("/tmp/x")
+    before = set(target.glob("PWNED_*")) if target.is_dir() else set()
+    template = "{prompt:/>1.0}tmp{prompt:/>1.0}x{prompt:/>1.0}PWNED_{seed}"
+    msg = refused(c, json.dumps({"model": "test-tiny-t2v", "prompt": "a", "steps": 1, "seed": 3,
+                                 "output_dir": str(studio.output_dir / "tmp" / "x"), "name_template": template}))
+    assert "name_template" in msg and "written plain" in msg
+    msg = refused(c, json.dumps({"model": "test-tiny-t2v", "prompt": "a", "name_template": "{seed:>300000}"}))
+    assert "name_template" in msg
+    after = set(target.glob("PWNED_*")) if target.is_dir() else set()
+    assert after == before and not list(studio.output_dir.rglob("PWNED_*"))
+
+
+def test_a_width_alone_cannot_pass_the_pixel_limit(studio):
+    """{"width": 1000000} without a height used to run for minutes at 3.5 GB; the limit is now
+    compared on the resolved size (the model's default height filled in)."""
+    c = client(studio)
+    msg = refused(c, json.dumps({"model": "test-tiny-t2v", "prompt": "a", "width": 1_000_000}))
+    assert "width" in msg and "--max_pixels" in msg and "1000000x64" in msg
+    assert page_ok(studio)  # the server still answers
+
+
+def test_a_lone_surrogate_is_refused_and_the_page_lives_on(studio):
+    """A prompt with a lone surrogate used to break the page for every session, across restarts.
+    It is refused at submit, naming the field; the page and the queue keep working, after a
+    restart too."""
+    c = client(studio)
+    msg = refused(c, '{"model": "test-tiny-t2v", "prompt": "x\\ud800y"}')
+    assert "prompt" in msg and "surrogate" in msg
+    assert page_ok(studio)
+    good = c.predict(json.dumps({"model": "test-tiny-t2v", "prompt": "fine", "steps": 1}), api_name="/queue_job")
+    assert isinstance(good, str) and good
+    studio.stop()
+    again = StudioServer(studio.base, studio.checkpoints, port=free_port()).start()
+    try:
+        assert page_ok(again)
+        queue = json.loads((again.state_dir / "queue.json").read_text())
+        assert good in {j["id"] for j in queue["jobs"]}
+        assert all("\\ud800" not in json.dumps(j["request"]) for j in queue["jobs"])
+    finally:
+        again.stop()
