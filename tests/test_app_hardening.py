@@ -83,3 +83,37 @@ def test_a_lone_surrogate_is_refused_and_the_page_lives_on(studio):
         assert all("\\ud800" not in json.dumps(j["request"]) for j in queue["jobs"])
     finally:
         again.stop()
+
+
+def _add_args(c, **by_label):
+    """The /add endpoint's arguments: each parameter's default, with some set by their labels."""
+    params = c.view_api(return_format="dict", print_info=False)["named_endpoints"]["/add"]["parameters"]
+    return [by_label.get(p.get("label"), p.get("parameter_default")) for p in params]
+
+
+def test_upload_refusals_reach_api_clients_in_the_apps_words(studio, tmp_path):
+    """A bad upload through the page's own endpoint used to reach a client as gradio's generic
+    'upstream app raised an exception'; it now names the field's label and the file."""
+    from gradio_client import handle_file
+    c = client(studio)
+    (tmp_path / "notimage.png").write_bytes(b"this is text, not a PNG")
+    with pytest.raises(Exception) as e:
+        c.predict(*_add_args(c, **{"Start image": handle_file(str(tmp_path / "notimage.png"))}), api_name="/add")
+    assert "Start image: notimage.png is not a readable image" in str(e.value)
+
+
+def test_a_bad_input_video_is_named_by_its_label_and_file_name(tmp_path):
+    """The form's Add (``collect``, what /add runs): a non-video renamed .mp4 is refused when added,
+    not queued to fail in the worker, in the words the user sees."""
+    from test_app_form import BASE
+    from wan.app.settings import ServerSettings
+    from wan.app.state import AppState
+    from wan.app.ui_generate import collect
+    state = AppState(ServerSettings(output_dir=str(tmp_path / "o"), state_dir=str(tmp_path / "s")),
+                     engine_factory=lambda: None)
+    fake = tmp_path / "clip.mp4"
+    fake.write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing else")
+    values = {**BASE, "task": "v2v", "video": str(fake)}
+    with pytest.raises(ValueError) as e:
+        collect(state, list(values), tuple(values.values()))
+    assert str(e.value).startswith("Input video: clip.mp4 is not usable: a readable video file")

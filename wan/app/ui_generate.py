@@ -8,6 +8,7 @@ and write the same controls.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -31,6 +32,29 @@ INPUT_LABELS = {"image": "Start image", "end_image": "End image", "video": "Inpu
                 "control_video": "Control video", "mask_video": "Mask video", "ref_images": "Reference images"}
 UPLOAD_KINDS = {"image": "image", "end_image": "image", "video": "video", "control_video": "video",
                 "mask_video": "video", "ref_images": "image"}
+
+
+class CheckedImage(gr.Image):
+    """An image input whose unreadable upload is refused with the label the user sees and the
+    file's own name (``Start image: x.png is not a readable image ...``), for the page and for API
+    clients alike; a plain ``gr.Image`` fails inside gradio with a message that names neither."""
+
+    def get_block_name(self) -> str:
+        return "image"  # the browser draws it as the ordinary image component
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except Exception as e:  # noqa: BLE001 - whatever PIL makes of a bad file
+            name = getattr(payload, "orig_name", None) or Path(str(getattr(payload, "path", "") or "")).name
+            raise gr.Error(f"{self.label}: {printable_name(name)} is not a readable image (PNG, JPEG, WebP...): "
+                           f"{type(e).__name__}", print_exception=False) from None
+
+
+def printable_name(name: str) -> str:
+    """A file name as a message may show it: printable, at most 80 characters."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in str(name))
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def model_choices(state: AppState) -> list[tuple[str, str]]:
@@ -76,7 +100,7 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
                                       elem_id="negative-prompt")
     with gr.Row():
         for key in ("image", "end_image"):
-            c[key] = gr.Image(type="filepath", label=INPUT_LABELS[key], elem_id=key.replace("_", "-"), visible=False)
+            c[key] = CheckedImage(type="filepath", label=INPUT_LABELS[key], elem_id=key.replace("_", "-"), visible=False)
         for key in ("video", "control_video", "mask_video"):
             c[key] = gr.Video(label=INPUT_LABELS[key], elem_id=key.replace("_", "-"), visible=False)
         c["ref_images"] = gr.File(file_count="multiple", file_types=["image"], label=INPUT_LABELS["ref_images"],
@@ -190,20 +214,39 @@ def plan_text(state: AppState, model_id: str, profile_name: str) -> str:
 
 
 def collect(state: AppState, keys: list[str], args: tuple) -> list:
-    """Form values -> checked requests (uploads copied in), or RequestError naming the field."""
+    """Form values -> checked requests (uploads copied in). A refused upload or input file is a
+    ValueError in the words the user sees (the field's label and the file's own name); any other
+    refusal a RequestError naming the field."""
     from wan.app.security import accept_request, store_upload
     values = dict(zip(keys, args))
     max_bytes = state.settings.max_upload_mb * 2**20
+    shown_names: dict[str, str] = {}  # stored upload -> the name the user gave the file
     for key, kind in UPLOAD_KINDS.items():
         v = values.get(key)
         if not v:
             continue
         paths = [getattr(f, "name", f) for f in v] if isinstance(v, list) else [v]
-        kept = [p if state.is_ours(p) else str(store_upload(p, state.uploads_dir, kind, max_bytes)) for p in paths]
+        kept = []
+        for p in paths:
+            if state.is_ours(p):
+                kept.append(p)
+                continue
+            try:
+                stored = str(store_upload(p, state.uploads_dir, kind, max_bytes))
+            except ValueError as e:
+                raise ValueError(f"{INPUT_LABELS[key]}: {e}") from None
+            shown_names[stored] = Path(str(p)).name
+            kept.append(stored)
         values[key] = kept if key == "ref_images" else kept[0]
     requests = form_to_requests(values)
     for r in requests:
-        accept_request(r, state)  # fail now, in the form, not later in the queue
+        try:
+            accept_request(r, state)  # fail now, in the form, not later in the queue
+        except RequestError as e:
+            if e.field not in INPUT_LABELS or not isinstance(e.value, str):
+                raise
+            name = shown_names.get(e.value, Path(e.value).name)
+            raise ValueError(f"{INPUT_LABELS[e.field]}: {printable_name(name)} is not usable: {e.allowed}") from None
     return requests
 
 
