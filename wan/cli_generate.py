@@ -73,12 +73,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "flags given explicitly override its settings")
     a("--interactive", action="store_true", help="read prompts from the terminal")
     a("--checkpoint_dir", default="checkpoints", help="folder of the model checkpoints")
+    for flag, (_, words) in FILE_FLAGS.items():
+        a(f"--{flag}", metavar="PATH", help=f"{words} to use instead of the registry's (musubi-tuner's flag)")
     a("--device", default=None, help="torch device, e.g. cuda:1 or cpu")
     a("--quiet", action="store_true", help="no progress bar")
     for name, words in LIMIT_FLAGS.items():
         a(f"--{name}", type=int, default=getattr(Limits(), name), metavar="N",
           help=f"refuse a request over {words} (default: %(default)s; the web server's limit of the same name); "
                "raise it to allow more")
+
+
+# Files given on the command line, as musubi-tuner spells them: flag -> (registry role, words).
+# For a Wan 2.2 A14B model, --dit is the low-noise expert and --dit_high_noise the high-noise one.
+FILE_FLAGS = {
+    "dit": ("transformer", "the DiT checkpoint (a file, shards or a folder)"),
+    "dit_high_noise": ("transformer_high_noise", "Wan 2.2 A14B: the high-noise expert's checkpoint"),
+    "vae": ("vae", "the VAE checkpoint"),
+    "t5": ("text_encoder", "the umT5 text encoder checkpoint"),
+    "clip": ("clip", "the CLIP vision checkpoint (Wan 2.1 i2v, flf2v, Fun)"),
+    "tokenizer": ("tokenizer", "the umT5 tokenizer folder"),
+}
+
+
+def given_files(args: argparse.Namespace, spec, recorded: dict | None = None) -> dict[str, str]:
+    """Role -> path of the files the flags give for model ``spec`` (plus, with ``--from_output``, the
+    files that output's run was given, where no flag replaces them)."""
+    files = {role: entry["path"] for role, entry in (recorded or {}).items()
+             if isinstance(entry, dict) and entry.get("given") and isinstance(entry.get("path"), str)}
+    for flag, (role, _) in FILE_FLAGS.items():
+        path = getattr(args, flag, None)
+        if path is None:
+            continue
+        if role == "transformer" and spec.is_two_expert:
+            role = "transformer_low_noise"
+        if role not in spec.files:
+            raise RequestError(flag, path, f"a file for one of {spec.id}'s components ({', '.join(spec.files)}); "
+                                           f"it has no {role}")
+        if not Path(path).exists():
+            raise RequestError(flag, path, "an existing file or folder")
+        files[role] = path
+    return files
 
 
 LIMIT_FLAGS = {"max_frames": "this many frames", "max_pixels": "this many pixels (width*height) per frame",
@@ -136,6 +170,17 @@ def _flag_values(args: argparse.Namespace) -> dict:
         values["boundary"] /= 1000
     values["loras"], values["profile_overrides"] = _loras(args), _overrides(args.overrides)
     return values
+
+
+def recorded_files(path: str) -> dict:
+    """Role -> {path, size, fingerprint, given?} of the files an output was made with ({} for an
+    output written before they were recorded)."""
+    from wan.engine.media import read_metadata
+    try:
+        files = read_metadata(path).get("files")
+    except (OSError, ValueError):
+        return {}
+    return files if isinstance(files, dict) else {}
 
 
 def _request_from_output(path: str) -> GenerationRequest:
@@ -220,17 +265,23 @@ def run(args: argparse.Namespace) -> int:
         limits = limits_of(args)
     except RequestError as e:
         return _report_bad(str(e))
+    recorded = recorded_files(args.from_output) if args.from_output else {}
+    if recorded:
+        from wan.loading.files import changed_files
+        for line in changed_files(recorded):
+            print(f"warning: {line}: the output may not be reproduced exactly", file=sys.stderr)
     engine = None
 
     def generate_one(req: GenerationRequest, label: str) -> int:
         nonlocal engine
         from wan.engine import Cancelled, Engine, resolve_request
         try:
-            resolve_request(req, check_files=True, limits=limits)  # bad input is reported before any model loads
+            _, spec = resolve_request(req, check_files=True, limits=limits)  # bad input: before any model loads
+            files = given_files(args, spec, recorded)
             if engine is None:
                 engine = Engine(checkpoint_dir=args.checkpoint_dir, device=args.device, lora_dir=args.lora_dir,
                                 limits=limits)
-            result = engine.generate(req, progress=None if args.quiet else _progress_bar(label))
+            result = engine.generate(req, progress=None if args.quiet else _progress_bar(label), files=files)
         except RequestError as e:
             return _report_bad(f"{label}{e}")
         except Cancelled as e:

@@ -98,8 +98,11 @@ class Engine:
 
     def generate(self, request: GenerationRequest, progress: Callable[[StepInfo], None] | None = None,
                  cancel: CancelToken | None = None, write: bool = True,
-                 savers: StepSavers | None = None) -> GenerationResult:
+                 savers: StepSavers | None = None, files: dict[str, str] | None = None) -> GenerationResult:
         """Runs one request end to end.
+
+        ``files``: role -> a path the caller gives instead of the registry's file (the CLI's
+        ``--dit``, ``--vae``, ``--t5``, ``--clip``, ``--tokenizer``); the web server gives none.
 
         Raises:
             RequestError: a field of the request is not allowed (nothing was loaded or written).
@@ -108,7 +111,7 @@ class Engine:
         req, spec = resolve_request(request, self.registry, limits=self.limits)
         profile, savers = self._profile_and_savers(req, spec, savers)
         try:
-            nets = self.models.get(spec, profile)
+            nets = self.models.get(spec, profile, files)
         except ProfileError as e:
             raise RequestError("profile", req.profile, str(e)) from None
         notices: list[str] = list(nets.notes)
@@ -127,7 +130,7 @@ class Engine:
             notices += savers.magcache_source.finish()
         _check_cancel(cancel, "before decoding")
         video = nets.vae.decode(latent[None].float(), tile=vae_tiling(profile, cond.size))[0]
-        metadata = self.metadata(req)
+        metadata = self.metadata(req, nets)
         files: list[Path] = []
         if write:
             from wan.engine.media import OutputOptions, save_outputs, to_uint8_frames
@@ -205,10 +208,17 @@ class Engine:
         return latent[:, cond.drop_front:], cond
 
     @staticmethod
-    def metadata(req: GenerationRequest) -> dict:
-        """What is embedded in outputs: the resolved request, enough to reproduce the output."""
+    def metadata(req: GenerationRequest, nets: ModelSet | None = None) -> dict:
+        """What is embedded in outputs: the resolved request, enough to reproduce the output, and
+        each file the networks were read from (path, size, a fast fingerprint; ``given`` for a file
+        the caller named), so that reproducing it can tell when a file has changed since."""
         import wan
-        return {METADATA_KEY: METADATA_VERSION, "version": wan.__version__, "request": req.to_dict()}
+        data = {METADATA_KEY: METADATA_VERSION, "version": wan.__version__, "request": req.to_dict()}
+        if nets is not None and nets.paths:
+            from wan.loading.files import file_fingerprint
+            data["files"] = {role: {**file_fingerprint(path), **({"given": True} if role in nets.given else {})}
+                             for role, path in sorted(nets.paths.items())}
+        return data
 
 
 def request_from_metadata(metadata: dict) -> GenerationRequest:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class ModelSet:
     load_key: tuple = ()                          # the load settings this set was built with
     handles: list = field(default_factory=list)   # block-streaming handles, closed on release
     notes: list[str] = field(default_factory=list)  # what the profile changed at load, in words
+    given: frozenset = frozenset()                  # roles whose file the user gave (not the registry's)
 
     @property
     def dit(self):
@@ -67,15 +69,24 @@ class ModelManager:
     def current(self) -> ModelSet | None:
         return self._current
 
-    def get(self, spec: ModelSpec, profile=None) -> ModelSet:
+    def get(self, spec: ModelSpec, profile=None, files: Mapping[str, str] | None = None) -> ModelSet:
         """The loaded set of ``spec`` under ``profile``'s memory settings, loading it (and
-        releasing another) when the model or those settings change."""
-        key = (spec.id, *load_settings(profile), self._dit_dtype(profile))
+        releasing another) when the model, those settings or the files change.
+
+        ``files``: role -> a path given by the user (``--dit``, ``--vae`` ...) used instead of the
+        registry's file for that role; nothing is downloaded for those roles.
+        """
+        files = dict(files or {})
+        unknown = sorted(set(files) - set(spec.files))
+        if unknown:
+            raise ValueError(f"files for {unknown[0]!r}: model {spec.id} has no such component; "
+                             f"it has {', '.join(spec.files)}")
+        key = (spec.id, *load_settings(profile), self._dit_dtype(profile), tuple(sorted(files.items())))
         with self._lock:
             if self._current is not None and self._current.load_key == key:
                 return self._current
             self.release()
-            self._current = self._load(spec, profile)
+            self._current = self._load(spec, profile, files)
             self._current.load_key = key
             return self._current
 
@@ -90,7 +101,7 @@ class ModelManager:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _load(self, spec: ModelSpec, profile=None) -> ModelSet:
+    def _load(self, spec: ModelSpec, profile=None, files: Mapping[str, str] | None = None) -> ModelSet:
         from wan.loading.download import ensure_files
         stream, prefetch, swap, quant_dit, quant_te, compile_blocks = load_settings(profile)
         variant = "fp32" if spec.test_model else self.variant
@@ -98,7 +109,10 @@ class ModelManager:
             # a pre-quantised file of the registry, kept in fp8, rather than quantising at load
             variant = {"transformer": "fp8_scaled" if quant_dit == "fp8_scaled" else "fp8_e4m3fn",
                        "text_encoder": self.variant}
-        paths = ensure_files(spec, self.checkpoint_dir, variant=variant)
+        files = dict(files or {})
+        needed = [role for role in spec.files if role not in files]
+        paths = ensure_files(spec, self.checkpoint_dir, variant=variant, components=needed) if needed else {}
+        paths.update({role: Path(path) for role, path in files.items()})
         log.info("loading model %s", spec.id)
         mmgp = self._mmgp_settings(spec, profile)
         if mmgp is not None:  # on CUDA with mmgp: models load into RAM, mmgp moves them to the GPU
@@ -133,7 +147,10 @@ class ModelManager:
             models.update(text_encoder=text_encoder, vae=vae, **({"clip": clip} if clip is not None else {}))
             apply_mmgp(models, mmgp)
             notes.append(f"mmgp offload: budgets {dict(mmgp.budgets_mb) or 'none'}, pinned {list(mmgp.pinned) or 'none'}")
-        return ModelSet(spec, dits, vae, text_encoder, clip, dict(paths), handles=handles, notes=notes)
+        if files:
+            notes.append("files given: " + ", ".join(f"{role} {path}" for role, path in sorted(files.items())))
+        return ModelSet(spec, dits, vae, text_encoder, clip, dict(paths), handles=handles, notes=notes,
+                        given=frozenset(files))
 
     def _mmgp_settings(self, spec: ModelSpec, profile):
         """mmgp settings when this machine can use it (CUDA and mmgp installed) and the profile

@@ -532,3 +532,50 @@ def _assign(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
     else:
         owner._buffers[leaf] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# Recognising a file again
+
+
+FINGERPRINT_BYTES = 1 << 20  # read from each end of a file
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict:
+    """``{"path", "size", "fingerprint"}`` of a checkpoint file or folder, cheap whatever its size:
+    BLAKE2b of the size and the first and last MiB of each file (a folder's files in name order).
+    Enough to tell that a file was replaced or rewritten since an output was made; not a checksum
+    of every byte. A missing path gives ``size`` and ``fingerprint`` None."""
+    import hashlib
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    digest = hashlib.blake2b(digest_size=16)
+    total = 0
+    try:
+        for f in files:
+            size = f.stat().st_size
+            total += size
+            digest.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{size};".encode("utf-8", "replace"))
+            with open(f, "rb") as fh:
+                digest.update(fh.read(FINGERPRINT_BYTES))
+                if size > 2 * FINGERPRINT_BYTES:
+                    fh.seek(size - FINGERPRINT_BYTES)
+                    digest.update(fh.read(FINGERPRINT_BYTES))
+    except OSError:
+        return {"path": str(path), "size": None, "fingerprint": None}
+    return {"path": str(path), "size": total, "fingerprint": digest.hexdigest()}
+
+
+def changed_files(recorded: dict) -> list[str]:
+    """The roles of ``recorded`` (role -> ``file_fingerprint`` dict, from an output's metadata)
+    whose file is missing now or differs, each in words: ``"vae: /x/vae.safetensors changed"``."""
+    out = []
+    for role, entry in sorted((recorded or {}).items()):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            continue
+        now = file_fingerprint(entry["path"])
+        if now["size"] is None:
+            out.append(f"{role}: {entry['path']} is missing")
+        elif (now["size"], now["fingerprint"]) != (entry.get("size"), entry.get("fingerprint")):
+            out.append(f"{role}: {entry['path']} changed since the output was made")
+    return out

@@ -1,0 +1,96 @@
+"""Files a user already has, given on the command line as musubi-tuner spells them (issue 12):
+``--dit``, ``--vae``, ``--t5``, ``--clip``, ``--tokenizer`` replace the registry's files for the job
+and give the same frames; the output records every file used, and ``--from_output`` reuses the
+given ones and warns when one has changed since."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from wan.loading.download import local_paths
+from wan.registry import get_model
+from wan.testing.tiny_family import ensure_tiny_checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The TEST t2v files, and copies of them under misleading names in a ComfyUI-like tree."""
+    ckpts = tmp_path_factory.mktemp("ckpts")
+    ensure_tiny_checkpoints(ckpts)
+    paths = local_paths(get_model("test-tiny-t2v"), ckpts, "fp32")
+    mine = tmp_path_factory.mktemp("comfy")
+    copies = {}
+    for role, sub, name in (("transformer", "diffusion_models", "wan_fast_v3.safetensors"),
+                            ("vae", "vae", "my_vae.safetensors"), ("text_encoder", "text_encoders", "t5.safetensors")):
+        (mine / sub).mkdir(exist_ok=True)
+        copies[role] = shutil.copy(paths[role], mine / sub / name)
+    copies["tokenizer"] = shutil.copytree(paths["tokenizer"], mine / "tok")
+    return ckpts, copies
+
+
+def wgp(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    return subprocess.run([sys.executable, str(ROOT / "wgp.py"), *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+def frames_of(path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+
+
+def test_given_files_give_the_frames_of_the_registry_files(setup, tmp_path):
+    ckpts, files = setup
+    common = ["--model", "test-tiny-t2v", "--prompt", "a fox", "--seed", "3", "--steps", "3", "--quiet"]
+    plain = wgp("generate", *common, "--checkpoint_dir", ckpts, "--output_dir", tmp_path / "a")
+    assert plain.returncode == 0, plain.stderr
+    given = wgp("generate", *common, "--checkpoint_dir", tmp_path / "empty", "--output_dir", tmp_path / "b",
+                "--dit", files["transformer"], "--vae", files["vae"], "--t5", files["text_encoder"],
+                "--tokenizer", files["tokenizer"])
+    assert given.returncode == 0, given.stderr
+    a, b = plain.stdout.split()[0], given.stdout.split()[0]
+    assert np.array_equal(frames_of(a), frames_of(b))
+    assert not (tmp_path / "empty").exists()  # nothing was fetched or generated for the given roles
+    meta = json.loads(Path(b).with_suffix(".json").read_text())
+    recorded = meta["files"]
+    assert recorded["transformer"]["path"] == str(files["transformer"]) and recorded["transformer"]["given"]
+    assert recorded["transformer"]["size"] == Path(files["transformer"]).stat().st_size
+    assert len(recorded["transformer"]["fingerprint"]) == 32
+
+
+def test_from_output_reuses_given_files_and_warns_when_one_changed(setup, tmp_path):
+    ckpts, files = setup
+    dit = shutil.copy(files["transformer"], tmp_path / "dit.safetensors")
+    first = wgp("generate", "--model", "test-tiny-t2v", "--prompt", "a fox", "--seed", "3", "--steps", "2", "--quiet",
+                "--checkpoint_dir", ckpts, "--output_dir", tmp_path / "o", "--dit", dit)
+    assert first.returncode == 0, first.stderr
+    out = first.stdout.split()[0]
+    again = wgp("generate", "--from_output", out, "--checkpoint_dir", ckpts, "--output_dir", tmp_path / "o2", "--quiet")
+    assert again.returncode == 0 and "warning" not in again.stderr
+    assert json.loads(Path(again.stdout.split()[0]).with_suffix(".json").read_text())["files"]["transformer"]["given"]
+    data = bytearray(Path(dit).read_bytes())
+    data[-8:] = bytes(8)  # the last weights rewritten
+    Path(dit).write_bytes(bytes(data))
+    changed = wgp("generate", "--from_output", out, "--checkpoint_dir", ckpts, "--output_dir", tmp_path / "o3",
+                  "--quiet")
+    assert changed.returncode == 0, changed.stderr
+    assert f"warning: transformer: {dit} changed since the output was made" in changed.stderr
+
+
+def test_a_file_for_a_component_the_model_lacks_is_refused(setup, tmp_path):
+    ckpts, files = setup
+    r = wgp("generate", "--model", "test-tiny-t2v", "--prompt", "x", "--checkpoint_dir", ckpts,
+            "--clip", files["vae"], "--quiet")
+    assert r.returncode == 2 and "clip" in r.stderr and "test-tiny-t2v" in r.stderr
+    r = wgp("generate", "--model", "test-tiny-t2v", "--prompt", "x", "--checkpoint_dir", ckpts,
+            "--dit", tmp_path / "missing.safetensors", "--quiet")
+    assert r.returncode == 2 and "dit" in r.stderr and "an existing file" in r.stderr
