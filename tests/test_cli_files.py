@@ -94,3 +94,28 @@ def test_a_file_for_a_component_the_model_lacks_is_refused(setup, tmp_path):
     r = wgp("generate", "--model", "test-tiny-t2v", "--prompt", "x", "--checkpoint_dir", ckpts,
             "--dit", tmp_path / "missing.safetensors", "--quiet")
     assert r.returncode == 2 and "dit" in r.stderr and "an existing file" in r.stderr
+
+
+def test_a_models_folder_serves_a_registry_model_and_a_dit_names_its_model(setup, tmp_path):
+    """--models_dir pointing at a ComfyUI-style tree (misleading file names): the model's DiT, VAE
+    and umT5 are taken from it, recognised by their tensors, with the frames of the registry files;
+    --dit alone names the model."""
+    ckpts, files = setup
+    tree = Path(files["transformer"]).parent.parent
+    common = ["--prompt", "a fox", "--seed", "3", "--steps", "3", "--quiet"]
+    plain = wgp("generate", "--model", "test-tiny-t2v", *common, "--checkpoint_dir", ckpts, "--output_dir", tmp_path / "a")
+    found = wgp("generate", "--model", "test-tiny-t2v", *common, "--models_dir", tree,
+                "--checkpoint_dir", tmp_path / "fresh", "--output_dir", tmp_path / "b")
+    assert plain.returncode == 0 and found.returncode == 0, found.stderr
+    a, b = plain.stdout.split()[0], found.stdout.split()[0]
+    assert np.array_equal(frames_of(a), frames_of(b))
+    used = json.loads(Path(b).with_suffix(".json").read_text())["files"]
+    assert {role: used[role]["path"] for role in ("transformer", "vae", "text_encoder")} == {
+        "transformer": str(files["transformer"]), "vae": str(files["vae"]), "text_encoder": str(files["text_encoder"])}
+    alone = wgp("generate", "--dit", files["transformer"], *common, "--checkpoint_dir", ckpts,
+                "--output_dir", tmp_path / "c")
+    assert alone.returncode == 0, alone.stderr
+    meta = json.loads(Path(alone.stdout.split()[0]).with_suffix(".json").read_text())
+    assert meta["request"]["model"] == "test-tiny-t2v" and meta["files"]["transformer"]["given"]
+    not_dit = wgp("generate", "--dit", files["vae"], *common, "--checkpoint_dir", ckpts)
+    assert not_dit.returncode == 2 and "a Wan DiT checkpoint; this file is vae" in not_dit.stderr

@@ -75,6 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--checkpoint_dir", default="checkpoints", help="folder of the model checkpoints")
     for flag, (_, words) in FILE_FLAGS.items():
         a(f"--{flag}", metavar="PATH", help=f"{words} to use instead of the registry's (musubi-tuner's flag)")
+    a("--models_dir", action="append", default=[], metavar="DIR",
+      help="a folder of model files you already have (ComfyUI's models/, Wan2GP's ckpts/, the Hugging Face "
+           "cache, any folder), repeatable: files are recognised by their tensors, and one that serves a "
+           "component of the model is used instead of downloading it; --dit and the like still win")
     a("--device", default=None, help="torch device, e.g. cuda:1 or cpu")
     a("--quiet", action="store_true", help="no progress bar")
     for name, words in LIMIT_FLAGS.items():
@@ -93,6 +97,31 @@ FILE_FLAGS = {
     "clip": ("clip", "the CLIP vision checkpoint (Wan 2.1 i2v, flf2v, Fun)"),
     "tokenizer": ("tokenizer", "the umT5 tokenizer folder"),
 }
+
+
+def model_of_dit(path: str) -> str:
+    """The registry model a DiT file is, from its tensors (``--dit`` without ``--model``). A file that
+    fits one network and an expert alike (Wan 2.1 t2v 14B vs Wan 2.2 A14B) is taken as the single
+    network; several models of one architecture (i2v 480P/720P) give the first in registry order."""
+    from wan.loading.identify import identify, registry_matches
+    from wan.registry import default_registry
+    identity = identify(path)
+    if identity.kind != "dit":
+        raise RequestError("dit", path, f"a Wan DiT checkpoint; this file is {identity.summary()}")
+    matches = registry_matches(identity, default_registry())
+    if not matches:
+        raise RequestError("dit", path, f"a DiT of a registry model ({identity.summary()}, dim {identity.dim}, "
+                                        f"{identity.num_layers} layers, fits none); name the model with --model, "
+                                        "or add a spec for it in finetunes/")
+    single = [m for m in matches if m.role == "transformer"]
+    return (single or matches)[0].model_id
+
+
+def folder_files(spec, found: list) -> dict[str, str]:
+    """Role -> file for ``spec`` from the scanned ``--models_dir`` folders."""
+    from wan.loading.model_folders import components_found
+    from wan.registry import default_registry
+    return components_found(spec, found, default_registry()) if found else {}
 
 
 def given_files(args: argparse.Namespace, spec, recorded: dict | None = None) -> dict[str, str]:
@@ -152,8 +181,10 @@ def base_request(args: argparse.Namespace) -> GenerationRequest:
     if args.from_output:
         given = {name: v for name, v in values.items() if v != request_default(name)}
         return _request_from_output(args.from_output).replace(**given)
+    if not values["model"] and getattr(args, "dit", None):
+        values["model"] = model_of_dit(args.dit)
     if not values["model"]:
-        raise RequestError("model", None, "give --model (see: python wgp.py models) or a musubi --task name")
+        raise RequestError("model", None, "give --model (see: python wgp.py models), a musubi --task name, or --dit")
     return GenerationRequest(**values)
 
 
@@ -266,6 +297,13 @@ def run(args: argparse.Namespace) -> int:
     except RequestError as e:
         return _report_bad(str(e))
     recorded = recorded_files(args.from_output) if args.from_output else {}
+    found = []
+    if args.models_dir:
+        from wan.loading.model_folders import scan_folder
+        missing = [d for d in args.models_dir if not Path(d).is_dir()]
+        if missing:
+            return _report_bad(f"models_dir: {missing[0]!r} is not allowed; an existing folder")
+        found = scan_folder(args.models_dir)
     if recorded:
         from wan.loading.files import changed_files
         for line in changed_files(recorded):
@@ -277,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
         from wan.engine import Cancelled, Engine, resolve_request
         try:
             _, spec = resolve_request(req, check_files=True, limits=limits)  # bad input: before any model loads
-            files = given_files(args, spec, recorded)
+            files = {**folder_files(spec, found), **given_files(args, spec, recorded)}
             if engine is None:
                 engine = Engine(checkpoint_dir=args.checkpoint_dir, device=args.device, lora_dir=args.lora_dir,
                                 limits=limits)

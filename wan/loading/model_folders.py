@@ -197,3 +197,46 @@ def _read_cache(path: Path | None) -> dict[str, dict]:
 
 
 __all__ = ["Found", "folder_hints", "scan_folder"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files found for a registry model
+
+
+def _precision_rank(identity: Identity) -> int:
+    """Prefer full precision over fp8 when a folder holds both (the profile may quantise itself)."""
+    return {"fp32": 0, "bf16": 0, "fp16": 1, "fp8_scaled": 2, "fp8_e4m3fn": 3, "fp8_e5m2": 3}.get(
+        identity.precision or "", 4)
+
+
+def components_found(spec, found: list[Found], registry) -> dict[str, str]:
+    """Role -> a file among ``found`` that can serve that component of model ``spec``, matched by what
+    the file is, never by its name, except to tell the two experts of a Wan 2.2 A14B pair apart
+    (their shapes are the same; ComfyUI and Wan2GP name them ``...high_noise...`` / ``...low_noise...``).
+
+    The DiT(s) fit the spec's architecture; the VAE is of its version; the umT5 has the DiT's text
+    width; the CLIP tower has its image width. The tokenizer is never found here (ComfyUI keeps it
+    inside its own code): it comes from the registry, a small download.
+    """
+    from wan.loading.identify import Match, registry_matches
+    usable = [f for f in found if f.identity.kind in ("dit", "vae", "text_encoder", "clip")]
+    usable.sort(key=lambda f: (_precision_rank(f.identity), str(f.path)))
+    out: dict[str, str] = {}
+    for role in spec.transformer_roles:
+        fits = [f for f in usable if f.identity.kind == "dit" and Match(spec.id, role) in registry_matches(
+            f.identity, registry)]
+        if spec.is_two_expert:
+            side = "high" if role.endswith("high_noise") else "low"
+            fits = [f for f in fits if f"{side}_noise" in f.path.name.lower() or f"{side}noise" in f.path.name.lower()]
+        if fits:
+            out[role] = str(fits[0].path)
+    rules = {"vae": lambda i: i.kind == "vae" and i.version == spec.vae.version,
+             "text_encoder": lambda i: i.kind == "text_encoder" and i.dim == spec.arch.text_dim}
+    if spec.needs_clip:
+        image_dim = spec.dit_config().get("image_dim")
+        rules["clip"] = lambda i: i.kind == "clip" and i.dim == image_dim
+    for role, fits in rules.items():
+        match = next((f for f in usable if fits(f.identity)), None)
+        if match is not None and role in spec.files:
+            out[role] = str(match.path)
+    return out
