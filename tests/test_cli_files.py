@@ -119,3 +119,19 @@ def test_a_models_folder_serves_a_registry_model_and_a_dit_names_its_model(setup
     assert meta["request"]["model"] == "test-tiny-t2v" and meta["files"]["transformer"]["given"]
     not_dit = wgp("generate", "--dit", files["vae"], *common, "--checkpoint_dir", ckpts)
     assert not_dit.returncode == 2 and "a Wan DiT checkpoint; this file is vae" in not_dit.stderr
+
+
+def test_models_lists_what_is_ready_and_what_is_missing(setup, tmp_path):
+    """``wgp.py models``: a model served by a models folder is ready, with the roles found there;
+    a real model with nothing on this machine lists what is missing, the DiT's size estimated."""
+    _, files = setup
+    tree = Path(files["transformer"]).parent.parent
+    r = wgp("models", "--checkpoint_dir", tmp_path / "fresh", "--models_dir", tree, "--verbose")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("test-tiny-t2v "))
+    assert line.endswith("ready (from your folders: transformer, vae, text_encoder)")
+    assert any(x.strip().startswith("transformer") and "found" in x and str(files["transformer"]) in x
+               for x in r.stdout.splitlines())
+    real = next(x for x in r.stdout.splitlines() if x.startswith("wan2.1-t2v-1.3B "))
+    assert "missing transformer (~2.8 GB), vae, text_encoder, tokenizer" in real
+    assert not (tmp_path / "fresh").exists()  # listing fetches and generates nothing

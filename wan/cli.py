@@ -16,6 +16,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad input (a clear message, never a 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -52,10 +53,23 @@ def _lora(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from wan.registry import list_models
+    """Every model with its tasks and whether it is ready here: its files found in --models_dir
+    folders or present in the checkpoints folder, or what is still missing, with sizes."""
+    from wan.loading.model_folders import components_found, scan_folder
+    from wan.loading.readiness import readiness
+    from wan.registry import default_registry, list_models
+    missing = [d for d in args.models_dir if not os.path.isdir(d)]
+    if missing:
+        print(f"error: models_dir: {missing[0]!r} is not an existing folder", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    found = scan_folder(args.models_dir) if args.models_dir else []
+    registry = default_registry()
     for spec in list_models(include_test=True):
-        tasks = ",".join(spec.tasks)
-        print(f"{spec.id:32s} {spec.display_name:45s} {tasks}")
+        state = readiness(spec, args.checkpoint_dir, components_found(spec, found, registry) if found else {})
+        print(f"{spec.id:32s} {spec.display_name:45s} {','.join(spec.tasks):24s} {state.summary()}")
+        if args.verbose:
+            for c in state.components:
+                print(f"    {c.role:24s} {c.source:12s} {c.path or ''}")
     return EXIT_OK
 
 
@@ -102,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_lora_arguments(lora)
     lora.set_defaults(func=_lora)
 
-    models = sub.add_parser("models", help="list the models of the registry")
+    models = sub.add_parser("models", help="list the models of the registry and whether each is ready here")
+    models.add_argument("--checkpoint_dir", default=DEFAULT_CHECKPOINT_DIR)
+    models.add_argument("--models_dir", action="append", default=[], metavar="DIR",
+                        help="a folder of model files you already have (ComfyUI, Wan2GP, HF cache), repeatable")
+    models.add_argument("--verbose", "-v", action="store_true", help="each component: where it comes from")
     models.set_defaults(func=_models)
 
     dl = sub.add_parser("download", help="download a model's files into the checkpoints folder")

@@ -203,6 +203,11 @@ __all__ = ["Found", "folder_hints", "scan_folder"]
 # Files found for a registry model
 
 
+# Base width of the public VAEs (Wan 2.1: 96, Wan 2.2: 160): a VAE of another width is no stand-in
+# for a real model's (the registry's specs state the version, not the width).
+PUBLIC_VAE_DIMS = {"2.1": 96, "2.2": 160}
+
+
 def _precision_rank(identity: Identity) -> int:
     """Prefer full precision over fp8 when a folder holds both (the profile may quantise itself)."""
     return {"fp32": 0, "bf16": 0, "fp16": 1, "fp8_scaled": 2, "fp8_e4m3fn": 3, "fp8_e5m2": 3}.get(
@@ -230,7 +235,8 @@ def components_found(spec, found: list[Found], registry) -> dict[str, str]:
             fits = [f for f in fits if f"{side}_noise" in f.path.name.lower() or f"{side}noise" in f.path.name.lower()]
         if fits:
             out[role] = str(fits[0].path)
-    rules = {"vae": lambda i: i.kind == "vae" and i.version == spec.vae.version,
+    rules = {"vae": lambda i: i.kind == "vae" and i.version == spec.vae.version
+             and (spec.test_model or i.dim == PUBLIC_VAE_DIMS.get(i.version)),
              "text_encoder": lambda i: i.kind == "text_encoder" and i.dim == spec.arch.text_dim}
     if spec.needs_clip:
         image_dim = spec.dit_config().get("image_dim")
