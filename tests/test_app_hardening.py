@@ -14,10 +14,15 @@ from wan.testing.tiny_family import ensure_tiny_checkpoints
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory):
+def checkpoints(tmp_path_factory):
     ckpts = tmp_path_factory.mktemp("ckpt")
     ensure_tiny_checkpoints(ckpts)
-    server = StudioServer(tmp_path_factory.mktemp("studio"), ckpts).start()
+    return ckpts
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, checkpoints):
+    server = StudioServer(tmp_path_factory.mktemp("studio"), checkpoints).start()
     yield server
     server.stop()
 
@@ -64,17 +69,20 @@ def test_a_width_alone_cannot_pass_the_pixel_limit(studio):
     assert page_ok(studio)  # the server still answers
 
 
-def test_a_lone_surrogate_is_refused_and_the_page_lives_on(studio):
+def test_a_lone_surrogate_is_refused_and_the_page_lives_on(checkpoints, tmp_path):
     """A prompt with a lone surrogate used to break the page for every session, across restarts.
     It is refused at submit, naming the field; the page and the queue keep working, after a
     restart too."""
-    c = client(studio)
-    msg = refused(c, '{"model": "test-tiny-t2v", "prompt": "x\\ud800y"}')
-    assert "prompt" in msg and "surrogate" in msg
-    assert page_ok(studio)
-    good = c.predict(json.dumps({"model": "test-tiny-t2v", "prompt": "fine", "steps": 1}), api_name="/queue_job")
-    assert isinstance(good, str) and good
-    studio.stop()
+    studio = StudioServer(tmp_path / "studio", checkpoints).start()
+    try:
+        c = client(studio)
+        msg = refused(c, '{"model": "test-tiny-t2v", "prompt": "x\\ud800y"}')
+        assert "prompt" in msg and "surrogate" in msg
+        assert page_ok(studio)
+        good = c.predict(json.dumps({"model": "test-tiny-t2v", "prompt": "fine", "steps": 1}), api_name="/queue_job")
+        assert isinstance(good, str) and good
+    finally:
+        studio.stop()
     again = StudioServer(studio.base, studio.checkpoints, port=free_port()).start()
     try:
         assert page_ok(again)
