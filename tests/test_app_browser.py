@@ -14,8 +14,9 @@ from wan.engine.engine import request_from_metadata
 from wan.engine.media_out import read_metadata
 from wan.testing.tiny_family import ensure_tiny_checkpoints
 
-T2V = "TEST tiny Wan 2.1 t2v [test model]"
-I2V = "TEST tiny Wan 2.1 i2v (CLIP) [test model]"
+READY = " · ✓ ready"  # the model picker says whether a model can run here
+T2V = "TEST tiny Wan 2.1 t2v [test model]" + READY
+I2V = "TEST tiny Wan 2.1 i2v (CLIP) [test model]" + READY
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +228,7 @@ def test_two_sessions_each_get_their_own_results(chromium, studio):
 
 def test_a_two_expert_model_shows_its_second_guidance_and_runs(page, studio):
     assert not page.locator("#guidance-high-noise").is_visible()
-    choose(page, "model", "TEST tiny Wan 2.2 two-expert t2v (A14B-style) [test model]")
+    choose(page, "model", "TEST tiny Wan 2.2 two-expert t2v (A14B-style) [test model]" + READY)
     page.wait_for_selector("#guidance-high-noise", state="visible")
     set_number(page, "guidance-high-noise", 6.5)
     set_number(page, "steps", 4)
@@ -235,3 +236,43 @@ def test_a_two_expert_model_shows_its_second_guidance_and_runs(page, studio):
     wait_for_status(page, job, "done")
     req = request_of(outputs_of(studio, job)[0])
     assert req.model == "test-tiny-t2v-a14b" and req.guidance_high_noise == 6.5 and req.boundary is not None
+
+
+def test_the_model_picker_says_what_is_ready_and_a_missing_model_is_refused_when_added(chromium, tmp_path):
+    """Issue 12: with --models_dir on a ComfyUI-style tree (misleading names), the TEST model is ready
+    from those files; a real model shows what is missing, and adding a job for it is refused at once
+    with the files and the ways to get them."""
+    import shutil
+
+    from wan.loading.download import local_paths
+    from wan.registry import get_model
+    checkpoints = tmp_path / "ckpt"
+    ensure_tiny_checkpoints(checkpoints)
+    paths = local_paths(get_model("test-tiny-t2v"), checkpoints, "fp32")
+    tree = tmp_path / "ComfyUI" / "models"
+    for role, sub in (("transformer", "diffusion_models"), ("vae", "vae"), ("text_encoder", "text_encoders")):
+        (tree / sub).mkdir(parents=True)
+        shutil.copy(paths[role], tree / sub / f"my_{sub}_v2.safetensors")
+    server = StudioServer(tmp_path / "studio", tmp_path / "empty_ckpt", "--models_dir", str(tree)).start()
+    context = chromium.new_context(viewport={"width": 1400, "height": 1800})
+    try:
+        page = open_studio(context, server.url)
+
+        # the picker's labels as the page holds them (its list is long and drawn lazily)
+        labels = page.evaluate("""() => window.gradio_config.components
+            .filter(c => c.props && c.props.elem_id === 'model')[0].props.choices.map(c => c[0])""")
+
+        def option(text: str) -> str:
+            return next((label for label in labels if label.startswith(text)), "")
+        t2v = option("TEST tiny Wan 2.1 t2v")
+        assert t2v.endswith("✓ ready (from your folders: transformer, vae, text_encoder)"), t2v
+        real = option("Wan 2.1 Text-to-Video 1.3B")
+        assert real.endswith("⬇ missing transformer, vae, text_encoder, tokenizer"), real
+        choose(page, "model", real)
+        message = add_job(page, "a fox")
+        assert "wan2.1-t2v-1.3B is not ready on this machine" in message and "python wgp.py download" in message
+        assert "transformer (~2.8 GB)" in message
+        assert not (tmp_path / "empty_ckpt").exists()  # nothing was fetched
+    finally:
+        context.close()
+        server.stop()

@@ -230,7 +230,10 @@ def accept_request(data, state) -> GenerationRequest:
         raise RequestError("output_dir", request.output_dir,
                            f"the server's output folder {state.output_dir} or a folder inside it")
     prepared = state.prepare(request)
-    resolve_request(prepared, limits=limits_of(state.settings))
+    _, spec = resolve_request(prepared, limits=limits_of(state.settings))
+    ready = state.readiness(spec, estimate=True)
+    if not ready.ready:  # refused now, not after a failed download in the worker
+        raise RequestError("model", spec.id, "a model that is ready on this machine. " + ready.refusal(spec.id))
     return prepared
 
 

@@ -72,6 +72,15 @@ Attention = choice(("auto",) + ATTENTION_BACKENDS, optional=True)
 _LIMITS = Limits()  # the request limits' defaults, shared with the command line (wan.engine.request_checks)
 
 
+def _folders(v: Any) -> bool:
+    items = [v] if isinstance(v, str) else v
+    return isinstance(items, (list, tuple)) and all(_plain_text(x) for x in items)
+
+
+# One folder (a string) or a list of them, kept as a tuple.
+Folders = rule("a folder or a list of folders", _folders, lambda v: (v,) if isinstance(v, str) else tuple(v))
+
+
 def _setting(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
@@ -90,6 +99,9 @@ class ServerSettings:
                                          "(see: wgp.py profiles)")
     model: OptionalText = _setting(None, "model id selected when the page opens (see: wgp.py models)")
     checkpoint_dir: Text = _setting("checkpoints", "folder of the model checkpoints")
+    models_dir: Folders = _setting((), "a folder of model files you already have (ComfyUI's models/, Wan2GP's "
+                                        "ckpts/, the Hugging Face cache, any folder), repeatable: files are "
+                                        "recognised by their tensors and used instead of downloading")
     lora_dir: Text = _setting("loras", "LoRA drop-in folder")
     output_dir: Text = _setting("outputs", "folder the generated files are written to")
     attention: Attention = _setting(None, "attention backend to prefer: " + ", ".join(("auto",) + ATTENTION_BACKENDS))
@@ -238,6 +250,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help_text = f.metadata["help"].replace("%", "%%") + shown
         if isinstance(f.default, bool):
             parser.add_argument(flag_name(f.name), action=_Switch, default=argparse.SUPPRESS, help=help_text)
+        elif isinstance(f.default, tuple):  # a list setting: the flag is repeated
+            parser.add_argument(flag_name(f.name), action="append", default=argparse.SUPPRESS, metavar="DIR",
+                                help=help_text.replace(" (default: ())", ""))
         else:
             convert = int if isinstance(f.default, int) else str
             parser.add_argument(flag_name(f.name), type=_flag_type(f.name, convert),

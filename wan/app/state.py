@@ -57,6 +57,7 @@ class AppState:
             folder.mkdir(parents=True, exist_ok=True)
         self._engine = None
         self._engine_lock = threading.Lock()
+        self._found = None  # the models folders' files, scanned on first use
         self._engine_factory = engine_factory or self._default_engine
         self.shared = is_shared(settings)
         self.queue = JobQueue(self.state_dir / QUEUE_FILE, self.run_job, max_queued=settings.max_queue,
@@ -189,6 +190,33 @@ class AppState:
         check_request_paths(request, self.settings)
         return request
 
+    # -- model files on this machine --------------------------------------------------------------
+
+    def found_models(self) -> list:
+        """The Wan files of the ``models_dir`` folders (scanned once, cached by path, size and mtime in
+        the state folder); [] without such folders (nothing imported then: no torch at page build)."""
+        if not self.settings.models_dir:
+            return []
+        if self._found is None:
+            from wan.loading.model_folders import scan_folder
+            folders = [d for d in self.settings.models_dir if Path(d).is_dir()]
+            self._found = scan_folder(folders, cache=self.state_dir / "models_scan.json") if folders else []
+        return self._found
+
+    def model_files(self, spec) -> dict[str, str]:
+        """Role -> file of the models folders that serves that component of ``spec``."""
+        found = self.found_models()
+        if not found:
+            return {}
+        from wan.loading.model_folders import components_found
+        from wan.registry import default_registry
+        return components_found(spec, found, default_registry())
+
+    def readiness(self, spec, estimate: bool = False):
+        """Whether ``spec`` can run here without a download (:mod:`wan.loading.readiness`)."""
+        from wan.loading.readiness import readiness
+        return readiness(spec, self.settings.checkpoint_dir, self.model_files(spec), estimate=estimate)
+
     def is_ours(self, path) -> bool:
         """A file this server may read as a job input: an upload it stored, or one of its outputs."""
         from wan.app.security import is_inside
@@ -228,7 +256,13 @@ class AppState:
                     log.warning("latent preview failed; no more previews for job %s", job.id, exc_info=True)
                     last[0] = float("inf")
         try:
-            result = self.engine.generate(request, progress=on_step, cancel=cancel)
+            from wan.registry import RegistryError, get_model
+            try:
+                files = self.model_files(get_model(request.model))
+            except RegistryError:  # the engine names the unknown model
+                files = {}
+            extra = {"files": files} if files else {}
+            result = self.engine.generate(request, progress=on_step, cancel=cancel, **extra)
         finally:
             self.previews.pop(job.id, None)
         return RunOutcome([str(f) for f in result.files], list(result.notices))

@@ -58,11 +58,15 @@ def printable_name(name: str) -> str:
 
 
 def model_choices(state: AppState) -> list[tuple[str, str]]:
+    """(label, id) of every model; the label says whether it is ready on this machine (its files
+    present, found in the models folders, or made on first use) or what is missing."""
     from wan.registry import list_models
     out = []
     for spec in list_models(include_test=True):
         label = f"{spec.display_name} [test model]" if spec.test_model else spec.display_name
-        out.append((label, spec.id))
+        ready = state.readiness(spec)
+        mark = ("✓ " if ready.ready else "⬇ ") + ready.summary()
+        out.append((f"{label} · {mark}", spec.id))
     return out
 
 

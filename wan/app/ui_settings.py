@@ -20,8 +20,8 @@ from wan.app.state import AppState
 HIDDEN = ("auth",)  # passwords belong in --auth_file, never in the config file or a page
 # settings that decide who can reach the server and what it reads, writes and serves
 GUARDED = ("listen", "server_name", "server_port", "share", "auth_file", "checkpoint_dir", "lora_dir", "output_dir",
-           "state_dir", "max_frames", "max_pixels", "max_steps", "max_upload_mb", "max_queue", "max_queue_per_session",
-           "uploads_max_age_days", "uploads_max_mb")
+           "state_dir", "models_dir", "max_frames", "max_pixels", "max_steps", "max_upload_mb", "max_queue",
+           "max_queue_per_session", "uploads_max_age_days", "uploads_max_mb")
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
@@ -46,6 +46,9 @@ def render(state: AppState) -> dict:
             ui["fields"][f.name] = gr.Checkbox(bool(value), **kwargs)
         elif isinstance(value, int) or f.type in ("int", int):
             ui["fields"][f.name] = gr.Number(value, precision=0, **kwargs)
+        elif isinstance(value, tuple):  # a list setting (models_dir): one entry per line
+            kwargs["label"] += ", one per line"
+            ui["fields"][f.name] = gr.Textbox("\n".join(value), lines=2, **kwargs)
         else:
             ui["fields"][f.name] = gr.Textbox("" if value is None else str(value), **kwargs)
     ui["save"] = gr.Button("Save settings", elem_id="save-settings")
@@ -57,6 +60,8 @@ def changed_settings(state: AppState, names: list[str], values) -> dict:
     """The tab's values that differ from the running settings, checked against the guard."""
     changed = {}
     for name, v in zip(names, values):
+        if isinstance(getattr(state.settings, name), tuple):
+            v = tuple(line.strip() for line in str(v or "").splitlines() if line.strip())
         v = None if v == "" else (int(v) if isinstance(v, float) and v.is_integer() else v)
         if v != getattr(state.settings, name):
             if name in GUARDED and exposed(state.settings):

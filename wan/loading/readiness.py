@@ -43,6 +43,17 @@ class Readiness:
     def missing_bytes(self) -> int:
         return sum(c.missing_bytes for c in self.missing)
 
+    def refusal(self, model_id: str) -> str:
+        """Why a job for this model cannot run here, and what to do: each missing file with where it
+        goes and its size, then the ways to get it."""
+        lines = [f"{model_id} is not ready on this machine; missing:"]
+        for c in self.missing:
+            size = f" ({'~' if c.estimated else ''}{_gb(c.missing_bytes)})" if c.missing_bytes else ""
+            lines.append(f"- {c.role}{size}: {c.path}")
+        lines.append(f"Download it with: python wgp.py download {model_id}, or put the files in a models folder "
+                     "(--models_dir) where they are recognised by their tensors.")
+        return "\n".join(lines)
+
     def summary(self) -> str:
         """One line: ``ready`` or ``missing transformer (2.8 GB), vae (0.5 GB)``."""
         if self.ready:
@@ -58,9 +69,11 @@ def _gb(n: int) -> str:
 
 
 def readiness(spec, checkpoint_dir: str | os.PathLike, found_files: dict[str, str] | None = None,
-              variant: str = "bf16") -> Readiness:
+              variant: str = "bf16", estimate: bool = True) -> Readiness:
     """The state of each component of ``spec``; ``found_files`` is role -> file from the user's
-    folders (``components_found``). Reads no weights: a stat per planned file."""
+    folders (``components_found``). Reads no weights: a stat per planned file. ``estimate``: size a
+    missing DiT from its architecture when the registry does not state it (builds it on the meta
+    device, so it imports torch: the web page's first render passes False)."""
     found_files = found_files or {}
     variant = "fp32" if spec.test_model else variant
     by_role: dict[str, list] = {}
@@ -79,7 +92,7 @@ def readiness(spec, checkpoint_dir: str | os.PathLike, found_files: dict[str, st
         else:
             todo = [p for p in planned if not p.is_present()]
             size = sum(p.size or 0 for p in todo)
-            estimated = not size and role.startswith("transformer")
+            estimated = estimate and not size and role.startswith("transformer")
             out.append(Component(role, "missing", str(todo[0].local_path) if todo else None,
                                  _dit_bytes(spec, variant) if estimated else size, estimated))
     return Readiness(spec.id, tuple(out))
