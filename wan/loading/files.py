@@ -125,7 +125,7 @@ def _open_folder(folder: Path, subfolder: str | None) -> Checkpoint:
     config = _read_json(folder / "config.json") if (folder / "config.json").exists() else None
     indexes = sorted(folder.glob("*.index.json"))
     if indexes:
-        files = _files_from_index(indexes[0])
+        files = files_from_index(indexes[0])
     else:
         files = sorted(p for p in folder.iterdir() if p.suffix in SAFETENSORS_SUFFIXES)
         if not files:
@@ -139,7 +139,7 @@ def _open_folder(folder: Path, subfolder: str | None) -> Checkpoint:
     return ckpt
 
 
-def _files_from_index(index_path: Path) -> list[Path]:
+def files_from_index(index_path: Path) -> list[Path]:
     index = _read_json(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -185,7 +185,7 @@ def _read_json(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # safetensors
 
-_ST_DTYPES = {
+ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -341,10 +341,10 @@ def _index_safetensors(path: Path) -> tuple[dict[str, _TensorRef], dict]:
     meta = header.pop("__metadata__", None) or {}
     refs: dict[str, _TensorRef] = {}
     for key, info in header.items():
-        dtype = _ST_DTYPES.get(info["dtype"])
+        dtype = ST_DTYPES.get(info["dtype"])
         if dtype is None:
             raise CheckpointError(f"checkpoint {path}: tensor {key} has dtype {info['dtype']}, which this loader "
-                                  f"does not read (it reads {', '.join(_ST_DTYPES)})")
+                                  f"does not read (it reads {', '.join(ST_DTYPES)})")
         start, end = info["data_offsets"]
         refs[key] = _TensorRef(path, tuple(info["shape"]), dtype,
                                functools.partial(_read_tensor, path, data_start + start, end - start,

@@ -34,11 +34,11 @@ from typing import Iterable
 
 import torch
 
-from wan.loading.files import (_ST_DTYPES, FP8_DTYPES, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, Checkpoint,
-                               CheckpointError, _files_from_index, open_checkpoint, read_safetensors_header)
-from wan.loading.transformer import HEAD_DIM, _WanKeys, infer_config
+from wan.loading.files import (ST_DTYPES, FP8_DTYPES, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, Checkpoint,
+                               CheckpointError, files_from_index, open_checkpoint, read_safetensors_header)
+from wan.loading.transformer import HEAD_DIM, WanKeys, infer_config
 from wan.loading.vae import KNOWN_PREFIXES as KNOWN_VAE_PREFIXES
-from wan.loading.vae import _official_names as _vae_official_names
+from wan.loading.vae import official_names as vae_official_names
 from wan.loading.vae import infer_vae_config
 from wan.models.dit import DiTConfig
 from wan.registry.specs import VAE_SHAPES, ModelSpec, Registry
@@ -183,7 +183,7 @@ class _Header:
                 raise CheckpointError(f"checkpoint shard {f}: tensor {dup} is also in another shard")
             for key, info in header.items():
                 self._shape[key] = tuple(info["shape"])
-                self._dtype[key] = _ST_DTYPES.get(info["dtype"])  # None: a dtype torch cannot hold
+                self._dtype[key] = ST_DTYPES.get(info["dtype"])  # None: a dtype torch cannot hold
 
     def keys(self) -> list[str]:
         return list(self._shape)
@@ -203,7 +203,7 @@ class _Header:
 
 def _open_header(path: Path) -> Checkpoint | _Header:
     if path.name.endswith(INDEX_SUFFIX):
-        files = _files_from_index(path)
+        files = files_from_index(path)
         if all(f.suffix in SAFETENSORS_SUFFIXES for f in files):
             return _Header(files)
         return open_checkpoint(files)
@@ -343,7 +343,7 @@ def classify_dit(shapes: dict[str, tuple[int, ...]], config_json: dict | None = 
 
 def _dit(ckpt: Checkpoint, keys: list[str]) -> Identity | None:
     try:
-        wk = _WanKeys(ckpt)
+        wk = WanKeys(ckpt)
     except CheckpointError:
         return None
     shapes = wk.shapes()
@@ -371,7 +371,7 @@ def _vae(ckpt: Checkpoint, keys: list[str]) -> Identity | None:
     if not any(k.endswith(("decoder.conv1.weight", "decoder.conv_in.weight")) for k in keys):
         return None
     try:
-        names = _vae_official_names(ckpt, str(ckpt.root))
+        names = vae_official_names(ckpt, str(ckpt.root))
         version, config = infer_vae_config({k: ckpt.shape(src) for k, src in names.items()}, str(ckpt.root))
     except (CheckpointError, KeyError, ValueError, IndexError):
         return None  # decoder.conv_in of an SD / Flux image VAE: reported by _other_family

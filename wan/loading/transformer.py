@@ -46,7 +46,7 @@ def load_transformer(path: str | os.PathLike | Sequence, device: str | torch.dev
             of being dequantised: half the memory of bf16, no requantisation error.
     """
     ckpt = _open(path)
-    keys = _WanKeys(ckpt)
+    keys = WanKeys(ckpt)
     cfg = infer_config(keys.shapes(), ckpt.config, num_heads=num_heads, source=str(ckpt.root))
     target = dtype or _default_dtype(ckpt)
     source = f"transformer checkpoint {ckpt.root}"
@@ -99,7 +99,7 @@ def _default_dtype(ckpt: Checkpoint) -> torch.dtype:
     return torch.bfloat16 if dt in FP8_DTYPES else dt
 
 
-class _WanKeys:
+class WanKeys:
     """The checkpoint's tensors under official key names, with fp8 weights dequantised."""
 
     def __init__(self, ckpt: Checkpoint):
@@ -255,6 +255,6 @@ def open_transformer(path: str | os.PathLike | Sequence, *, num_heads: int | Non
         open checkpoint, and the dtype :func:`load_transformer` would pick when given none.
     """
     ckpt = _open(path)
-    keys = _WanKeys(ckpt)
+    keys = WanKeys(ckpt)
     cfg = infer_config(keys.shapes(), ckpt.config, num_heads=num_heads, source=str(ckpt.root))
     return cfg, dict(keys.readers()), ckpt, _default_dtype(ckpt)

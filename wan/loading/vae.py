@@ -186,7 +186,7 @@ def infer_vae_config(shapes: dict[str, tuple[int, ...]], source: str = "checkpoi
 # Loading
 
 
-def _official_names(ckpt: Checkpoint, source: str) -> dict[str, str]:
+def official_names(ckpt: Checkpoint, source: str) -> dict[str, str]:
     """Official key -> key in the checkpoint (prefix stripped, diffusers names converted)."""
     keys = ckpt.keys()
     for prefix in KNOWN_PREFIXES:
@@ -222,7 +222,7 @@ def load_vae(path, device="cpu", dtype=None):
 
     ckpt = open_checkpoint(path, subfolder="vae")
     source = str(ckpt.files[0] if len(ckpt.files) == 1 else Path(path))
-    names = _official_names(ckpt, source)
+    names = official_names(ckpt, source)
     shapes = {k: ckpt.shape(src) for k, src in names.items()}
     version, config = infer_vae_config(shapes, source)
     want_z = len(LATENTS_MEAN_21 if version == "2.1" else LATENTS_MEAN_22)
