@@ -50,166 +50,18 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wan.app.jobs import (FILE_VERSION, FINISHED, MAX_REQUEST_DEPTH, MAX_SESSION_CHARS, Job, JobProgress,
+                          Listener, RunOutcome, Runner, parse_queue_file, too_deep, error_message, expected_failure,
+                          make_label, printable)
 from wan.fileio import write_text_atomic as _write_atomic
 
 if TYPE_CHECKING:  # the engine (and torch) load in the worker, when the first job runs
     from wan.engine.loop import CancelToken, StepInfo
 
 log = logging.getLogger(__name__)
-
-STATUSES = ("queued", "running", "done", "failed", "cancelled")
-FINISHED = ("done", "failed", "cancelled")
-FILE_VERSION = 1
-LABEL_PROMPT_CHARS = 60
-MAX_ERROR_CHARS = 1000
-MAX_ID_CHARS = 64
-MAX_SESSION_CHARS = 128
-MAX_REQUEST_DEPTH = 32  # a request is a flat dict of fields with small lists and dicts inside
-
-
-@dataclass
-class JobProgress:
-    """Where the running job is: the last finished step (kept in memory only)."""
-
-    step: int
-    total: int
-    expert: str
-    eta_s: float
-    elapsed_s: float
-    preview: str | None = None  # path of a preview image of the current latent, when the runner makes one
-
-
-@dataclass
-class RunOutcome:
-    """What a runner returns for a job that finished."""
-
-    files: list[str] = field(default_factory=list)
-    notices: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Job:
-    """One queued generation. ``request`` is ``GenerationRequest.to_dict()`` as submitted."""
-
-    id: str
-    session: str
-    request: dict
-    label: str
-    status: str = "queued"
-    created: float = 0.0
-    started: float | None = None
-    finished: float | None = None
-    error: str | None = None
-    files: list[str] = field(default_factory=list)
-    notices: list[str] = field(default_factory=list)
-    progress: JobProgress | None = None
-    restarts: int = 0
-
-    def to_dict(self) -> dict:
-        """Plain JSON-ready data; ``progress`` is not included (it is not persisted)."""
-        return copy.deepcopy(self._record())
-
-    def _record(self) -> dict:
-        """The persisted fields, not copied (for json.dumps under the queue's lock)."""
-        return {name: getattr(self, name) for name in _PERSISTED}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Job:
-        """Rebuilds a job from :meth:`to_dict`. Raises ValueError naming a bad or unknown field."""
-        if not isinstance(data, dict):
-            raise ValueError(f"job: {type(data).__name__} is not allowed; a JSON object")
-        def show(value) -> str:  # a value from a file, short and printable in a log line
-            return printable(repr(value), 80)
-        known = set(_PERSISTED)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"job field {show(unknown[0])} is not known; fields are: {', '.join(sorted(known))}")
-        for name, kind in (("id", str), ("session", str), ("request", dict), ("label", str), ("status", str)):
-            if not isinstance(data.get(name), kind):
-                raise ValueError(f"job field {name!r}: {show(data.get(name))} is not allowed; a {kind.__name__}")
-        if not 0 < len(data["id"]) <= MAX_ID_CHARS or not data["id"].isprintable():
-            raise ValueError(f"job id {show(data['id'])} is not allowed; 1 to {MAX_ID_CHARS} printable characters")
-        if _too_deep(data["request"]):
-            raise ValueError(f"job {data['id']} request: nested more than {MAX_REQUEST_DEPTH} levels deep")
-        if data["status"] not in STATUSES:
-            raise ValueError(f"job {data['id']} status: {show(data['status'])} is not allowed; "
-                             f"one of {', '.join(STATUSES)}")
-        for name in ("files", "notices"):
-            value = data.get(name, [])
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"job {data['id']} field {name!r}: {show(value)} is not allowed; a list of strings")
-        for name, optional in (("created", False), ("started", True), ("finished", True)):
-            value = data.get(name, None if optional else 0.0)
-            if not (optional and value is None) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-                raise ValueError(f"job {data['id']} field {name!r}: {show(value)} is not allowed; a time in seconds")
-        if not isinstance(data.get("error"), (str, type(None))):
-            raise ValueError(f"job {data['id']} field 'error': {show(data['error'])} is not allowed; text or null")
-        restarts = data.get("restarts", 0)
-        if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
-            raise ValueError(f"job {data['id']} restarts: {show(restarts)} is not allowed; a whole number >= 0")
-        return cls(**copy.deepcopy(data))
-
-
-_PERSISTED = tuple(f.name for f in fields(Job) if f.name != "progress")
-
-
-def printable(value, limit: int | None = None) -> str:
-    """``value`` as text that any page, log or JSON encoder takes: lone surrogates (which UTF-8
-    cannot encode) become U+FFFD, control characters a space, and it is cut to ``limit``
-    characters with an ellipsis. Text from a job is shown through this, never as it is."""
-    text = value if isinstance(value, str) else str(value)
-    if limit is not None and len(text) > limit:
-        text = text[:max(limit - 1, 0)] + "…"
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else ("\ufffd" if "\ud800" <= c <= "\udfff" else " ") for c in text)
-    return text
-
-
-def _too_deep(value, limit: int = MAX_REQUEST_DEPTH) -> bool:
-    """Whether lists and dicts nest more than ``limit`` levels (checked without recursion: a deep
-    value must be refused, not crash the check, copy.deepcopy or json.dumps with RecursionError)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > limit:
-                return True
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return False
-
-
-def expected_failure(e: BaseException) -> bool:
-    """A refusal by one of our checks (``RequestError``, ``LoraError``, ``ConfigError``...: a
-    ValueError subclass defined in this package), logged as one line; anything else (a plain
-    ValueError, a RuntimeError) may be a bug and is logged with its traceback."""
-    kind = type(e)
-    return isinstance(e, ValueError) and kind is not ValueError and kind.__module__.split(".")[0] == "wan"
-
-
-def make_label(request: dict) -> str:
-    """``"<task>: <first 60 characters of the prompt>"`` on one line (the model id when no task is set)."""
-    kind = request.get("task") or request.get("model") or "job"
-    kind = kind if isinstance(kind, str) else type(kind).__name__
-    prompt = request.get("prompt") or ""
-    prompt = " ".join((prompt if isinstance(prompt, str) else type(prompt).__name__)[:LABEL_PROMPT_CHARS * 20].split())
-    return f"{kind[:LABEL_PROMPT_CHARS]}: {prompt[:LABEL_PROMPT_CHARS]}"
-
-
-def error_message(e: BaseException) -> str:
-    """One line for the UI: a ValueError's own text (RequestError is one), else ``Type: text``."""
-    text = " ".join(str(e).split())
-    if not isinstance(e, ValueError) or not text:
-        text = f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return text[:MAX_ERROR_CHARS]
-
-
-Runner = Callable[[Job, Callable[..., None], "CancelToken"], RunOutcome]
-Listener = Callable[[str, Job], None]
-
 
 class JobQueue:
     """A queue of generation jobs run one at a time by one worker thread (see the module docstring).
@@ -284,7 +136,7 @@ class JobQueue:
         if not isinstance(session, str) or len(session) > MAX_SESSION_CHARS:
             raise ValueError(f"session: {printable(repr(session), 40)} is not allowed; "
                              f"a string of at most {MAX_SESSION_CHARS} characters")
-        if _too_deep(request):
+        if too_deep(request):
             raise ValueError(f"request: nested more than {MAX_REQUEST_DEPTH} levels deep; "
                              "pass GenerationRequest.to_dict()")
         try:
@@ -606,7 +458,7 @@ class JobQueue:
     def _load(self) -> None:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            jobs, bad = _parse_file(data)
+            jobs, bad = parse_queue_file(data)
         except (OSError, ValueError, TypeError, RecursionError) as e:  # RecursionError: JSON nested too deep
             self._set_aside(e)
             return
@@ -677,29 +529,3 @@ def _check_owner(job: Job, owner: str | None, verb: str) -> None:
     if owner is not None and job.session != owner:
         raise ValueError(f"job {job.id} is another session's job: on this shared server a session can "
                          f"only change its own jobs, so it was not {verb}")
-
-
-def _parse_file(data) -> tuple[list[Job], list[tuple[str, str]]]:
-    """The jobs of a queue file, and (job id or position, reason) for each job that cannot be
-    read. Raises ValueError when the file as a whole is not one we wrote."""
-    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
-        raise ValueError("not a job queue file (a JSON object with a 'jobs' list was expected)")
-    version = data.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FILE_VERSION:
-        raise ValueError(f"version {printable(repr(version), 40)}; this Wan Studio reads versions 1 to {FILE_VERSION}")
-    jobs: list[Job] = []
-    bad: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for n, item in enumerate(data["jobs"], start=1):
-        key = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else f"#{n}"
-        try:
-            job = Job.from_dict(item)
-        except (ValueError, TypeError, RecursionError) as e:
-            bad.append((key, str(e)))
-            continue
-        if job.id in seen:
-            bad.append((key, "the same job id appears earlier in the file"))
-            continue
-        seen.add(job.id)
-        jobs.append(job)
-    return jobs, bad

@@ -19,7 +19,7 @@ import gradio as gr
 
 from wan.app import ui_gallery, ui_generate, ui_loras, ui_queue, ui_settings
 from wan.app.settings import ServerSettings
-from wan.app.jobqueue import MAX_SESSION_CHARS, printable
+from wan.app.jobs import MAX_SESSION_CHARS, printable
 from wan.app.state import API_SESSION, AppState
 
 log = logging.getLogger(__name__)

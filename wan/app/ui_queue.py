@@ -19,7 +19,7 @@ import time
 
 import gradio as gr
 
-from wan.app.jobqueue import printable
+from wan.app.jobs import printable
 from wan.app.state import API_SESSION, AppState
 
 log = logging.getLogger(__name__)
