@@ -95,6 +95,12 @@ class StudioServer:
         return "".join(self.lines)
 
 
+def api_client(server: StudioServer):
+    """A ``gradio_client`` of the server's API, quiet and without analytics."""
+    from gradio_client import Client
+    return Client(server.url, verbose=False, analytics_enabled=False)
+
+
 def launch_chromium(playwright):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"Chromium not found at {CHROMIUM}: run `bash scripts/setup.sh --test` (installs Debian's "

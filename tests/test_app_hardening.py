@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_harness import StudioServer, free_port
+from tests.app_harness import StudioServer, api_client, free_port
 from wan.testing.tiny_family import ensure_tiny_checkpoints
 
 
@@ -27,11 +27,6 @@ def studio(tmp_path_factory, checkpoints):
     server.stop()
 
 
-def client(server):
-    from gradio_client import Client
-    return Client(server.url, verbose=False, analytics_enabled=False)
-
-
 def refused(c, text: str) -> str:
     """The message of a refused /queue_job call."""
     with pytest.raises(Exception) as e:
@@ -47,7 +42,7 @@ def page_ok(server) -> bool:
 def test_a_name_template_cannot_write_outside_the_output_folder(studio, tmp_path):
     """The probe: a first job creates <outputs>/tmp/x, a second pads '/' out of a format spec to
     write /tmp/x/PWNED_<seed>.mp4. Format specs are refused; nothing is written anywhere."""
-    c = client(studio)
+    c = api_client(studio)
     target = Path("/tmp/x")
     before = set(target.glob("PWNED_*")) if target.is_dir() else set()
     template = "{prompt:/>1.0}tmp{prompt:/>1.0}x{prompt:/>1.0}PWNED_{seed}"
@@ -63,7 +58,7 @@ def test_a_name_template_cannot_write_outside_the_output_folder(studio, tmp_path
 def test_a_width_alone_cannot_pass_the_pixel_limit(studio):
     """{"width": 1000000} without a height used to run for minutes at 3.5 GB; the limit is now
     compared on the resolved size (the model's default height filled in)."""
-    c = client(studio)
+    c = api_client(studio)
     msg = refused(c, json.dumps({"model": "test-tiny-t2v", "prompt": "a", "width": 1_000_000}))
     assert "width" in msg and "--max_pixels" in msg and "1000000x64" in msg
     assert page_ok(studio)  # the server still answers
@@ -75,7 +70,7 @@ def test_a_lone_surrogate_is_refused_and_the_page_lives_on(checkpoints, tmp_path
     restart too."""
     studio = StudioServer(tmp_path / "studio", checkpoints).start()
     try:
-        c = client(studio)
+        c = api_client(studio)
         msg = refused(c, '{"model": "test-tiny-t2v", "prompt": "x\\ud800y"}')
         assert "prompt" in msg and "surrogate" in msg
         assert page_ok(studio)
@@ -103,7 +98,7 @@ def test_upload_refusals_reach_api_clients_in_the_apps_words(studio, tmp_path):
     """A bad upload through the page's own endpoint used to reach a client as gradio's generic
     'upstream app raised an exception'; it now names the field's label and the file."""
     from gradio_client import handle_file
-    c = client(studio)
+    c = api_client(studio)
     (tmp_path / "notimage.png").write_bytes(b"this is text, not a PNG")
     with pytest.raises(Exception) as e:
         c.predict(*_add_args(c, **{"Start image": handle_file(str(tmp_path / "notimage.png"))}), api_name="/add")

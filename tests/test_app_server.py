@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from tests.app_harness import StudioServer, free_port
+from tests.app_harness import StudioServer, api_client, free_port
 from wan.engine.engine import request_from_metadata
 from wan.engine.media_out import read_metadata
 from wan.testing.tiny_family import ensure_tiny_checkpoints
@@ -28,11 +28,6 @@ def studio(tmp_path_factory, checkpoints):
     server = StudioServer(tmp_path_factory.mktemp("studio"), checkpoints).start()
     yield server
     server.stop()
-
-
-def client(server):
-    from gradio_client import Client
-    return Client(server.url, verbose=False, analytics_enabled=False)
 
 
 def request_json(**fields) -> str:
@@ -58,7 +53,7 @@ def wait_job(c, job_id: str, statuses=("done", "failed", "cancelled"), timeout=1
 
 
 def test_gradio_client_generates_through_the_api(studio):
-    c = client(studio)
+    c = api_client(studio)
     result = c.predict(request_json(prompt="made through the API", seed=5), api_name="/generate")
     videos = [f for f in result["files"] if f.endswith(".mp4")]
     assert result["status"] == "done" and len(videos) == 1
@@ -69,7 +64,7 @@ def test_gradio_client_generates_through_the_api(studio):
 
 
 def test_the_server_serves_outputs_and_nothing_else(studio, checkpoints):
-    c = client(studio)
+    c = api_client(studio)
     out = c.predict(request_json(prompt="to fetch"), api_name="/generate")["files"][0]
     assert out.endswith(".mp4")
     assert http_status(f"{studio.url}gradio_api/file={out}") == 200
@@ -82,7 +77,7 @@ def test_the_server_serves_outputs_and_nothing_else(studio, checkpoints):
 
 def test_names_and_paths_from_a_client_cannot_leave_their_folders(studio):
     from tests.test_app_browser import musubi_lora
-    c = client(studio)
+    c = api_client(studio)
     evil = [(dict(loras=[{"path": "../../x.safetensors", "multiplier": "1"}]), "loras"),
             (dict(output_dir="/tmp"), "output_dir"), (dict(task="v2v", video="/etc/passwd"), "video")]
     for fields, name in evil:
@@ -99,7 +94,7 @@ def test_queued_jobs_survive_a_restart_and_finished_outputs_are_never_rewritten(
     base = tmp_path / "studio"
     server = StudioServer(base, checkpoints, gated=True).start()
     try:
-        c = client(server)
+        c = api_client(server)
         first = c.predict(request_json(prompt="before the restart"), api_name="/generate")
         done_file = first["files"][0]
         assert done_file.endswith(".mp4")
@@ -114,7 +109,7 @@ def test_queued_jobs_survive_a_restart_and_finished_outputs_are_never_rewritten(
         server.gate.unlink(missing_ok=True)
     server = StudioServer(base, checkpoints, port=free_port(), gated=True).start()
     try:
-        c = client(server)
+        c = api_client(server)
         jobs = [wait_job(c, j) for j in (slow, *waiting)]
         assert [j["status"] for j in jobs] == ["done"] * 3
         saved = {j["id"]: j for j in json.loads((base / "state" / "queue.json").read_text())["jobs"]}
@@ -152,7 +147,7 @@ def test_share_without_auth_warns_and_a_taken_port_moves_on(tmp_path, checkpoint
 def test_a_job_failing_at_run_time_shows_its_error_and_the_queue_goes_on(studio):
     from tests.test_app_browser import musubi_lora
     musubi_lora(studio.lora_dir / "test" / "too_wide.safetensors", dim=512)  # made for a wider model
-    c = client(studio)
+    c = api_client(studio)
     bad = c.predict(request_json(loras=[{"path": "test/too_wide.safetensors", "multiplier": "1"}]),
                     api_name="/queue_job")
     good = c.predict(request_json(prompt="after the failure"), api_name="/queue_job")
@@ -174,7 +169,7 @@ def test_a_job_holding_a_lone_surrogate_survives_save_restart_and_page_load(tmp_
     assert q.wait_idle(30) and q.stop(30)
     server = StudioServer(base, checkpoints).start()
     try:
-        c = client(server)
+        c = api_client(server)
         start = c.predict("my-session", "test-tiny-t2v", api_name="/start")
         assert start[0] == "my-session"
         status, _, table, *_ = c.predict("my-session", None, False, api_name="/tick")
