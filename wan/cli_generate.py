@@ -148,16 +148,6 @@ LIMIT_FLAGS = {"max_frames": "this many frames", "max_pixels": "this many pixels
                "max_steps": "this many steps"}
 
 
-def limits_of(args: argparse.Namespace) -> Limits:
-    """The limits the flags set (the server's defaults unless raised)."""
-    import dataclasses
-    values = {name: getattr(args, name, None) for name in LIMIT_FLAGS}
-    for name, value in values.items():
-        if value is not None and value < 1:
-            raise RequestError(name, value, "a whole number > 0")
-    return dataclasses.replace(Limits(), **{k: v for k, v in values.items() if v is not None})
-
-
 def _flag_kind(f: RequestField) -> dict:
     """argparse keywords for a request field's flag, from its type: a bool is a switch (off by
     default), a list takes one or more values; the help shows a default the request sets itself."""
@@ -293,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("wan.optim.attention").setLevel(logging.ERROR)
     try:
         base = base_request(args)
-        limits = limits_of(args)
+        limits = Limits.of(args)
     except RequestError as e:
         return _report_bad(str(e))
     recorded = recorded_files(args.from_output) if args.from_output else {}

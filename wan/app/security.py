@@ -205,11 +205,8 @@ def is_stored_upload(path: str | os.PathLike, settings: ServerSettings) -> bool:
 
 def limits_of(settings: ServerSettings):
     """The request limits this server's settings set (:class:`wan.engine.request_checks.Limits`)."""
-    import dataclasses
-
     from wan.engine.request_checks import Limits
-    fields = {f.name for f in dataclasses.fields(Limits)}
-    return Limits(**{name: getattr(settings, name) for name in fields if hasattr(settings, name)})
+    return Limits.of(settings)
 
 
 def accept_request(data, state) -> GenerationRequest:

@@ -13,6 +13,7 @@ that a person may raise.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,21 @@ class Limits:
     max_loras: int = 8
     max_input_pixels: int = 3840 * 2160   # an input image or video frame
     max_input_frames: int = 10_000        # an input video (only the frames a job needs are decoded)
+
+    @classmethod
+    def of(cls, source: Any) -> "Limits":
+        """The limits an object sets through attributes of the same names (server settings, parsed
+        flags); one it does not set, or sets to None, keeps its default. A limit must be a whole
+        number > 0 (the server's settings check that already; flags are checked here)."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = getattr(source, f.name, None)
+            if value is None:
+                continue
+            if not _is_int(value) or value < 1:
+                raise RequestError(f.name, value, "a whole number > 0")
+            values[f.name] = value
+        return cls(**values)
 
 
 # ---------------------------------------------------------------------------------------------
