@@ -185,14 +185,15 @@ def test_uploads_are_pruned_by_age_and_size_but_never_one_a_waiting_job_names(tm
 def test_a_shared_server_limits_each_session_and_refuses_in_one_log_line(tmp_path):
     """The real server with --listen (connected to on 127.0.0.1 only)."""
     from tests.app_harness import StudioServer
-    from tests.test_app_server import client, request_json, wait_job
+    from tests.app_harness import api_client
+    from tests.test_app_server import request_json, wait_job
     from wan.testing.tiny_family import ensure_tiny_checkpoints
     checkpoints = tmp_path / "ckpt"
     ensure_tiny_checkpoints(checkpoints)
     server = StudioServer(tmp_path / "studio", checkpoints, "--listen", "--max_queue_per_session", "1",
                           gated=True).start()
     try:
-        c = client(server)
+        c = api_client(server)
         with pytest.raises(Exception, match="no-such-job"):
             c.predict("no-such-job", api_name="/job")
         time.sleep(0.5)  # the server's output is read by a thread
