@@ -267,11 +267,19 @@ def test_the_model_picker_says_what_is_ready_and_a_missing_model_is_refused_when
         t2v = option("TEST tiny Wan 2.1 t2v")
         assert t2v.endswith("✓ ready (from your folders: transformer, vae, text_encoder)"), t2v
         real = option("Wan 2.1 Text-to-Video 1.3B")
-        assert real.endswith("⬇ missing transformer, vae, text_encoder, tokenizer"), real
+        assert real.endswith("⬇ missing transformer (~2.9 GB), vae (~0.5 GB), text_encoder (~11.4 GB), tokenizer"), real
+        choose(page, "model", t2v)
+        page.wait_for_function("document.querySelector('#readiness').innerText.includes('Ready')")
+        assert "transformer (your models folder)" in page.inner_text("#readiness")
+        assert not page.locator("#download-model").is_visible()
         choose(page, "model", real)
+        page.wait_for_function("document.querySelector('#readiness').innerText.includes('Not on this machine')")
+        shown = page.inner_text("#readiness")
+        assert "Missing, ~14.7 GB in all" in shown and f"text_encoder (~11.4 GB): {tmp_path / 'empty_ckpt'}" in shown
+        assert page.locator("#download-model").is_visible()
         message = add_job(page, "a fox")
         assert "wan2.1-t2v-1.3B is not ready on this machine" in message and "python wgp.py download" in message
-        assert "transformer (~2.8 GB)" in message
+        assert "transformer (~2.9 GB)" in message
         assert not (tmp_path / "empty_ckpt").exists()  # nothing was fetched
     finally:
         context.close()

@@ -133,5 +133,30 @@ def test_models_lists_what_is_ready_and_what_is_missing(setup, tmp_path):
     assert any(x.strip().startswith("transformer") and "found" in x and str(files["transformer"]) in x
                for x in r.stdout.splitlines())
     real = next(x for x in r.stdout.splitlines() if x.startswith("wan2.1-t2v-1.3B "))
-    assert "missing transformer (~2.8 GB), vae, text_encoder, tokenizer" in real
+    assert "missing transformer (~2.9 GB), vae (~0.5 GB), text_encoder (~11.4 GB), tokenizer" in real
     assert not (tmp_path / "fresh").exists()  # listing fetches and generates nothing
+
+
+def test_a_dit_of_no_registry_size_runs_as_its_task_type_with_a_notice(setup, tmp_path):
+    """A t2v DiT of another size (dim 128, 3 layers: no registry model has it) runs on the files and
+    defaults of the TEST t2v model, and says so; a DiT whose inputs no model takes is refused."""
+    from safetensors.torch import save_file
+
+    from wan.models.dit import DiTConfig, WanDiT
+    from wan.testing.tiny_family import TINY_DIT
+    import torch
+    ckpts, _ = setup
+    torch.manual_seed(0)
+    custom = tmp_path / "my_finetune.safetensors"
+    save_file(WanDiT(DiTConfig(**{**TINY_DIT, "dim": 128, "ffn_dim": 256, "num_layers": 3})).state_dict(), str(custom))
+    r = wgp("generate", "--dit", custom, "--prompt", "a fox", "--steps", "2", "--checkpoint_dir", ckpts,
+            "--output_dir", tmp_path / "out", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert ("note: transformer: this DiT (dim 128, 3 layers) is not a registry model's: it runs with the defaults "
+            "of test-tiny-t2v's task type (dim 256, 2 layers there)") in r.stderr
+    meta = json.loads(Path(r.stdout.split()[0]).with_suffix(".json").read_text())
+    assert meta["request"]["model"] == "test-tiny-t2v" and meta["request"]["steps"] == 2
+    odd = tmp_path / "odd.safetensors"  # 20 input channels: no Wan task takes them
+    save_file(WanDiT(DiTConfig(**{**TINY_DIT, "in_dim": 20})).state_dict(), str(odd))
+    r = wgp("generate", "--dit", odd, "--prompt", "a fox", "--checkpoint_dir", ckpts, "--quiet")
+    assert r.returncode == 2 and "no registry model takes its inputs" in r.stderr

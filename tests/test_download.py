@@ -36,6 +36,7 @@ class FakeHub:
 @pytest.fixture
 def online(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(download, "hub_unreachable", lambda: None)  # this machine has no route to the Hub
     hub = FakeHub()
     monkeypatch.setattr(download, "_hub_download", hub)
     return hub
@@ -171,6 +172,7 @@ def test_failed_download_reports_every_file_still_missing(tmp_path, online):
 @pytest.mark.parametrize("interruption", [ConnectionError("connection reset"), KeyboardInterrupt()])
 def test_interrupted_download_leaves_no_file_under_the_final_name(tmp_path, monkeypatch, interruption):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(download, "hub_unreachable", lambda: None)
 
     def half_written(repo_id, filename, local_dir, force_download, progress):
         target = Path(local_dir) / filename  # a downloader writing straight to the final name
@@ -241,3 +243,83 @@ def test_importing_download_fetches_nothing_and_loads_no_hub_client():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _local_spec_registry(tmp_path: Path, transformer: dict):
+    """A user spec inheriting the 1.3B model whose transformer entry is ``transformer``."""
+    folder = tmp_path / "finetunes"
+    folder.mkdir()
+    (folder / "local.yaml").write_text(yaml.safe_dump({"models": {"my-local": {
+        "inherit": "wan2.1-t2v-1.3B", "files": {"transformer": {"variants": {"bf16": transformer}}}}}}))
+    return load_registry([folder]).get("my-local")
+
+
+def test_a_spec_path_alone_is_opened_where_it_lies_and_never_fetched(tmp_path, online):
+    """``path:`` relative to the spec file: used as it is; missing, it is reported at that path
+    and no download is tried for it."""
+    spec = _local_spec_registry(tmp_path, {"path": "../weights/my_ft.safetensors"})
+    mine = tmp_path / "weights" / "my_ft.safetensors"
+    assert spec.files["transformer"].variants["bf16"].local == str(mine)
+    assert local_paths(spec, tmp_path / "ck", components=["transformer"]) == {"transformer": mine}
+    with pytest.raises(DownloadError) as err:
+        ensure_files(spec, tmp_path / "ck", components=["transformer"], progress=False)
+    assert online.calls == []
+    assert f"put it at: {mine}" in str(err.value) and "not found at the path the model's spec names" in str(err.value)
+    _touch(mine)
+    assert ensure_files(spec, tmp_path / "ck", components=["transformer"], progress=False) == {"transformer": mine}
+    assert online.calls == [] and missing_files(spec, tmp_path / "ck", components=["transformer"]) == []
+
+
+def test_a_spec_path_beside_a_repo_is_preferred_when_present(tmp_path, online):
+    entry = {"repo": "me/ft", "file": "ft.safetensors", "path": str(tmp_path / "mine.safetensors")}
+    spec = _local_spec_registry(tmp_path, entry)
+    got = ensure_files(spec, tmp_path / "ck", components=["transformer"], progress=False)
+    assert got == {"transformer": tmp_path / "ck/me/ft/ft.safetensors"} and len(online.calls) == 1
+    _touch(tmp_path / "mine.safetensors")
+    assert local_paths(spec, tmp_path / "ck", components=["transformer"]) == {"transformer": tmp_path / "mine.safetensors"}
+
+
+@pytest.mark.parametrize("entry, fragment", [
+    ({"path": "x.safetensors", "file": "y.safetensors"}, "with 'path' alone, the path is the file"),
+    ({"source": "generated", "generator": "wan.testing.tiny_family.ensure_tiny_checkpoints", "file": "a",
+      "path": "x"}, "generated files have no local path"),
+    ({"path": ""}, "a path on this machine"),
+    ({"file": "y.safetensors"}, "or give 'path', a file on this machine"),
+])
+def test_bad_spec_paths_are_refused_with_the_key(tmp_path, entry, fragment):
+    with pytest.raises(RegistryError) as err:
+        _local_spec_registry(tmp_path, entry)
+    assert fragment in str(err.value) and "my-local.files.transformer.variants.bf16" in str(err.value)
+
+
+def test_an_unreachable_hub_fails_at_once_naming_every_missing_file(tmp_path, monkeypatch):
+    """No route to the Hub (here: a closed local port as HF_ENDPOINT): one quick connection attempt,
+    then the offline report, with no per-file retries."""
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: connections are refused
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    hub = FakeHub()
+    monkeypatch.setattr(download, "_hub_download", hub)
+    start = time.monotonic()
+    with pytest.raises(DownloadError) as err:
+        ensure_files(get_model("wan2.1-t2v-1.3B"), tmp_path, progress=False)
+    assert time.monotonic() - start < 5 and hub.calls == []
+    message = str(err.value)
+    assert f"The Hugging Face Hub is out of reach: cannot reach 127.0.0.1:{port}" in message
+    assert err.value.missing == missing_files(get_model("wan2.1-t2v-1.3B"), tmp_path)
+    assert all(f"put it at: {f.local_path}" in message for f in err.value.missing)
+
+
+def test_the_reachability_check_goes_to_the_proxy_when_one_is_set(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.local:3128")
+    assert download.hub_address() == ("proxy.local", 3128)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.com")
+    assert download.hub_address() == ("hf-mirror.com", 443)

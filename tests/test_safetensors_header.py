@@ -122,3 +122,25 @@ def test_damaged_pth_is_a_checkpoint_error(tmp_path):
     torch.save({1: torch.zeros(2)}, tmp_path / "numbered.pth")  # tensors under numbers, not names
     with pytest.raises(CheckpointError, match="numbered.pth: a tensor is stored under 1, not a name"):
         open_checkpoint(tmp_path / "numbered.pth")
+
+
+def test_a_name_given_twice_inside_an_entry_or_the_metadata_is_refused(tmp_path):
+    """The fast parse hides repeated names; the raw-text counts send such headers to the strict one."""
+    from wan.loading.files import CheckpointError, read_safetensors_header
+    cases = {
+        "entry": b'{"w": {"dtype": "F32", "dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+        "metadata": b'{"__metadata__": {"a": "1", "a": "2"}, "w": {"dtype": "F32", "shape": [1], '
+                    b'"data_offsets": [0, 4]}}',
+        "metadata key": b'{"__metadata__": {"a": "1"}, "__metadata__": {"b": "2"}, "w": {"dtype": "F32", '
+                        b'"shape": [1], "data_offsets": [0, 4]}}',
+    }
+    for name, header in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+        with pytest.raises(CheckpointError, match="twice"):
+            read_safetensors_header(path)
+    fine = b'{"__metadata__": {"note": "\\"dtype\\" in a value"}, "w": {"dtype": "F32", "shape": [1], ' \
+           b'"data_offsets": [0, 4]}}'
+    path = tmp_path / "fine.safetensors"
+    path.write_bytes(len(fine).to_bytes(8, "little") + fine + b"\0" * 4)
+    assert read_safetensors_header(path)[0]["__metadata__"] == {"note": '"dtype" in a value'}

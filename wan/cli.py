@@ -57,6 +57,7 @@ def _models(args: argparse.Namespace) -> int:
     folders or present in the checkpoints folder, or what is still missing, with sizes."""
     from wan.loading.model_folders import components_found, scan_folder
     from wan.loading.readiness import readiness
+    from wan.optim.planner import file_size_estimates
     from wan.registry import default_registry, list_models
     missing = [d for d in args.models_dir if not os.path.isdir(d)]
     if missing:
@@ -65,7 +66,8 @@ def _models(args: argparse.Namespace) -> int:
     found = scan_folder(args.models_dir) if args.models_dir else []
     registry = default_registry()
     for spec in list_models(include_test=True):
-        state = readiness(spec, args.checkpoint_dir, components_found(spec, found, registry) if found else {})
+        state = readiness(spec, args.checkpoint_dir, components_found(spec, found, registry) if found else {},
+                          estimates=file_size_estimates(spec))
         print(f"{spec.id:32s} {spec.display_name:45s} {','.join(spec.tasks):24s} {state.summary()}")
         if args.verbose:
             for c in state.components:
@@ -76,8 +78,17 @@ def _models(args: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace) -> int:
     from wan.loading.download import DownloadError, ensure_files
     from wan.registry import RegistryError, get_model
+    from wan.loading.download import free_space_problem
+    from wan.loading.readiness import readiness
+    from wan.optim.planner import file_size_estimates
     try:
         spec = get_model(args.model)
+        needed = readiness(spec, args.checkpoint_dir, variant=args.variant,
+                           estimates=file_size_estimates(spec, args.variant)).missing_bytes
+        problem = free_space_problem(args.checkpoint_dir, needed)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_FAILED
         paths = ensure_files(spec, args.checkpoint_dir, variant=args.variant)
     except RegistryError as e:  # unknown model or variant: bad input
         print(f"error: {e}", file=sys.stderr)

@@ -102,17 +102,22 @@ FILE_FLAGS = {
 def model_of_dit(path: str) -> str:
     """The registry model a DiT file is, from its tensors (``--dit`` without ``--model``). A file that
     fits one network and an expert alike (Wan 2.1 t2v 14B vs Wan 2.2 A14B) is taken as the single
-    network; several models of one architecture (i2v 480P/720P) give the first in registry order."""
-    from wan.loading.identify import identify, registry_matches
+    network; several models of one architecture (i2v 480P/720P) give the first in registry order. A DiT
+    of no registry size runs as the first model of its task type (the job then notes it)."""
+    from wan.loading.identify import identify, registry_matches, task_type_model
     from wan.registry import default_registry
     identity = identify(path)
     if identity.kind != "dit":
         raise RequestError("dit", path, f"a Wan DiT checkpoint; this file is {identity.summary()}")
-    matches = registry_matches(identity, default_registry())
-    if not matches:
-        raise RequestError("dit", path, f"a DiT of a registry model ({identity.summary()}, dim {identity.dim}, "
-                                        f"{identity.num_layers} layers, fits none); name the model with --model, "
-                                        "or add a spec for it in finetunes/")
+    registry = default_registry()
+    matches = registry_matches(identity, registry)
+    if not matches:  # another size or a finetune: the model of its task type lends defaults and files
+        base = task_type_model(identity, registry)
+        if base is None:
+            raise RequestError("dit", path, f"a DiT of a Wan task type ({identity.summary()}: no registry model "
+                                            "takes its inputs); name the model with --model, or add a spec for "
+                                            "it in finetunes/")
+        return base
     single = [m for m in matches if m.role == "transformer"]
     return (single or matches)[0].model_id
 

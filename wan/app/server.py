@@ -56,6 +56,7 @@ def _wire(demo, state, session, form, loras, add, message, queue, gallery) -> No
     ui_queue.listen(state, queue, session)
     keys = generate.keys
     add.click(generate.add, [session, queue["shown"], *[form[k] for k in keys]], [message, *queue_outputs])
+    form["download"].click(generate.download, [session, queue["shown"], form["model"]], [message, *queue_outputs])
 
     def load_request(request):
         if request is None:
@@ -70,10 +71,11 @@ def _wire(demo, state, session, form, loras, add, message, queue, gallery) -> No
         choices, table = ui_loras.lora_rows(state, model_id)
         return [session_id, *updates, gr.update(choices=choices), table,
                 ui_generate.plan_text(state, model_id, state.settings.profile or "default"),
+                *ui_generate.readiness_updates(state, model_id),
                 *ui_queue.views(state, session_id, None), *[ui_gallery.items(state, session_id, False)] * 2]
     demo.load(start, [session, form["model"]],
               [session, *[form[k] for k in generate.model_outputs], form["loras"], loras["table"], form["plan"],
-               *queue_outputs, gallery["gallery"], gallery["shown"]])
+               form["readiness"], form["download"], *queue_outputs, gallery["gallery"], gallery["shown"]])
 
     timer = gr.Timer(1.0)
     shown = gallery["shown"]

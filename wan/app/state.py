@@ -215,7 +215,11 @@ class AppState:
     def readiness(self, spec, estimate: bool = False):
         """Whether ``spec`` can run here without a download (:mod:`wan.loading.readiness`)."""
         from wan.loading.readiness import readiness
-        return readiness(spec, self.settings.checkpoint_dir, self.model_files(spec), estimate=estimate)
+        estimates = {}
+        if estimate:  # file sizes from the architecture (no torch: plain arithmetic)
+            from wan.optim.planner import file_size_estimates
+            estimates = file_size_estimates(spec)
+        return readiness(spec, self.settings.checkpoint_dir, self.model_files(spec), estimates=estimates)
 
     def is_ours(self, path) -> bool:
         """A file this server may read as a job input: an upload it stored, or one of its outputs."""
@@ -238,7 +242,10 @@ class AppState:
         return request.replace(**changes), dropped
 
     def run_job(self, job: Job, progress, cancel) -> RunOutcome:
-        """The queue's runner: one job through the engine."""
+        """The queue's runner: one job through the engine (or a model download, :mod:`wan.app.downloads`)."""
+        from wan.app.downloads import is_download, run_download
+        if is_download(job.request):
+            return run_download(self, job, progress, cancel)
         from wan.app.preview import latent_preview
         from wan.engine.request import GenerationRequest
         request = self.prepare(GenerationRequest.from_dict(job.request))

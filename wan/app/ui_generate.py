@@ -64,7 +64,7 @@ def model_choices(state: AppState) -> list[tuple[str, str]]:
     out = []
     for spec in list_models(include_test=True):
         label = f"{spec.display_name} [test model]" if spec.test_model else spec.display_name
-        ready = state.readiness(spec)
+        ready = state.readiness(spec, estimate=True)
         mark = ("✓ " if ready.ready else "⬇ ") + ready.summary()
         out.append((f"{label} · {mark}", spec.id))
     return out
@@ -97,6 +97,10 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
         c["task"] = gr.Dropdown([], label="Task", elem_id="task", scale=1)
         c["profile"] = gr.Dropdown(profile_choices(), value=s.profile or "default", label="Profile",
                                    elem_id="profile", scale=2)
+    with gr.Row():
+        c["readiness"] = gr.Markdown("", elem_id="readiness")
+        c["download"] = gr.Button("⬇ Download the missing files", visible=False, elem_id="download-model", scale=0,
+                                  min_width=160)
     c["plan"] = gr.Markdown("", elem_id="plan")
     c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="A fox walking in the snow ...")
     c["one_per_line"] = gr.Checkbox(False, label="One job per prompt line", elem_id="one-per-line")
@@ -162,7 +166,14 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
 
 def form_keys(c: dict) -> list[str]:
     """The keys whose values make a request (everything but display-only parts)."""
-    return [k for k in c if k not in ("plan", "duration", "random_seed")]
+    return [k for k in c if k not in ("plan", "duration", "random_seed", "readiness", "download")]
+
+
+def readiness_updates(state: AppState, model_id: str) -> list:
+    """The readiness text under the picker and the Download button (shown when files are missing)."""
+    from wan.app.downloads import readiness_text
+    text = readiness_text(state, model_id)
+    return [text, gr.update(visible=text.startswith("⬇"))]
 
 
 def apply_model(state: AppState, model_id: str, task: str | None = None) -> dict:
@@ -275,6 +286,7 @@ def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
         c[k].change(duration_text, [c["frames"], c["fps"]], c["duration"])
     for k in ("model", "profile"):
         c[k].change(lambda m, p: plan_text(state, m, p), [c["model"], c["profile"]], c["plan"])
+    c["model"].change(lambda m: readiness_updates(state, m), c["model"], [c["readiness"], c["download"]])
     c["random_seed"].click(lambda: -1, None, c["seed"])
 
     def add(session_id, shown, *args):
@@ -287,7 +299,15 @@ def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
             return [f"⚠️ {e}{done}", *on_added(session_id, shown)]
         names = ", ".join(j.id for j in jobs)
         return [f"Queued {len(jobs)} job{'s' if len(jobs) > 1 else ''}: {names}", *on_added(session_id, shown)]
-    return SimpleNamespace(keys=keys, add=add, on_model=on_model, model_outputs=model_outputs)
+
+    def download(session_id, shown, model_id):
+        from wan.app.downloads import queue_download
+        try:
+            job = queue_download(state, model_id, session_id)
+        except ValueError as e:
+            return [f"⚠️ {e}", *on_added(session_id, shown)]
+        return [f"Queued {job.label} as job {job.id}: its progress shows in the queue", *on_added(session_id, shown)]
+    return SimpleNamespace(keys=keys, add=add, download=download, on_model=on_model, model_outputs=model_outputs)
 
 
 def load_into_form(state: AppState, c: dict, request) -> list:

@@ -19,6 +19,7 @@ import time
 
 import gradio as gr
 
+from wan.app.downloads import DOWNLOAD_KEY, is_download
 from wan.app.jobs import printable
 from wan.app.state import API_SESSION, AppState
 
@@ -49,7 +50,9 @@ def progress_text(job, hide: bool = False) -> str:
     if job.status != "running":
         return "" if hide else printable(job.error or "", MAX_ERROR_CHARS)
     if p is None:
-        return "loading models..."
+        return "starting..." if is_download(job.request) else "loading models..."
+    if p.expert == DOWNLOAD_KEY:  # a model download: megabytes
+        return printable(f"{p.step / 1000:.2f} of {p.total / 1000:.2f} GB · ETA {p.eta_s:.0f} s", MAX_ERROR_CHARS)
     expert = f" · {p.expert.replace('_', '-')} expert" if p.expert not in ("", "transformer") else ""
     return printable(f"step {p.step}/{p.total}{expert} · ETA {p.eta_s:.0f} s", MAX_ERROR_CHARS)
 

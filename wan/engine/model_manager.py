@@ -130,6 +130,12 @@ class ModelManager:
                 from wan.optim.compile import compile_blocks_
                 notes.append(f"{expert}: {compile_blocks_(dits[expert])} blocks compiled with torch.compile "
                              "(the first step pays the compile time)")
+        for role in set(spec.transformer_roles) & set(files):
+            from wan.loading.identify import size_notice
+            expert = role.removeprefix("transformer_") if role != "transformer" else role
+            notice = size_notice(dits[expert].config, spec)
+            if notice:
+                notes.append(f"{expert}: {notice}")
         te_dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         text_encoder = wan.load_text_encoder(paths["text_encoder"], device=device, dtype=te_dtype,
                                              tokenizer=paths.get("tokenizer"))

@@ -531,6 +531,35 @@ def registry_matches(identity: Identity, registry: Registry) -> list[Match]:
     return out
 
 
+def _task_key(cfg: DiTConfig) -> tuple:
+    """What a DiT's task type shows in its shapes, size left out: inputs, outputs, patch, text and image
+    conditioning, whether it has VACE blocks and a reference conv."""
+    return (cfg.in_dim, cfg.out_dim, tuple(cfg.patch_size), cfg.freq_dim, cfg.text_dim, cfg.image_dim,
+            cfg.image_pos_tokens, bool(cfg.vace_layers), cfg.vace_in_dim if cfg.vace_layers else None,
+            cfg.ref_conv_in)
+
+
+def task_type_model(identity: Identity, registry: Registry) -> str | None:
+    """The registry model whose task type a DiT of another size (a finetune, a resized model) has:
+    it lends the job its VAE, text encoder, tokenizer and defaults. A single network is preferred to
+    an A14B expert; None when no model has the task type."""
+    if identity.kind != "dit" or identity.dit is None:
+        return None
+    key = _task_key(identity.dit)
+    fitting = [spec for spec in registry.list() if _task_key(_spec_config(spec)) == key]
+    single = [spec for spec in fitting if not spec.is_two_expert]
+    return (single or fitting)[0].id if fitting else None
+
+
+def size_notice(config: DiTConfig, spec: ModelSpec) -> str | None:
+    """The notice a job gets when its DiT (a given file) is not the size of the model it runs as."""
+    expected = _spec_config(spec)
+    if _arch_key(config) == _arch_key(expected):
+        return None
+    return (f"this DiT (dim {config.dim}, {config.num_layers} layers) is not a registry model's: it runs with the "
+            f"defaults of {spec.id}'s task type (dim {expected.dim}, {expected.num_layers} layers there)")
+
+
 def registry_notice(identity: Identity, matches: list[Match]) -> str | None:
     """The notice a DiT that fits no registry model gets (None when it fits one, or is no DiT)."""
     if identity.kind != "dit" or matches:
@@ -544,4 +573,4 @@ def _spec_config(spec: ModelSpec) -> DiTConfig:
 
 
 __all__ = ["Identity", "KINDS", "Match", "classify_dit", "identify", "identify_checkpoint", "registry_matches",
-           "registry_notice", "size_label"]
+           "registry_notice", "size_label", "size_notice", "task_type_model"]

@@ -10,6 +10,7 @@ refused before anything loads, with the files to fetch and where they may be put
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from wan.loading.download import plan_files
@@ -68,13 +69,14 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def readiness(spec, checkpoint_dir: str | os.PathLike, found_files: dict[str, str] | None = None,
-              variant: str = "bf16", estimate: bool = True) -> Readiness:
+def readiness(spec, checkpoint_dir: str | os.PathLike, found_files: Mapping[str, str] | None = None,
+              variant: str = "bf16", estimates: Mapping[str, int] | None = None) -> Readiness:
     """The state of each component of ``spec``; ``found_files`` is role -> file from the user's
-    folders (``components_found``). Reads no weights: a stat per planned file. ``estimate``: size a
-    missing DiT from its architecture when the registry does not state it (builds it on the meta
-    device, so it imports torch: the web page's first render passes False)."""
+    folders (``components_found``). Reads no weights: a stat per planned file. ``estimates``: role ->
+    the expected bytes of a missing file whose size the registry does not state (from the architecture:
+    ``wan.optim.planner.file_size_estimates``), shown with a ``~``."""
     found_files = found_files or {}
+    estimates = estimates or {}
     variant = "fp32" if spec.test_model else variant
     by_role: dict[str, list] = {}
     for planned in plan_files(spec, checkpoint_dir, variant):
@@ -92,18 +94,7 @@ def readiness(spec, checkpoint_dir: str | os.PathLike, found_files: dict[str, st
         else:
             todo = [p for p in planned if not p.is_present()]
             size = sum(p.size or 0 for p in todo)
-            estimated = estimate and not size and role.startswith("transformer")
+            estimated = not size and role in estimates
             out.append(Component(role, "missing", str(todo[0].local_path) if todo else None,
-                                 _dit_bytes(spec, variant) if estimated else size, estimated))
+                                 estimates[role] if estimated else size, estimated))
     return Readiness(spec.id, tuple(out))
-
-
-def _dit_bytes(spec, variant: str) -> int:
-    """A DiT file's size from its architecture (the network built on the meta device) when the
-    registry does not state it: parameters x bytes per weight of the variant."""
-    import torch
-
-    from wan.models.dit import DiTConfig, WanDiT
-    with torch.device("meta"):
-        params = sum(p.numel() for p in WanDiT(DiTConfig(**spec.dit_config())).parameters())
-    return params * {"fp32": 4, "bf16": 2, "fp16": 2}.get(variant, 1)

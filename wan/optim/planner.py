@@ -306,6 +306,28 @@ def model_sizes(spec, precision: str = "bf16", *, text_encoder_precision: str | 
     return sizes
 
 
+# A registry variant name -> the precision its file stores weights in.
+_FILE_PRECISION = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8_e4m3fn": "fp8", "fp8_scaled": "fp8_scaled"}
+
+
+def file_size_estimates(spec, variant: str = "bf16") -> dict[str, int]:
+    """Role -> the byte size of its weights file at the variant the downloader picks for ``variant``,
+    counted from the architecture: for files whose size the registry does not state (a download's
+    total, the free-disk check). {} for models of unknown dimensions (the TEST family)."""
+    from wan.loading.download import select_sources
+    chosen = {role: source.variant for role, source in select_sources(spec, variant).items()}
+
+    def precision(role: str, default: str) -> str:
+        return _FILE_PRECISION.get(chosen.get(role, ""), default)
+    try:
+        sizes = model_sizes(spec, precision(spec.transformer_roles[0], "bf16"),
+                            text_encoder_precision=precision("text_encoder", "bf16"),
+                            clip_precision=precision("clip", "fp16"), vae_precision=precision("vae", "fp32"))
+    except (ValueError, KeyError):
+        return {}
+    return {size.name: size.bytes for size in sizes}
+
+
 def run_precision(profile: Profile, machine: Machine) -> str:
     """The DiT's precision for a profile on a machine: ``auto`` is float32 without a GPU (the
     engine's CPU choice), fp16 on GPUs older than compute capability 8.0, else bf16."""

@@ -102,6 +102,8 @@ RepoId = rule("a Hugging Face repo id 'owner/name'", lambda v: isinstance(v, str
 Size = rule("a size written WIDTHxHEIGHT such as '832x480'", lambda v: isinstance(v, str) and _SIZE_RE.match(v),
             lambda v: tuple(int(x) for x in v.split("x")))
 Variant = choice(VARIANTS)
+LocalPath = rule("a path on this machine (absolute, '~/...', or relative to the spec file)",
+                 lambda v: isinstance(v, str) and bool(v.strip()) and "\0" not in v)
 _SHARD_INDEX = ".safetensors.index.json"
 
 # ----------------------------------------------------------------------------- the schema
@@ -109,7 +111,9 @@ _SHARD_INDEX = ".safetensors.index.json"
 
 class _Source(ConfigModel):
     """One variant's files: ``file`` (with ``shards``, the index of standard HF shards), or
-    ``files`` and the ``folder`` a loader opens; from a Hugging Face ``repo`` or a ``generator``."""
+    ``files`` and the ``folder`` a loader opens; from a Hugging Face ``repo`` or a ``generator``.
+    ``path`` names a file or folder on this machine (``~`` expanded, relative to the spec file):
+    alone, it is the only source; beside ``repo``/``file``, it is used when it exists."""
 
     source: choice(("hf", "generated")) = "hf"
     repo: RepoId | None = None
@@ -122,12 +126,20 @@ class _Source(ConfigModel):
     sizes: dict[str, Count] = {}
     verified: Bool = True
     note: Name = ""
+    path: LocalPath | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "_Source":
         hf, needed = self.source == "hf", "repo" if self.source == "hf" else "generator"
+        if self.path is not None:
+            if not hf:
+                fail("generated files have no local path", "path")
+            if self.repo is None:
+                if self.file is not None or self.files is not None or self.shards:
+                    fail("with 'path' alone, the path is the file; 'file'/'files' go with 'repo'", "file")
+                return self
         if getattr(self, needed) is None:
-            fail("required key is missing", needed)
+            fail("required key is missing" + (" (or give 'path', a file on this machine)" if hf else ""), needed)
         if hf and self.generator is not None:
             fail("only files with 'source: generated' have a generator", "generator")
         if not hf and self.repo is not None:
@@ -165,10 +177,14 @@ class _Source(ConfigModel):
         parent = str(PurePosixPath(self.file).parent)
         return self.file if not self.shards else "" if parent == "." else parent
 
-    def build(self, variant: str) -> FileSource:
+    def build(self, variant: str, spec_dir: Path) -> FileSource:
+        local = None if self.path is None else str((spec_dir / Path(self.path).expanduser()).resolve())
+        if self.repo is None and local is not None:
+            name = Path(local).name
+            return FileSource(variant, None, (name,), name, verified=self.verified, note=self.note, local=local)
         sizes = {**({self.file: self.size} if self.size else {}), **self.sizes}
         return FileSource(variant, self.repo, self.paths, self.open_path, MappingProxyType(sizes), self.verified,
-                          self.generator, self.note)
+                          self.generator, self.note, local)
 
 
 class _Component(ConfigModel):
@@ -185,8 +201,8 @@ class _Component(ConfigModel):
             reject(self.default, "one of this component's variants: " + ", ".join(self.variants), "default")
         return self
 
-    def build(self, name: str) -> Component:
-        variants = {v: source.build(v) for v, source in self.variants.items()}
+    def build(self, name: str, spec_dir: Path) -> Component:
+        variants = {v: source.build(v, spec_dir) for v, source in self.variants.items()}
         return Component(name, self.default or next(iter(variants)), MappingProxyType(variants))
 
 
@@ -306,7 +322,7 @@ def _check_defaults(d: _Defaults, experts: bool, tasks: tuple[str, ...], t_strid
 
 
 def _component(name: str, raw: Any, file: str, at: str) -> Component:
-    return validate(_Component, raw, file, RegistryError, at).build(name)
+    return validate(_Component, raw, file, RegistryError, at).build(name, Path(file).parent)
 
 
 def _model(mid: str, raw: dict, file: str, shared: dict[str, Component]) -> ModelSpec:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,8 @@ class FileSource:
         generator: dotted name of a function ``f(checkpoint_dir)`` writing generated files (one
             of ``GENERATORS``).
         note: free text (e.g. how the dtype was inferred).
+        local: an absolute path on this machine (a spec's ``path:``): used as it is when it exists;
+            with no ``repo``, nothing is downloaded and a missing path is reported as missing.
     """
 
     variant: str
@@ -88,10 +91,16 @@ class FileSource:
     verified: bool = True
     generator: str | None = None
     note: str = ""
+    local: str | None = None
 
     @property
     def generated(self) -> bool:
         return self.generator is not None
+
+    @property
+    def uses_local(self) -> bool:
+        """The local ``path:`` serves this variant: it exists, or there is no repo to fetch from."""
+        return self.local is not None and (self.repo is None or os.path.exists(self.local))
 
 
 @dataclass(frozen=True)
