@@ -270,7 +270,7 @@ def test_the_model_picker_says_what_is_ready_and_a_missing_model_is_refused_when
         assert real.endswith("⬇ missing transformer (~2.9 GB), vae (~0.5 GB), text_encoder (~11.4 GB), tokenizer"), real
         choose(page, "model", t2v)
         page.wait_for_function("document.querySelector('#readiness').innerText.includes('Ready')")
-        assert "transformer (your models folder)" in page.inner_text("#readiness")
+        assert f"transformer (your models folder: {tree / 'diffusion_models'}" in page.inner_text("#readiness")
         assert not page.locator("#download-model").is_visible()
         choose(page, "model", real)
         page.wait_for_function("document.querySelector('#readiness').innerText.includes('Not on this machine')")

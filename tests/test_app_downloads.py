@@ -63,7 +63,7 @@ def test_the_readiness_text_lists_each_missing_file_with_its_size_and_place(stat
     assert f"- transformer (~2.9 GB): `{tmp_path / 'ckpt'}" in text and "- text_encoder (~11.4 GB)" in text
     assert "Free disk space there: 500.0 GB." in text and f"python wgp.py download {MODEL}" in text
     assert "HF_TOKEN is not set" in text
-    assert readiness_text(state, "test-tiny-t2v").startswith("✓ Ready: transformer (made on first use)")
+    assert readiness_text(state, "test-tiny-t2v").startswith("✓ Ready: transformer (made on first use: `")
 
 
 def test_a_download_is_refused_before_queueing_when_the_disk_is_too_small(state, monkeypatch):

@@ -39,7 +39,7 @@ def readiness_text(state, model_id: str) -> str:
         return f"⚠️ {e}"
     if ready.ready:
         where = {"found": "your models folder", "checkpoints": "checkpoints", "generated": "made on first use"}
-        return "✓ Ready: " + "; ".join(f"{c.role} ({where[c.source]})" for c in ready.components)
+        return "✓ Ready: " + "; ".join(f"{c.role} ({where[c.source]}: `{c.path}`)" for c in ready.components)
     estimated = any(c.estimated for c in ready.missing)
     lines = [f"⬇ **Not on this machine.** Missing, {_gb(ready.missing_bytes, estimated)} in all:"]
     for c in ready.missing:

@@ -12,6 +12,7 @@ The version and every hyperparameter are inferred from tensor shapes; a config.j
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -74,7 +75,9 @@ def _rows_22(num_res_blocks: int) -> list[tuple[str, str]]:
     ]
 
 
+@functools.lru_cache(maxsize=None)
 def _pattern(template: str) -> re.Pattern:
+    """The compiled form of a key template (a few dozen templates, asked for once per key)."""
     fields = {"side": r"(?P<side>encoder|decoder)", "i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)"}
     parts = re.split(r"\{(\w+)\}", template)
     regex = "".join(re.escape(p) if n % 2 == 0 else fields[p] for n, p in enumerate(parts))
