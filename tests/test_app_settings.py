@@ -46,7 +46,9 @@ def test_precedence_defaults_file_flags(tmp_path, monkeypatch):
     write_config(tmp_path / "wan_studio.yaml", {"server_port": 9000, "share": True, "output_dir": "out_file",
                                                 "max_frames": 81, "profile": 4})
     s = load_settings(parse())  # the default config file is read when present
-    assert (s.server_port, s.share, s.output_dir, s.max_frames, s.profile) == (9000, True, "out_file", 81, "4")
+    # profile 4 is kept under its name, the value the profile pickers hold (see check_references)
+    assert (s.server_port, s.share, s.output_dir, s.max_frames, s.profile) == (9000, True, "out_file", 81,
+                                                                               "LowRAM_LowVRAM")
     assert s.lora_dir == "loras"  # untouched settings keep their defaults
     s = load_settings(parse("--server-port", "9100", "--output-dir", "out_flag", "--no-share"))
     assert (s.server_port, s.output_dir, s.share, s.max_frames) == (9100, "out_flag", False, 81)

@@ -10,8 +10,12 @@ defaults to ``argparse.SUPPRESS``, so a flag that was not typed is absent from t
 cannot mask the file, while a flag typed with the default's value still wins over the file.
 
 Values are checked by :mod:`wan.config`: every bad value raises :class:`SettingsError` naming where
-it came from (the file, a flag or the UI), the key, the value and what is allowed. This module
-imports neither gradio nor torch.
+it came from (the file, a flag or the UI), the key, the value and what is allowed. The settings
+that name something which must exist here (``profile``, ``model``) are checked against the
+profiles and the registry by :func:`check_references`, at the start (a bad value from the file is
+ignored with a warning, one from a flag is an error) and when the Settings tab saves. Each field
+also carries its label in plain words for the Settings tab. This module imports neither gradio
+nor torch.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,46 +86,62 @@ def _folders(v: Any) -> bool:
 Folders = rule("a folder or a list of folders", _folders, lambda v: (v,) if isinstance(v, str) else tuple(v))
 
 
-def _setting(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+def _setting(default: Any, help: str, label: str) -> Any:
+    """A field with its flag help (also the UI's description) and its label in plain words (the UI's)."""
+    return dataclasses.field(default=default, metadata={"help": help, "label": label})
 
 
 @section(frozen=False)
 class ServerSettings:
     """Everything the web server needs to start. Field names are the config keys and flag names."""
 
-    listen: Bool = _setting(False, "listen on all interfaces (0.0.0.0) instead of --server_name")
-    server_name: Text = _setting("127.0.0.1", "interface to listen on")
-    server_port: Port = _setting(7860, "port to listen on (the next free one is used if it is taken)")
-    share: Bool = _setting(False, "create a public gradio.live link (use --auth or --auth_file with it)")
-    auth: OptionalText = _setting(None, "USER:PASSWORD required to open the app (never saved to the config file)")
-    auth_file: OptionalText = _setting(None, "file with one USER:PASSWORD per line ('#' starts a comment line)")
+    listen: Bool = _setting(False, "listen on all interfaces (0.0.0.0) instead of --server_name",
+                            "Listen on all network interfaces")
+    server_name: Text = _setting("127.0.0.1", "interface to listen on", "Network address to listen on")
+    server_port: Port = _setting(7860, "port to listen on (the next free one is used if it is taken)", "Port")
+    share: Bool = _setting(False, "create a public gradio.live link (use --auth or --auth_file with it)",
+                           "Create a public share link")
+    auth: OptionalText = _setting(None, "USER:PASSWORD required to open the app (never saved to the config file)",
+                                  "User name and password")
+    auth_file: OptionalText = _setting(None, "file with one USER:PASSWORD per line ('#' starts a comment line)",
+                                       "Password file")
     profile: ProfileRef = _setting(None, "profile name or number used when a request names none "
-                                         "(see: wgp.py profiles)")
-    model: OptionalText = _setting(None, "model id selected when the page opens (see: wgp.py models)")
-    checkpoint_dir: Text = _setting("checkpoints", "folder of the model checkpoints")
+                                         "(see: wgp.py profiles)", "Default profile")
+    model: OptionalText = _setting(None, "model id selected when the page opens (see: wgp.py models)",
+                                   "Model selected when the page opens")
+    checkpoint_dir: Text = _setting("checkpoints", "folder of the model checkpoints", "Checkpoints folder")
     models_dir: Folders = _setting((), "a folder of model files you already have (ComfyUI's models/, Wan2GP's "
                                         "ckpts/, the Hugging Face cache, any folder), repeatable: files are "
-                                        "recognised by their tensors and used instead of downloading")
-    lora_dir: Text = _setting("loras", "LoRA drop-in folder")
-    output_dir: Text = _setting("outputs", "folder the generated files are written to")
-    attention: Attention = _setting(None, "attention backend to prefer: " + ", ".join(("auto",) + ATTENTION_BACKENDS))
-    compile: Bool = _setting(False, "torch.compile the transformer blocks")
-    open_browser: Bool = _setting(False, "open the app in a browser once it is up")
-    verbose: Bool = _setting(False, "log more")
+                                        "recognised by their tensors and used instead of downloading",
+                                   "Folders of model files you already have")
+    lora_dir: Text = _setting("loras", "LoRA drop-in folder", "LoRA folder")
+    output_dir: Text = _setting("outputs", "folder the generated files are written to", "Output folder")
+    attention: Attention = _setting(None, "attention backend to prefer: " + ", ".join(("auto",) + ATTENTION_BACKENDS),
+                                    "Preferred attention backend")
+    compile: Bool = _setting(False, "compile the transformer blocks with torch.compile",
+                             "Compile the transformer (torch.compile)")
+    open_browser: Bool = _setting(False, "open the app in a browser once it is up", "Open a browser tab at start")
+    verbose: Bool = _setting(False, "log more", "Detailed log")
     # limits on what one browser client may ask of this machine
-    max_frames: Positive = _setting(_LIMITS.max_frames, "most frames one request may ask for")
-    max_pixels: Positive = _setting(_LIMITS.max_pixels, "most pixels (width*height) of one frame a request may ask for")
-    max_steps: Positive = _setting(_LIMITS.max_steps, "most denoising steps one request may ask for")
-    max_upload_mb: Positive = _setting(1024, "largest file a browser may upload, in MB")
-    max_queue: Positive = _setting(100, "most jobs waiting in the queue, all sessions together")
-    state_dir: Text = _setting(".wan_studio", "folder of the queue file and uploads")
+    max_frames: Positive = _setting(_LIMITS.max_frames, "most frames one request may ask for",
+                                    "Most frames per request")
+    max_pixels: Positive = _setting(_LIMITS.max_pixels, "most pixels (width*height) of one frame a request may ask for",
+                                    "Most pixels per frame")
+    max_steps: Positive = _setting(_LIMITS.max_steps, "most denoising steps one request may ask for",
+                                   "Most denoising steps per request")
+    max_upload_mb: Positive = _setting(1024, "largest file a browser may upload, in MB", "Largest upload (MB)")
+    max_queue: Positive = _setting(100, "most jobs waiting in the queue, all sessions together",
+                                   "Most jobs waiting in the queue")
+    state_dir: Text = _setting(".wan_studio", "folder of the queue file and uploads", "Queue and uploads folder")
     max_queue_per_session: Positive = _setting(20, "most jobs one session may have waiting when the server is "
-                                                   "shared (--listen, --share or a non-local --server_name)")
+                                                   "shared (--listen, --share or a non-local --server_name)",
+                                               "Most waiting jobs per browser session")
     uploads_max_age_days: Limit = _setting(7, "uploads older than this many days are deleted (at start and after "
-                                              "jobs), except those a waiting or running job uses; 0: no age limit")
+                                              "jobs), except those a waiting or running job uses; 0: no age limit",
+                                           "Delete uploads after (days)")
     uploads_max_mb: Limit = _setting(10240, "the uploads folder is kept under this many MB by deleting the oldest "
-                                            "uploads, except those a waiting or running job uses; 0: no size limit")
+                                            "uploads, except those a waiting or running job uses; 0: no size limit",
+                                     "Largest size of the uploads folder (MB)")
 
     @property
     def host(self) -> str:
@@ -136,6 +157,83 @@ NOT_SAVED = ("auth",)  # a password in clear belongs in --auth_file, not in a fi
 def check_value(key: str, value: Any, where: str) -> Any:
     """Checks one setting; ``where`` names its source ("wan_studio.yaml", "flag", "UI")."""
     return getattr(settings_from_dict({key: value}, where=where), key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings that name something that must exist here: a profile, a model
+
+
+REFERENCES = ("profile", "model")
+
+
+def check_references(settings: ServerSettings, where: str = "settings",
+                     keys: tuple[str, ...] | list[str] = REFERENCES) -> ServerSettings:
+    """``settings`` with the ``profile`` and ``model`` among ``keys`` checked against what exists:
+    the profile by name or number (as :meth:`ProfileSet.get` reads it), the model by registry id.
+
+    Returns the settings with the profile stored under its name (``4`` -> ``LowRAM_LowVRAM``), the
+    form the pickers list. A value naming nothing raises :class:`SettingsError` with ``where``,
+    the key, the value and what is allowed. The type checks (:func:`settings_from_dict`) know
+    nothing of the profile folders or the registry; this check does, so it runs where settings
+    are used: at the server's start (:func:`load_settings`) and when the Settings tab saves.
+    """
+    changes = {}
+    if "profile" in keys and settings.profile is not None:
+        changes["profile"] = _profile_name(settings.profile, where)
+    if "model" in keys and settings.model is not None:
+        _check_model(settings.model, where)
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
+def _profile_name(ref: str, where: str) -> str:
+    from wan.optim.profile_files import load_profiles
+    from wan.optim.profiles import ProfileError
+    try:
+        profiles = load_profiles()
+    except ProfileError as e:
+        raise SettingsError.say(where, "profile",
+                                f"{ref!r} cannot be checked: the profiles do not load ({e})") from None
+    if ref in profiles:
+        return profiles.get(ref).name
+    allowed = (f"a profile name or number{did_you_mean(ref, profiles.names())}: "
+               f"{', '.join(p.label for p in profiles)} (see: wgp.py profiles)")
+    raise SettingsError.bad(where, "profile", ref, allowed)
+
+
+def _check_model(model_id: str, where: str) -> None:
+    from wan.registry import RegistryError, default_registry
+    try:
+        registry = default_registry()
+    except RegistryError as e:
+        raise SettingsError.say(where, "model",
+                                f"{model_id!r} cannot be checked: the registry does not load ({e})") from None
+    if model_id not in registry:
+        ids = [m.id for m in registry.list()]  # real models first, as the pickers list them
+        raise SettingsError.bad(where, "model", model_id, f"a model id{did_you_mean(model_id, ids)}: "
+                                                           f"{', '.join(ids)} (see: wgp.py models)")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _usable_references(settings: ServerSettings, given: dict, file: str,
+                       warn: Callable[[str], None]) -> ServerSettings:
+    """The start's check of the references: a flag naming nothing is an error (it was just typed);
+    a config file's value naming nothing (a profile since deleted, a model id of a removed
+    finetune, or a file edited by hand) is ignored with a warning, so the server still starts and
+    its pickers show a value they hold."""
+    for key in REFERENCES:
+        try:
+            settings = check_references(settings, "flag" if key in given else file, keys=(key,))
+        except SettingsError as e:
+            if key in given:
+                raise
+            instead = "the default profile" if key == "profile" else "the first model"
+            warn(f"{e}. It is ignored at this start ({instead} is used instead); "
+                 f"pick another in the Settings tab or edit {file}")
+            settings = dataclasses.replace(settings, **{key: getattr(DEFAULTS, key)})
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,15 +266,20 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return read_yaml(path, SettingsError)
 
 
-def load_settings(args: argparse.Namespace) -> ServerSettings:
-    """Defaults < config file (``args.config``, or ``wan_studio.yaml`` if it exists) < flags given."""
+def load_settings(args: argparse.Namespace, warn: Callable[[str], None] = _warn) -> ServerSettings:
+    """Defaults < config file (``args.config``, or ``wan_studio.yaml`` if it exists) < flags given.
+
+    The profile and model are then checked against the profiles and the registry
+    (:func:`check_references`): a bad one from a flag raises, a bad one from the file is passed to
+    ``warn`` (printed to stderr by default) and replaced by its default."""
     config = getattr(args, "config", None)
     path = Path(config if config is not None else DEFAULT_CONFIG)
     settings = ServerSettings()
     if config is not None or path.is_file():  # a file named explicitly must exist
         settings = settings_from_dict(read_config(path), base=settings, where=str(path))
     given = {key: getattr(args, key) for key in FIELD_NAMES if hasattr(args, key)}
-    return settings_from_dict(given, base=settings, where="flag")
+    settings = settings_from_dict(given, base=settings, where="flag")
+    return _usable_references(settings, given, str(path), warn)
 
 
 def save_settings(settings: ServerSettings, path: str | os.PathLike) -> Path:
