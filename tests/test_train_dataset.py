@@ -457,3 +457,20 @@ def test_jsonl_items(tmp_path, monkeypatch):
     report = dataset_report(load_dataset_config("d.toml"))
     assert "    frames: 5 frames (3 at 16 fps) -> [0:1]" in report.splitlines()
     assert "    missing.mp4: no caption in videos.jsonl line 2" in report.splitlines()
+
+
+def test_a_video_cache_is_named_after_its_bucket(tmp_path, monkeypatch):
+    """musubi resizes video frames as it reads them, so a video's cache name holds the bucket's size
+    (an image's holds its own)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vid").mkdir()
+    _video(tmp_path / "vid" / "wide.mp4", 9, size=(64, 32))
+    (tmp_path / "vid" / "wide.txt").write_text("wide")
+    (tmp_path / "d.toml").write_text('[general]\nresolution = [32, 32]\ncaption_extension = ".txt"\n'
+                                     '[[datasets]]\nvideo_directory = "vid"\ntarget_frames = [9]\n')
+    listing = list_items(load_dataset_config("d.toml").datasets[0])
+    (item,) = listing.items
+    assert item.size == (64, 32) and item.bucket != item.size
+    latents, _ = expected_cache_files(listing.blueprint, item)
+    w, h = item.bucket
+    assert [p.name for p in latents] == [f"wide_00000-009_{w:04d}x{h:04d}_wan.safetensors"]

@@ -390,7 +390,8 @@ class MusubiCacheNames:
     """musubi-tuner's cache file names, computed here so that this module stands alone:
     ``<base>_<start:05d>-<frames:03d>_<W:04d>x<H:04d>_wan.safetensors`` for a video window,
     ``<base>_<W:04d>x<H:04d>_wan.safetensors`` for an image, ``<base>_wan_te.safetensors`` for the
-    text encoder's output; W x H is the item's own size, not its bucket."""
+    text encoder's output. W x H is an image's own size, but a video's bucket: musubi resizes video
+    frames as it reads them, so the size it records for a video is the bucket's."""
 
     architecture: str = "wan"
 
@@ -417,7 +418,8 @@ def expected_cache_files(bp: DatasetBlueprint, item: DatasetItem,
         return (), None
     folder = Path(bp.cache_directory)
     windows = item.windows if bp.is_video else (None,)
-    latents = tuple(dict.fromkeys(folder / naming.latent_name(item.base, item.size, w) for w in windows))
+    size = item.bucket if bp.is_video and item.bucket is not None else item.size
+    latents = tuple(dict.fromkeys(folder / naming.latent_name(item.base, size, w) for w in windows))
     return latents, folder / naming.text_name(item.base)
 
 
