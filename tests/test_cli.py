@@ -38,3 +38,21 @@ def test_bad_input_exits_2_without_traceback():
         r = wgp(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr and "error:" in r.stderr
+
+
+def test_dataset_check_reads_a_musubi_dataset_config(tmp_path):
+    """``wgp.py dataset check``: the items, buckets and cache state of each dataset; a bad key is named."""
+    from PIL import Image
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (64, 32)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "img" / "a.txt").write_text("a box")
+    config = tmp_path / "d.toml"
+    config.write_text('[general]\nresolution = [32, 32]\ncaption_extension = ".txt"\n'
+                      f'[[datasets]]\nimage_directory = "{tmp_path / "img"}"\ncache_directory = "{tmp_path / "c"}"\n')
+    r = wgp("dataset", "check", str(config))
+    assert r.returncode == 0, r.stderr
+    assert "items: 1; 1 per epoch with num_repeats 1" in r.stdout and "buckets: 32x32: 1" in r.stdout
+    assert "cache: 0 of 1 latent files, 0 of 1 text-encoder files present" in r.stdout
+    config.write_text(config.read_text().replace("resolution", "resolutoin"))
+    r = wgp("dataset", "check", str(config))
+    assert r.returncode == 2 and str(config) in r.stderr and "resolutoin" in r.stderr

@@ -6,6 +6,9 @@
     python wgp.py profiles [--model ID]  list the profiles and the memory plan each gives here
     python wgp.py lora list|check|convert  the LoRA folder, compatibility, format conversion
     python wgp.py download MODEL [--variant bf16|fp16|fp8] [--checkpoint_dir DIR]
+    python wgp.py dataset check D.toml   a musubi-tuner dataset config: items, buckets, frames, caches
+    python wgp.py cache_latents --dataset_config D.toml [--model ID | --vae PATH] [--i2v] ...
+    python wgp.py cache_text_encoder_outputs --dataset_config D.toml [--model ID | --t5 PATH] ...
 
 Flags are shown with underscores (``--server_port``); the hyphen spelling (``--server-port``) is
 read as the same flag (``wan.flags.FlagParser``).
@@ -139,12 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--variant", default="bf16", help="weights variant: bf16 (default), fp16, fp32, fp8_e4m3fn, fp8_scaled")
     dl.add_argument("--checkpoint_dir", default=DEFAULT_CHECKPOINT_DIR)
     dl.set_defaults(func=_download)
+    _add_training_commands(sub)
     return parser
+
+
+def _add_training_commands(sub) -> None:
+    """The dataset and caching commands, with musubi-tuner's names and flags (wan/cli_cache.py)."""
+    from wan import cli_cache
+    dataset = sub.add_parser("dataset", help="check a musubi-tuner dataset config")
+    dataset_sub = dataset.add_subparsers(dest="dataset_command", required=True)
+    check = dataset_sub.add_parser("check", help="per dataset: items, buckets, frames, missing captions, "
+                                                 "unreadable files and cache state")
+    cli_cache.add_dataset_check_arguments(check)
+    check.set_defaults(func=cli_cache.run_dataset_check)
+    latents = sub.add_parser("cache_latents", help="encode a dataset's media into latent caches (musubi-tuner's layout)")
+    cli_cache.add_cache_latents_arguments(latents)
+    latents.set_defaults(func=cli_cache.run_cache_latents)
+    text = sub.add_parser("cache_text_encoder_outputs", help="encode a dataset's captions with umT5 "
+                                                             "(musubi-tuner's layout)")
+    cli_cache.add_cache_text_encoder_arguments(text)
+    text.set_defaults(func=cli_cache.run_cache_text_encoder_outputs)
 
 
 def main(argv: list[str]) -> int:
     parser = build_parser()
-    commands = {"serve", "generate", "models", "profiles", "lora", "download", "-h", "--help"}
+    commands = {"serve", "generate", "models", "profiles", "lora", "download", "dataset", "cache_latents",
+                "cache_text_encoder_outputs", "-h", "--help"}
     if not argv or argv[0] not in commands:
         argv = ["serve", *argv]  # flags alone start the app
     args = parser.parse_args(argv)
