@@ -9,6 +9,7 @@
     python wgp.py dataset check D.toml   a musubi-tuner dataset config: items, buckets, frames, caches
     python wgp.py cache_latents --dataset_config D.toml [--model ID | --vae PATH] [--i2v] ...
     python wgp.py cache_text_encoder_outputs --dataset_config D.toml [--model ID | --t5 PATH] ...
+    python wgp.py train --dit PATH | --model ID --dataset_config D.toml --output_dir O --output_name N ...
 
 Flags are shown with underscores (``--server_port``); the hyphen spelling (``--server-port``) is
 read as the same flag (``wan.flags.FlagParser``).
@@ -162,12 +163,16 @@ def _add_training_commands(sub) -> None:
                                                              "(musubi-tuner's layout)")
     cli_cache.add_cache_text_encoder_arguments(text)
     text.set_defaults(func=cli_cache.run_cache_text_encoder_outputs)
+    from wan import cli_train
+    train = sub.add_parser("train", help="train a LoRA (musubi-tuner's flags and dataset config)")
+    cli_train.add_arguments(train)
+    train.set_defaults(func=cli_train.run)
 
 
 def main(argv: list[str]) -> int:
     parser = build_parser()
     commands = {"serve", "generate", "models", "profiles", "lora", "download", "dataset", "cache_latents",
-                "cache_text_encoder_outputs", "-h", "--help"}
+                "cache_text_encoder_outputs", "train", "-h", "--help"}
     if not argv or argv[0] not in commands:
         argv = ["serve", *argv]  # flags alone start the app
     args = parser.parse_args(argv)
