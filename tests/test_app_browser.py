@@ -116,7 +116,7 @@ def test_queue_jobs_reorder_remove_and_abort_the_running_one(page, studio):
     page.get_by_role("button", name="Remove", exact=True).click()
     page.wait_for_function("(id) => document.querySelector('#queue-message').innerText.includes('Removed ' + id)",
                            arg=dropped)
-    page.get_by_role("button", name="Abort running job", exact=True).click()
+    page.get_by_role("button", name="Abort running", exact=True).click()
     wait_for_status(page, slow, "cancelled")
     studio.gate.unlink()
     wait_for_status(page, quick, "done")

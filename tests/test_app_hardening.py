@@ -100,9 +100,9 @@ def test_upload_refusals_reach_api_clients_in_the_apps_words(studio, tmp_path):
     from gradio_client import handle_file
     c = api_client(studio)
     (tmp_path / "notimage.png").write_bytes(b"this is text, not a PNG")
-    with pytest.raises(Exception) as e:
-        c.predict(*_add_args(c, **{"Start image": handle_file(str(tmp_path / "notimage.png"))}), api_name="/add")
-    assert "Start image: notimage.png is not a readable image" in str(e.value)
+    result = c.predict(*_add_args(c, **{"Start image": handle_file(str(tmp_path / "notimage.png")),
+                                          "Task": "i2v"}), api_name="/add")
+    assert result[0] == "⚠️ Start image: notimage.png is not a readable image (PNG, JPEG, WebP…)"
 
 
 def test_a_bad_input_video_is_named_by_its_label_and_file_name(tmp_path):

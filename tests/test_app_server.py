@@ -170,7 +170,7 @@ def test_a_job_holding_a_lone_surrogate_survives_save_restart_and_page_load(tmp_
     server = StudioServer(base, checkpoints).start()
     try:
         c = api_client(server)
-        start = c.predict("my-session", "test-tiny-t2v", api_name="/start")
+        start = c.predict("my-session", "test-tiny-t2v", None, api_name="/start")
         assert start[0] == "my-session"
         status, _, table, *_ = c.predict("my-session", None, False, api_name="/tick")
         assert [row[3] for row in table["data"]] == ["test-tiny-t2v: snow \ufffd fox"]

@@ -82,7 +82,8 @@ def test_on_a_shared_server_a_session_acts_only_on_its_own_jobs(shared):
     from wan.app.ui_queue import perform
     state, ids = shared
     for what, job_id, named in (("remove", ids.alice, ids.alice), ("up", ids.alice, ids.alice),
-                                ("abort", ids.alice, ids.alice), ("abort", None, ids.running),
+                                ("cancel", ids.alice, ids.alice), ("abort", None, ids.running),
+                                ("abort", ids.alice, ids.running),  # "Abort running": the running job, whatever is picked
                                 ("abort", ids.running, ids.running)):
         msg = perform(state, what, job_id, "bob")
         assert msg.startswith("⚠️") and f"job {named} is another session's job" in msg, (what, msg)
@@ -102,7 +103,7 @@ def test_on_a_local_server_any_tab_manages_every_job(tmp_path):
     a, b = state.queue.add(req("one"), "alice").id, state.queue.add(req("two"), "alice").id
     assert perform(state, "down", a, "bob") == f"Moved {a} down."
     assert perform(state, "remove", a, "bob") == f"Removed {a}."
-    assert perform(state, "abort", b, "bob") == f"Aborting {b}..."
+    assert perform(state, "cancel", b, "bob") == f"Cancelled {b}."  # a waiting job: "Cancel selected"
 
 
 def test_other_sessions_prompts_are_hidden_on_a_shared_server(shared):
@@ -145,7 +146,7 @@ def test_no_job_breaks_the_page_not_even_after_a_restart(tmp_path):
         values = server.refresh(state, session, "odd1", False, None, shown)
         sent = page_text(values)
         assert "\\ud83e" not in sent and len(sent) < 20_000
-        status, preview, table, pick, choices, gallery, items = values
+        status, preview, table, pick, choices, gallery, items, detail, message = values
         assert len(table) == 5 and items == ([str(inside)] if session == "alice" else [])  # what gradio may serve
         assert "snow \ufffd fox" in sent and "(limit" not in sent
     assert ui_gallery.items(state, "alice", True) == [str(inside)]

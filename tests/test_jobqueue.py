@@ -258,7 +258,7 @@ def test_failing_runner_fails_the_job_and_the_next_runs(queue, runner, caplog):
     job = queue.get(bad_request)
     assert job.status == "failed"
     assert job.error == "steps: 0 is not allowed; a positive whole number"
-    assert queue.get(crash).error == "RuntimeError: boom second line"  # one line
+    assert queue.get(crash).error == "RuntimeError: boom\nsecond line"  # its line breaks kept
     assert queue.get(good).status == "done"
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert any("boom" in str(r.exc_info[1]) for r in tracebacks)  # the traceback is logged, not lost

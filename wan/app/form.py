@@ -25,6 +25,7 @@ from wan.engine.request import (
     REQUEST_FIELDS,
     GenerationRequest,
     LoraChoice,
+    TASK_INPUTS,
     RequestError,
     request_default,
 )
@@ -158,6 +159,11 @@ def _loras(values: Mapping[str, Any]) -> list[LoraChoice]:
             for i, name in enumerate(names)]
 
 
+def task_inputs(task) -> set[str] | None:
+    """The input fields ``task`` takes (None when no task is chosen: the model's default task decides)."""
+    return set(TASK_INPUTS[task]) if task in TASK_INPUTS else None
+
+
 def form_to_requests(values: Mapping[str, Any]) -> list[GenerationRequest]:
     """The form's values -> one request, or one per prompt line with ``one_per_line``.
 
@@ -177,8 +183,10 @@ def form_to_requests(values: Mapping[str, Any]) -> list[GenerationRequest]:
     else:
         fields["width"], fields["height"] = parse_resolution(resolution)
     fields["seed"] = _number("seed", values.get("seed"))
+    taken = task_inputs(fields["task"])
     for name in INPUT_FIELDS:
-        v = values.get(name)
+        # an input the task does not take (left from another task, hidden on the page) is not sent
+        v = values.get(name) if taken is None or name in taken else None
         fields[name] = list(v or []) if name == "ref_images" else (v or None)
     # an empty control means the request's default (for most fields None: the model's default)
     fields = {k: request_default(k) if v is None else v for k, v in fields.items()}

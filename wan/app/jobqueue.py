@@ -35,7 +35,9 @@ Logging: a job refused by our own checks (a ``ValueError`` subclass of this pack
 ``RequestError``, ``LoraError``, ...) is logged as one line; anything else with its traceback.
 
 Outputs: the queue never writes, rewrites or deletes output files; removing a finished job from
-the history leaves its files on disk. A completed output is never overwritten by a later job
+the history leaves its files on disk, and the queue remembers them for the job's session
+(:meth:`kept_outputs`, saved in the queue file): a video stays in its session's gallery after its
+job is removed, cleared or pushed out of the history. A completed output is never overwritten by a later job
 either: the engine's writer claims each final name exclusively (``os.link`` / ``O_EXCL`` in
 ``wan/engine/media_out.py`` ``_claim``) and picks a numbered name when one is taken.
 """
@@ -53,9 +55,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wan.app.jobs import (FILE_VERSION, FINISHED, MAX_REQUEST_DEPTH, MAX_SESSION_CHARS, Job, JobProgress,
-                          Listener, RunOutcome, Runner, parse_queue_file, too_deep, error_message, expected_failure,
-                          make_label, printable)
+from wan.app.jobs import (FILE_VERSION, FINISHED, KEPT_FILES_PER_SESSION, KEPT_SESSIONS, MAX_REQUEST_DEPTH,
+                          MAX_SESSION_CHARS, Job, JobProgress, Listener, RunOutcome, Runner, parse_kept_outputs,
+                          parse_queue_file, too_deep, error_message, expected_failure, make_label, printable)
 from wan.fileio import write_text_atomic as _write_atomic
 
 if TYPE_CHECKING:  # the engine (and torch) load in the worker, when the first job runs
@@ -92,6 +94,7 @@ class JobQueue:
         self._running: Job | None = None
         self._token: CancelToken | None = None
         self._history: list[Job] = []  # newest first
+        self._kept: dict[str, list[str]] = {}  # session -> files of its done jobs no longer listed, newest first
         self._listeners: list[Listener] = []
         self._worker: threading.Thread | None = None  # set while the worker thread loops
         self._stopping = False
@@ -120,6 +123,12 @@ class JobQueue:
     def running(self) -> Job | None:
         with self._lock:
             return copy.deepcopy(self._running)
+
+    def kept_outputs(self, session: str) -> list[str]:
+        """Output files of ``session``'s done jobs that are no longer listed (removed, cleared, or
+        past ``max_history``), newest first: the gallery still shows them."""
+        with self._lock:
+            return list(self._kept.get(session, ()))
 
     # -- changing --------------------------------------------------------------------------------
 
@@ -172,7 +181,8 @@ class JobQueue:
         self._publish(pending)
 
     def remove(self, job_id: str, owner: str | None = None) -> None:
-        """Drops a queued job, or a finished one from the history (its output files stay on disk).
+        """Drops a queued job, or a finished one from the history (its output files stay on disk,
+        and in its session's :meth:`kept_outputs`).
 
         Raises:
             ValueError: the job is running ("abort it first"), is not known, or is not ``owner``'s
@@ -186,20 +196,35 @@ class JobQueue:
             if job is self._running:
                 raise ValueError(f"job {job_id} is running; abort it first")
             (self._queued if job.status == "queued" else self._history).remove(job)
+            self._remember(job)
             pending = self._change("removed", job)
         self._publish(pending)
 
     def clear_finished(self, session: str | None = None) -> int:
-        """Drops finished jobs (of one session, or all) from the history; returns how many."""
+        """Drops finished jobs (of one session, or all) from the history; returns how many. Their
+        output files stay on disk and in their sessions' :meth:`kept_outputs`."""
         with self._lock:
             gone = [j for j in self._history if session is None or j.session == session]
             if not gone:
                 return 0
             ids = {j.id for j in gone}
             self._history = [j for j in self._history if j.id not in ids]
+            self._remember(*gone)
             pending = self._change("removed", *gone)
         self._publish(pending)
         return len(gone)
+
+    def cancel(self, job_id: str, owner: str | None = None) -> None:
+        """Cancels a job that is still waiting (it never runs). Unlike :meth:`abort`, never a
+        running job, not even one that started just now: that raises ValueError, as does an unknown,
+        finished or (with ``owner``) another session's job."""
+        with self._lock:
+            job = self._queued_job(job_id, "cancelled")
+            _check_owner(job, owner, "cancelled")
+            self._queued.remove(job)
+            self._finish(job, "cancelled")
+            pending = self._change("cancelled", job)
+        self._publish(pending)
 
     def abort(self, job_id: str | None = None, owner: str | None = None) -> bool:
         """Cancels the running job (no id, or its id), or a queued job (it never runs).
@@ -399,7 +424,20 @@ class JobQueue:
     def _finish(self, job: Job, status: str, error: str | None = None) -> None:
         job.status, job.finished, job.error = status, time.time(), error
         self._history.insert(0, job)
+        self._remember(*self._history[self.max_history:])
         del self._history[self.max_history:]
+
+    def _remember(self, *jobs: Job) -> None:
+        """Keeps the output files of done jobs that leave the list, for their sessions' galleries
+        (bounded: ``KEPT_FILES_PER_SESSION`` a session, the last ``KEPT_SESSIONS`` sessions)."""
+        for job in jobs:
+            if job.status != "done" or not job.files:
+                continue
+            files = [f for f in job.files if isinstance(f, str)]
+            old = self._kept.pop(job.session, [])  # popped and put back: the session is now the newest
+            self._kept[job.session] = (files + [f for f in old if f not in files])[:KEPT_FILES_PER_SESSION]
+        while len(self._kept) > KEPT_SESSIONS:
+            del self._kept[next(iter(self._kept))]
 
     def _change(self, event: str, *jobs: Job) -> tuple:
         """Takes what must happen outside the lock after a change: (snapshot no., JSON text, events)."""
@@ -410,7 +448,7 @@ class JobQueue:
 
     def _serialise(self) -> str:
         """The file's text: one job per line, readable, and fast (json's C encoder skips ``indent``)."""
-        head = json.dumps({"version": FILE_VERSION, "saved": time.time()})[:-1]
+        head = json.dumps({"version": FILE_VERSION, "saved": time.time(), "kept_outputs": self._kept})[:-1]
         # ASCII escapes: a prompt with a lone surrogate (pasted from some editors) cannot be encoded
         # as UTF-8, and one such prompt must never stop the whole queue from being saved
         jobs = ",\n".join(json.dumps(j._record()) for j in self._ordered(True))
@@ -459,6 +497,7 @@ class JobQueue:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             jobs, bad = parse_queue_file(data)
+            self._kept = parse_kept_outputs(data.get("kept_outputs"))
         except (OSError, ValueError, TypeError, RecursionError) as e:  # RecursionError: JSON nested too deep
             self._set_aside(e)
             return
@@ -484,6 +523,7 @@ class JobQueue:
                 self._history.append(job)
         self._queued[:0] = restarted
         self._history.sort(key=lambda j: j.finished or j.created, reverse=True)
+        self._remember(*self._history[self.max_history:])
         del self._history[self.max_history:]
         if restarted:
             log.warning("job queue: %d job(s) were running when the server stopped; queued again first: %s",

@@ -18,7 +18,7 @@ STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINISHED = ("done", "failed", "cancelled")
 FILE_VERSION = 1
 LABEL_PROMPT_CHARS = 60
-MAX_ERROR_CHARS = 1000
+MAX_ERROR_CHARS = 4000  # a whole error with its line breaks (a list of missing keys, say), still bounded
 MAX_ID_CHARS = 64
 MAX_SESSION_CHARS = 128
 MAX_REQUEST_DEPTH = 32  # a request is a flat dict of fields with small lists and dicts inside
@@ -153,11 +153,36 @@ def make_label(request: dict) -> str:
 
 
 def error_message(e: BaseException) -> str:
-    """One line for the UI: a ValueError's own text (RequestError is one), else ``Type: text``."""
-    text = " ".join(str(e).split())
+    """The whole error for the UI, line breaks kept: a ValueError's own text (RequestError is one),
+    else ``Type: text``. Trailing spaces and runs of blank lines are dropped, and it is cut at
+    ``MAX_ERROR_CHARS`` with an ellipsis, so a queue file holding it stays small."""
+    lines = str(e).replace("\r\n", "\n").replace("\r", "\n").expandtabs(4).split("\n")
+    kept: list[str] = []
+    for line in (line.rstrip() for line in lines):
+        if line or (kept and kept[-1]):  # one blank line at most between two lines of text
+            kept.append(line)
+    text = "\n".join(kept).strip("\n")
     if not isinstance(e, ValueError) or not text:
         text = f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return text[:MAX_ERROR_CHARS]
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 1] + "…"
+
+
+def first_line(text, limit: int) -> str:
+    """The first line of ``text``, printable and cut at ``limit`` characters; an ellipsis says that
+    more follows (more of that line, or more lines)."""
+    text = text if isinstance(text, str) else str(text)
+    head, _, rest = text.strip().partition("\n")
+    head = printable(head.rstrip(), limit)
+    return head if not rest.strip() or head.endswith("…") else head + " …"
+
+
+def printable_lines(value, limit: int | None = None) -> str:
+    """Like :func:`printable`, but line breaks are kept (``\\r\\n`` and ``\\r`` become ``\\n``):
+    for texts shown in a box of their own, such as a failed job's whole error."""
+    text = value if isinstance(value, str) else str(value)
+    if limit is not None and len(text) > limit:
+        text = text[:max(limit - 1, 0)] + "…"
+    return "\n".join(printable(line) for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
 
 
 Runner = Callable[[Job, Callable[..., None], "CancelToken"], RunOutcome]
@@ -189,3 +214,22 @@ def parse_queue_file(data) -> tuple[list[Job], list[tuple[str, str]]]:
         seen.add(job.id)
         jobs.append(job)
     return jobs, bad
+
+
+KEPT_FILES_PER_SESSION = 200  # as many as the gallery shows
+KEPT_SESSIONS = 100
+
+
+def parse_kept_outputs(value) -> dict[str, list[str]]:
+    """The ``kept_outputs`` of a queue file (session -> output files of its done jobs that left the
+    list: removed, cleared or past the history's length), as far as it can be read: anything of the
+    wrong type is left out (these are only gallery entries), and it is bounded like the queue keeps it."""
+    if not isinstance(value, dict):
+        return {}
+    kept: dict[str, list[str]] = {}
+    for session, files in list(value.items())[-KEPT_SESSIONS:]:
+        if isinstance(session, str) and len(session) <= MAX_SESSION_CHARS and isinstance(files, list):
+            good = [f for f in files if isinstance(f, str)][:KEPT_FILES_PER_SESSION]
+            if good:
+                kept[session] = good
+    return kept

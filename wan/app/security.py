@@ -230,7 +230,8 @@ def accept_request(data, state) -> GenerationRequest:
     _, spec = resolve_request(prepared, limits=limits_of(state.settings))
     ready = state.readiness(spec, estimate=True)
     if not ready.ready:  # refused now, not after a failed download in the worker
-        raise RequestError("model", spec.id, "a model that is ready on this machine. " + ready.refusal(spec.id))
+        raise RequestError("model", spec.id, "a model that is ready on this machine. " + ready.refusal(
+            spec.id, ways="the Download button under the model picker"))
     return prepared
 
 

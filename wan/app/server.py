@@ -19,7 +19,7 @@ import gradio as gr
 
 from wan.app import ui_gallery, ui_generate, ui_loras, ui_queue, ui_settings
 from wan.app.settings import ServerSettings
-from wan.app.jobs import MAX_SESSION_CHARS, printable
+from wan.app.jobs import MAX_SESSION_CHARS, printable, printable_lines
 from wan.app.state import API_SESSION, AppState
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,10 @@ def _wire(demo, state, session, form, loras, add, message, queue, gallery) -> No
     ui_loras.listen(state, form, loras)
     ui_queue.listen(state, queue, session)
     keys = generate.keys
-    add.click(generate.add, [session, queue["shown"], *[form[k] for k in keys]], [message, *queue_outputs])
-    form["download"].click(generate.download, [session, queue["shown"], form["model"]], [message, *queue_outputs])
+    add.click(generate.add, [session, queue["shown"], *[form[k] for k in keys]], [message, *queue_outputs],
+              show_progress_on=[message])  # the progress by the button, never over the queue's status line
+    form["download"].click(generate.download, [session, queue["shown"], form["model"]], [message, *queue_outputs],
+                           show_progress_on=[message])
 
     def load_request(request):
         if request is None:
@@ -65,25 +67,27 @@ def _wire(demo, state, session, form, loras, add, message, queue, gallery) -> No
     gallery["form_outputs"] = [form[k] for k in keys]
     ui_gallery.listen(state, gallery, session, load_request)
 
-    def start(session_id, model_id):
+    def start(session_id, model_id, memory):
         session_id = session_id if valid_session(session_id) else uuid.uuid4().hex
-        updates = generate.on_model(model_id, None)
+        model_id = ui_generate.last_model(memory, model_id)  # the page opens where this browser left it
+        updates = generate.on_model(model_id, None, memory)
         choices, table = ui_loras.lora_rows(state, model_id)
-        return [session_id, *updates, gr.update(choices=choices), table,
-                ui_generate.plan_text(state, model_id, state.settings.profile or "default"),
+        return [session_id, model_id, *updates, gr.update(choices=choices), table,
+                ui_generate.plan_text(state, model_id, state.settings.profile or ui_generate.DEFAULT_PROFILE),
                 *ui_generate.readiness_updates(state, model_id),
                 *ui_queue.views(state, session_id, None), *[ui_gallery.items(state, session_id, False)] * 2]
-    demo.load(start, [session, form["model"]],
-              [session, *[form[k] for k in generate.model_outputs], form["loras"], loras["table"], form["plan"],
+    demo.load(start, [session, form["model"], form["memory"]],
+              [session, form["model"], *[form[k] for k in generate.model_outputs], form["loras"], loras["table"],
+               form["plan"],
                form["readiness"], form["download"], *queue_outputs, gallery["gallery"], gallery["shown"]])
 
     timer = gr.Timer(1.0)
     shown = gallery["shown"]
 
-    def tick(session_id, picked, show_all, last_items, last_choices):
-        return refresh(state, session_id, picked, show_all, last_items, last_choices)
-    timer.tick(tick, [session, queue["pick"], gallery["show_all"], shown, queue["shown"]],
-               [*queue_outputs, gallery["gallery"], shown], show_progress="hidden")
+    def tick(session_id, picked, show_all, last_items, last_choices, detail_now, message_now):
+        return refresh(state, session_id, picked, show_all, last_items, last_choices, detail_now, message_now)
+    timer.tick(tick, [session, queue["pick"], gallery["show_all"], shown, queue["shown"], queue["detail"], message],
+               [*queue_outputs, gallery["gallery"], shown, queue["detail"], message], **ui_queue.QUIET)
 
 
 def valid_session(session_id) -> bool:
@@ -92,17 +96,22 @@ def valid_session(session_id) -> bool:
             and session_id != API_SESSION)
 
 
-def refresh(state: AppState, session_id, picked, show_all, last_items, last_choices) -> list:
-    """The timer's refresh of one session's page: the queue panel's outputs, then the gallery and
-    its shown items. Never raises, whatever the jobs hold (the views render what they can)."""
+def refresh(state: AppState, session_id, picked, show_all, last_items, last_choices, detail_now=None,
+            message_now=None) -> list:
+    """The timer's refresh of one session's page: the queue panel's outputs, the gallery and its
+    shown items, the picked job's details, and the message by the Add button (which says so when a
+    job it names has failed). Never raises, whatever the jobs hold (the views render what they can)."""
     try:
         jobs = state.queue.jobs()  # one snapshot for the whole refresh
         items = ui_gallery.items(state, session_id, bool(show_all), jobs)
         views = ui_queue.views(state, session_id, picked, last_choices, jobs)
-        return [*views, gr.update() if items == last_items else items, items]
+        detail = ui_queue.detail_update(state, session_id, picked, detail_now, jobs)
+        notice = ui_queue.failure_notice(state, session_id, message_now, jobs)
+        return [*views, gr.update() if items == last_items else items, items, detail,
+                gr.update() if notice is None else notice]
     except Exception as e:  # noqa: BLE001 - a bug of ours: the page keeps what it shows
         state.warn_once(f"the page refresh failed: {type(e).__name__}: {printable(e, 300)}")
-        return [gr.update() for _ in range(4)] + [last_choices, gr.update(), last_items]
+        return [gr.update() for _ in range(4)] + [last_choices, gr.update(), last_items, gr.update(), gr.update()]
 
 
 def refusal(message: str) -> gr.Error:
@@ -135,7 +144,7 @@ def _api(state: AppState) -> None:
             raise refusal(f"job: {printable(repr(job_id), 80)} is not in the queue")
         # printable: a text of the job's that JSON cannot carry would fail the answer, not the job
         return {"id": found.id, "status": found.status, "files": [printable(f) for f in found.files],
-                "error": printable(found.error) if found.error is not None else None,
+                "error": printable_lines(found.error) if found.error is not None else None,
                 "notices": [printable(n) for n in found.notices]}
 
     def generate(request_json: str) -> dict:

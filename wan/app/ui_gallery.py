@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import gradio as gr
@@ -21,21 +22,35 @@ MAX_ITEMS = 200
 
 
 def session_outputs(state: AppState, session: str, jobs: list | None = None) -> list[str]:
-    """Files of this session's finished jobs, newest first (from ``jobs``, a queue snapshot).
+    """Files of this session's done jobs, newest first: those of the jobs listed (``jobs``, a
+    queue snapshot) and those the queue keeps for the session after their jobs left the list
+    (removed, cleared or past the history: ``JobQueue.kept_outputs``, saved with the queue, so a
+    video stays in its gallery across restarts too).
 
     Only files inside the output folder: a job's list may name any path (an edited queue file,
     an output folder changed since), and gradio refuses to send a file outside the folders it
     serves, which would fail the whole page refresh."""
     from wan.app.security import is_inside
-    files = []
+    named: list[str] = []
     for job in state.queue.jobs(session=session) if jobs is None else jobs:
         if job.status == "done" and job.session == session:
-            files += [f for f in job.files if isinstance(f, str) and f.isprintable()
-                      and Path(f).suffix.lower() in SHOWN_SUFFIXES and Path(f).is_file()
-                      and is_inside(f, state.output_dir)]
-            if len(files) >= MAX_ITEMS:
-                break
-    return files[:MAX_ITEMS]
+            named += job.files
+    named += state.queue.kept_outputs(session) if session else []
+    found, seen = [], set()
+    for f in named:
+        if not isinstance(f, str) or f in seen or not f.isprintable() or Path(f).suffix.lower() not in SHOWN_SUFFIXES:
+            continue
+        seen.add(f)
+        try:
+            info = os.stat(f)
+        except (OSError, ValueError):
+            continue  # deleted since, or a name the system refuses
+        if stat.S_ISREG(info.st_mode) and is_inside(f, state.output_dir):
+            found.append((info.st_mtime, f))
+        if len(found) >= MAX_ITEMS * 2:
+            break
+    found.sort(key=lambda item: item[0], reverse=True)  # stable: one job's files keep their order
+    return [f for _, f in found[:MAX_ITEMS]]
 
 
 def folder_outputs(state: AppState) -> list[str]:

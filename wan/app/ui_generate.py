@@ -21,8 +21,10 @@ from wan.app.form import (
     request_to_form,
     resolution_choices,
     saver_defaults,
+    task_inputs,
 )
 from wan.app.state import AppState
+from wan.app.words import literal
 from wan.engine.request import SAMPLERS, TASK_INPUTS, RequestError, request_default
 
 # inputs of each task, in the order they are shown (request field names)
@@ -30,14 +32,37 @@ TASK_INPUT_FIELDS = ("image", "end_image", "video", "strength", "control_video",
                      "vace_scale")
 INPUT_LABELS = {"image": "Start image", "end_image": "End image", "video": "Input video",
                 "control_video": "Control video", "mask_video": "Mask video", "ref_images": "Reference images"}
+# One line per step-saver control, in the page's words (shown under each control).
+SAVER_INFO = {
+    "teacache": "Reuses the DiT's output on steps whose input barely changed: faster, slightly softer detail.",
+    "teacache_speedup": "How much faster to aim for: 2.0 is about twice as fast.",
+    "magcache": "Like TeaCache, with a recorded error table per model (its first run records it).",
+    "magcache_speedup": "How much faster to aim for: 2.0 is about twice as fast.",
+    "slg_mode": "Leaves some DiT blocks out of the unconditioned pass: can sharpen structure and motion.",
+    "slg_layers": "Which blocks to leave out, as numbers (e.g. 9, or 8,9).",
+    "slg_scale": "How strongly skip-layer guidance pushes.",
+    "slg_start": "Where it starts, as a fraction of the steps (0: the first step).",
+    "slg_end": "Where it ends, as a fraction of the steps (1: the last step).",
+    "cfg_skip_mode": "Skips the unconditioned pass on some steps: faster, follows the prompt less there.",
+    "cfg_skip_ratio": "The fraction of steps that keep full guidance.",
+    "cfg_zero_star": "Rescales guidance and zeroes the first steps: steadier colours and motion.",
+    "cfg_zero_init_steps": "How many first steps it zeroes.",
+    "riflex": "Keeps clips longer than the model was trained on from looping back; auto turns it on then.",
+}
+DEFAULT_PROFILE = "auto"  # what a newcomer gets: the numbered profile that fits this machine and model
 UPLOAD_KINDS = {"image": "image", "end_image": "image", "video": "video", "control_video": "video",
                 "mask_video": "video", "ref_images": "image"}
 
 
+class BadUpload(str):
+    """What a :class:`CheckedImage` hands on for a file that is no image: the message in the user's
+    words. The upload check shows it and clears the control; "Add to queue" refuses it."""
+
+
 class CheckedImage(gr.Image):
-    """An image input whose unreadable upload is refused with the label the user sees and the
-    file's own name (``Start image: x.png is not a readable image ...``), for the page and for API
-    clients alike; a plain ``gr.Image`` fails inside gradio with a message that names neither."""
+    """An image input whose unreadable upload becomes a :class:`BadUpload` naming the label the user
+    sees and the file's own name (``Start image: x.png is not a readable image ...``), instead of
+    an error inside gradio that names neither (and shows only a red "Error" badge)."""
 
     def get_block_name(self) -> str:
         return "image"  # the browser draws it as the ordinary image component
@@ -45,10 +70,43 @@ class CheckedImage(gr.Image):
     def preprocess(self, payload):
         try:
             return super().preprocess(payload)
-        except Exception as e:  # noqa: BLE001 - whatever PIL makes of a bad file
-            name = getattr(payload, "orig_name", None) or Path(str(getattr(payload, "path", "") or "")).name
-            raise gr.Error(f"{self.label}: {printable_name(name)} is not a readable image (PNG, JPEG, WebP...): "
-                           f"{type(e).__name__}", print_exception=False) from None
+        except Exception:  # noqa: BLE001 - whatever PIL makes of a bad file
+            path = Path(str(getattr(payload, "path", "") or ""))
+            name = getattr(payload, "orig_name", None) or path.name
+            return BadUpload(image_refusal(self.label, name, path))
+
+
+def image_refusal(label: str, name: str, path: Path | None = None) -> str:
+    if path is not None and path.is_file() and path.stat().st_size == 0:
+        return f"{label}: {printable_name(name)} is empty (0 bytes)"
+    return f"{label}: {printable_name(name)} is not a readable image (PNG, JPEG, WebP…)"
+
+
+def upload_problem(key: str, value) -> str | None:
+    """Why an upload to the control ``key`` cannot be used, in the user's words (its label, the file's
+    own name), or None. Checked when the file arrives, from its header: an empty file, an image PIL
+    cannot read, a video with no video stream."""
+    from wan.engine.media_probe import probe_image, probe_video
+    if isinstance(value, BadUpload):
+        return str(value)
+    label = INPUT_LABELS[key]
+    for item in (value if isinstance(value, list) else [value]):
+        path = Path(str(getattr(item, "name", item)))
+        name = printable_name(path.name)
+        if not path.is_file():
+            return f"{label}: {name} did not arrive; upload it again"
+        if path.stat().st_size == 0:
+            return f"{label}: {name} is empty (0 bytes)"
+        try:
+            probe_image(path) if UPLOAD_KINDS[key] == "image" else probe_video(path)
+        except ValueError as e:
+            if UPLOAD_KINDS[key] == "image":
+                return image_refusal(label, path.name)
+            reason = str(e).removeprefix(f"{path}: ")
+            if reason.startswith("cannot read"):
+                reason = "is not a readable video (MP4, WebM, MOV, MKV…)"
+            return f"{label}: {name} {reason}"
+    return None
 
 
 def printable_name(name: str) -> str:
@@ -94,15 +152,20 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
                                                                     models[0][1])
     with gr.Row():
         c["model"] = gr.Dropdown(models, value=first, label="Model", elem_id="model", scale=3)
-        c["task"] = gr.Dropdown([], label="Task", elem_id="task", scale=1)
-        c["profile"] = gr.Dropdown(profile_choices(), value=s.profile or "default", label="Profile",
+        # allow_custom_value: a model switch changes the task list while the browser may still send the
+        # previous model's task with an event; the handlers check the value themselves (task_of)
+        c["task"] = gr.Dropdown([], label="Task", elem_id="task", scale=1, allow_custom_value=True)
+        c["profile"] = gr.Dropdown(profile_choices(), value=s.profile or DEFAULT_PROFILE, label="Profile",
                                    elem_id="profile", scale=2)
+        c["reset"] = gr.Button("Reset to defaults", elem_id="reset-form", scale=0, min_width=120, size="sm")
     with gr.Row():
         c["readiness"] = gr.Markdown("", elem_id="readiness")
         c["download"] = gr.Button("⬇ Download the missing files", visible=False, elem_id="download-model", scale=0,
                                   min_width=160)
     c["plan"] = gr.Markdown("", elem_id="plan")
     c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="A fox walking in the snow ...")
+    # each model's form as last edited, kept in this browser (restored on reload and on a model switch)
+    c["memory"] = gr.BrowserState({}, storage_key="wan_studio_forms")
     c["one_per_line"] = gr.Checkbox(False, label="One job per prompt line", elem_id="one-per-line")
     c["negative_prompt"] = gr.Textbox(label="Negative prompt (empty: the model's default)", lines=1,
                                       elem_id="negative-prompt")
@@ -113,13 +176,14 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
             c[key] = gr.Video(label=INPUT_LABELS[key], elem_id=key.replace("_", "-"), visible=False)
         c["ref_images"] = gr.File(file_count="multiple", file_types=["image"], label=INPUT_LABELS["ref_images"],
                                   elem_id="ref-images", visible=False)
+    c["upload_message"] = gr.Markdown("", elem_id="upload-message")
     with gr.Row():
         c["strength"] = gr.Slider(0.05, 1.0, request_default("strength"), step=0.05,
                                   label="Video strength (how much is re-noised)", visible=False, elem_id="strength")
         c["vace_scale"] = gr.Slider(0.0, 2.0, request_default("vace_scale"), step=0.05, label="Control strength",
                                     visible=False)
     with gr.Row():
-        c["resolution"] = gr.Dropdown([], label="Resolution", elem_id="resolution")
+        c["resolution"] = gr.Dropdown([], label="Resolution", elem_id="resolution", allow_custom_value=True)
         c["width"] = gr.Number(label="Width", precision=0, visible=False, elem_id="width")
         c["height"] = gr.Number(label="Height", precision=0, visible=False, elem_id="height")
         c["frames"] = gr.Number(label="Frames", precision=0, elem_id="frames")
@@ -129,7 +193,8 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
         c["guidance"] = gr.Number(label="Guidance", elem_id="guidance")
         c["guidance_high_noise"] = gr.Number(label="Guidance (high-noise expert)", visible=False,
                                              elem_id="guidance-high-noise")
-        c["boundary"] = gr.Number(label="Expert switch (fraction of 1000)", visible=False, elem_id="boundary")
+        c["boundary"] = gr.Number(label="Expert switch (noise level 0-1)", visible=False, elem_id="boundary",
+                                  info="where the low-noise expert takes over, e.g. 0.875")
         c["shift"] = gr.Number(label="Shift", elem_id="shift")
         c["sampler"] = gr.Dropdown(list(SAMPLERS), label="Sampler", elem_id="sampler")
     with gr.Row():
@@ -140,24 +205,35 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
     c["random_seed"] = random_seed
     saver = saver_defaults()
     with gr.Accordion("Advanced: step savers and per-job profile overrides", open=False):
+        gr.Markdown("Each choice left at **profile** keeps what the profile says. Step savers trade a little "
+                    "fidelity for speed; the numbers apply only when their switch is not *profile*.")
         with gr.Row():
-            c["teacache"] = gr.Dropdown(list(PICKER_CHOICES["teacache"]), value=KEEP, label="TeaCache")
-            c["teacache_speedup"] = gr.Number(saver["teacache_speedup"], label="TeaCache target speed-up")
-            c["magcache"] = gr.Dropdown(list(PICKER_CHOICES["magcache"]), value=KEEP,
-                                        label="MagCache (a model's first MagCache run records its table)")
-            c["magcache_speedup"] = gr.Number(saver["magcache_speedup"], label="MagCache target speed-up")
+            c["teacache"] = gr.Dropdown(list(PICKER_CHOICES["teacache"]), value=KEEP, label="TeaCache",
+                                        info=SAVER_INFO["teacache"])
+            c["teacache_speedup"] = gr.Number(saver["teacache_speedup"], label="TeaCache target speed-up",
+                                              info=SAVER_INFO["teacache_speedup"])
+            c["magcache"] = gr.Dropdown(list(PICKER_CHOICES["magcache"]), value=KEEP, label="MagCache",
+                                        info=SAVER_INFO["magcache"])
+            c["magcache_speedup"] = gr.Number(saver["magcache_speedup"], label="MagCache target speed-up",
+                                              info=SAVER_INFO["magcache_speedup"])
         with gr.Row():
-            c["slg_mode"] = gr.Dropdown(list(PICKER_CHOICES["slg_mode"]), value=KEEP, label="Skip-layer guidance")
-            c["slg_layers"] = gr.Textbox(saver["slg_layers"], label="SLG layers")
-            c["slg_scale"] = gr.Number(saver["slg_scale"], label="SLG scale")
-            c["slg_start"] = gr.Number(saver["slg_start"], label="SLG start")
-            c["slg_end"] = gr.Number(saver["slg_end"], label="SLG end")
+            c["slg_mode"] = gr.Dropdown(list(PICKER_CHOICES["slg_mode"]), value=KEEP, label="Skip-layer guidance",
+                                        info=SAVER_INFO["slg_mode"])
+            c["slg_layers"] = gr.Textbox(saver["slg_layers"], label="SLG layers", info=SAVER_INFO["slg_layers"])
+            c["slg_scale"] = gr.Number(saver["slg_scale"], label="SLG scale", info=SAVER_INFO["slg_scale"])
+            c["slg_start"] = gr.Number(saver["slg_start"], label="SLG start", info=SAVER_INFO["slg_start"])
+            c["slg_end"] = gr.Number(saver["slg_end"], label="SLG end", info=SAVER_INFO["slg_end"])
         with gr.Row():
-            c["cfg_skip_mode"] = gr.Dropdown(list(PICKER_CHOICES["cfg_skip_mode"]), value=KEEP, label="CFG skipping")
-            c["cfg_skip_ratio"] = gr.Number(saver["cfg_skip_ratio"], label="CFG apply ratio")
-            c["cfg_zero_star"] = gr.Dropdown(list(PICKER_CHOICES["cfg_zero_star"]), value=KEEP, label="CFG-Zero*")
-            c["cfg_zero_init_steps"] = gr.Number(saver["cfg_zero_init_steps"], precision=0, label="Zero-init steps")
-            c["riflex"] = gr.Dropdown(list(PICKER_CHOICES["riflex"]), value=KEEP, label="RIFLEx (long clips)")
+            c["cfg_skip_mode"] = gr.Dropdown(list(PICKER_CHOICES["cfg_skip_mode"]), value=KEEP, label="CFG skipping",
+                                             info=SAVER_INFO["cfg_skip_mode"])
+            c["cfg_skip_ratio"] = gr.Number(saver["cfg_skip_ratio"], label="CFG apply ratio",
+                                            info=SAVER_INFO["cfg_skip_ratio"])
+            c["cfg_zero_star"] = gr.Dropdown(list(PICKER_CHOICES["cfg_zero_star"]), value=KEEP, label="CFG-Zero*",
+                                             info=SAVER_INFO["cfg_zero_star"])
+            c["cfg_zero_init_steps"] = gr.Number(saver["cfg_zero_init_steps"], precision=0, label="Zero-init steps",
+                                                 info=SAVER_INFO["cfg_zero_init_steps"])
+            c["riflex"] = gr.Dropdown(list(PICKER_CHOICES["riflex"]), value=KEEP, label="RIFLEx (long clips)",
+                                      info=SAVER_INFO["riflex"])
         c["extra"] = gr.State({})  # request fields without a control, kept from loaded settings
         c["overrides"] = gr.Textbox(label="More profile overrides, one KEY=VALUE per line "
                                           "(e.g. memory.offload=blocks)", lines=2, elem_id="overrides")
@@ -166,7 +242,105 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
 
 def form_keys(c: dict) -> list[str]:
     """The keys whose values make a request (everything but display-only parts)."""
-    return [k for k in c if k not in ("plan", "duration", "random_seed", "readiness", "download")]
+    return [k for k in c if k not in DISPLAY_ONLY]
+
+
+# parts of the form that make no request: shown text, buttons, the browser's memory of the form
+DISPLAY_ONLY = ("plan", "duration", "random_seed", "readiness", "download", "upload_message", "memory", "reset")
+# form keys not remembered per model: uploads (their files may be gone), LoRAs (the folder changes),
+# the hidden extra fields, and the model itself (the memory's key)
+NOT_REMEMBERED = (*UPLOAD_KINDS, "extra", "loras", "lora_multipliers", "model")
+
+
+def remembered_keys(keys: list[str]) -> list[str]:
+    return [k for k in keys if k not in NOT_REMEMBERED]
+
+
+def remember(memory, model_id, rkeys: list[str], values) -> dict:
+    """The browser's memory with ``model_id``'s form replaced by ``values`` (in ``rkeys`` order) and
+    the model marked as the last one used."""
+    memory = memory if isinstance(memory, dict) else {}
+    forms = dict(memory.get("forms") or {}) if isinstance(memory.get("forms"), dict) else {}
+    if isinstance(model_id, str):
+        forms[model_id] = {k: v for k, v in zip(rkeys, values) if _plain(v)}
+    return {"model": model_id, "forms": forms}
+
+
+def last_model(memory, fallback: str) -> str:
+    """The model this browser used last (its memory), when the registry still has it; else ``fallback``."""
+    from wan.registry import default_registry
+    model_id = memory.get("model") if isinstance(memory, dict) else None
+    return model_id if isinstance(model_id, str) and model_id in default_registry() else fallback
+
+
+def forget(memory, model_id) -> dict:
+    """The memory without ``model_id``'s form ("Reset to defaults")."""
+    memory = memory if isinstance(memory, dict) else {}
+    forms = {k: v for k, v in (memory.get("forms") or {}).items() if k != model_id} \
+        if isinstance(memory.get("forms"), dict) else {}
+    return {"model": model_id, "forms": forms}
+
+
+def _plain(v) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def remembered_form(model_id: str, memory) -> dict:
+    """``model_id``'s remembered form values that still fit the form (the browser's storage is the
+    user's to edit: a value of the wrong kind, or a choice no longer offered, is dropped)."""
+    from wan.optim.profile_files import load_profiles
+    from wan.registry import RegistryError, get_model
+    forms = memory.get("forms") if isinstance(memory, dict) else None
+    saved = forms.get(model_id) if isinstance(forms, dict) else None
+    if not isinstance(saved, dict):
+        return {}
+    try:
+        spec = get_model(model_id)
+    except (RegistryError, TypeError):
+        return {}
+    choices = {"task": spec.tasks, "resolution": resolution_choices(spec.sizes), "sampler": list(SAMPLERS),
+               "profile": [p.name for p in load_profiles()], **{k: v for k, v in PICKER_CHOICES.items()}}
+    texts = ("prompt", "negative_prompt", "slg_layers", "overrides")
+    out = {}
+    for k, v in saved.items():
+        if k in choices:
+            ok = v in choices[k]
+        elif k in texts:
+            ok = isinstance(v, str)
+        elif k == "one_per_line":
+            ok = isinstance(v, bool)
+        else:
+            ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        if ok:
+            out[k] = v
+    return out
+
+
+def form_for_model(state: AppState, model_id: str, task: str | None, memory) -> dict:
+    """Updates for the form of ``model_id``: its remembered values over its defaults (the task's
+    inputs shown or hidden to match)."""
+    saved = remembered_form(model_id, memory)
+    updates = apply_model(state, model_id, saved.get("task", task))
+    for k, v in saved.items():
+        u = updates.get(k)
+        updates[k] = {**u, "value": v} if isinstance(u, dict) else gr.update(value=v)
+    custom = saved.get("resolution") == CUSTOM
+    for k in ("width", "height"):
+        if k in saved or custom:
+            updates[k] = gr.update(value=saved.get(k, updates[k].get("value") if isinstance(updates[k], dict) else None),
+                                   visible=custom)
+    return updates
+
+
+def default_form(state: AppState, model_id: str) -> dict:
+    """Updates that put every remembered control back to its default for ``model_id``."""
+    saver = saver_defaults()
+    updates = apply_model(state, model_id, None)
+    updates.update(prompt="", negative_prompt="", one_per_line=False, seed=request_default("seed"),
+                   quality=request_default("quality"), profile=state.settings.profile or DEFAULT_PROFILE,
+                   overrides="", strength=request_default("strength"), vace_scale=request_default("vace_scale"),
+                   **{k: KEEP for k in PICKER_CHOICES}, **saver)
+    return updates
 
 
 def readiness_updates(state: AppState, model_id: str) -> list:
@@ -196,6 +370,16 @@ def apply_model(state: AppState, model_id: str, task: str | None = None) -> dict
     return updates
 
 
+def task_of(model_id, task) -> str | None:
+    """``task`` when the model has it, else the model's first task (None for an unknown model)."""
+    from wan.registry import RegistryError, get_model
+    try:
+        tasks = get_model(model_id).tasks
+    except (RegistryError, TypeError):
+        return None
+    return task if task in tasks else tasks[0]
+
+
 def task_updates(task: str) -> dict:
     shown = visible_inputs(task)
     return {k: gr.update(visible=k in shown) for k in TASK_INPUT_FIELDS}
@@ -209,23 +393,34 @@ def duration_text(frames, fps) -> str:
 
 
 def plan_text(state: AppState, model_id: str, profile_name: str) -> str:
-    """The profile's memory plan on this machine in plain words (as ``wgp.py profiles`` prints)."""
+    """The profile's memory plan on this machine: a one-line verdict first (it fits, or which profile
+    would), then the plan in plain words (as ``wgp.py profiles`` prints it), as lines that wrap."""
     from wan.optim.machine import detect_machine
-    from wan.optim.planner import describe, model_sizes, plan, run_precision
+    from wan.optim.planner import describe, model_sizes, plan, resolve_auto, run_precision
     from wan.optim.profile_files import load_profiles
     from wan.registry import get_model
     try:
         profiles = load_profiles()
-        profile = profiles.get(profile_name or "default")
+        profile = profiles.get(profile_name or DEFAULT_PROFILE)
         spec = get_model(model_id)
         if spec.test_model:
-            return f"**{profile.label}**: {profile.description}\n\nTEST model: a few MB, it fits anywhere."
+            return f"✓ **Fits.** **{profile.label}**: {profile.description}\n\nTEST model: a few MB, it fits anywhere."
         machine = detect_machine()
         sizes = model_sizes(spec, run_precision(profile, machine))
-        text = describe(plan(profile, sizes, machine, profiles))
+        result = plan(profile, sizes, machine, profiles)
+        if result.fits:
+            verdict = f"✓ **Fits** on this machine with {result.profile}."
+        else:
+            _, chosen, _ = resolve_auto(profiles.get("auto"), sizes, machine, profiles)
+            fits = plan(chosen, model_sizes(spec, run_precision(chosen, machine)), machine, profiles).fits
+            verdict = (f"✗ **Does not fit** with {profile.label}: profile **{chosen.label}** fits (or pick auto)."
+                       if fits else f"✗ **Does not fit** with {profile.label}, nor with any numbered profile: "
+                                    "see what is short below.")
+        text = describe(result)
     except Exception as e:  # the plan is information: a failure shows, never breaks the form
         return f"Memory plan unavailable: {e}"
-    return f"**{profile.label}** on {machine}: {profile.description}\n\n```\n{text}\n```"
+    lines = "\n".join(f"- {line.strip()}" for line in text.splitlines()[1:] if line.strip())
+    return f"{verdict}\n\n**{profile.label}**: {profile.description}\n\n{lines}"
 
 
 def collect(state: AppState, keys: list[str], args: tuple) -> list:
@@ -236,10 +431,13 @@ def collect(state: AppState, keys: list[str], args: tuple) -> list:
     values = dict(zip(keys, args))
     max_bytes = state.settings.max_upload_mb * 2**20
     shown_names: dict[str, str] = {}  # stored upload -> the name the user gave the file
+    taken = task_inputs(values.get("task"))
     for key, kind in UPLOAD_KINDS.items():
         v = values.get(key)
-        if not v:
-            continue
+        if not v or (taken is not None and key not in taken):
+            continue  # an input of another task stays in its hidden control, unsent and unchecked
+        if isinstance(v, BadUpload):
+            raise ValueError(str(v))
         paths = [getattr(f, "name", f) for f in v] if isinstance(v, list) else [v]
         kept = []
         for p in paths:
@@ -258,11 +456,22 @@ def collect(state: AppState, keys: list[str], args: tuple) -> list:
         try:
             accept_request(r, state)  # fail now, in the form, not later in the queue
         except RequestError as e:
-            if e.field not in INPUT_LABELS or not isinstance(e.value, str):
+            if e.field not in INPUT_LABELS:
                 raise
+            if not isinstance(e.value, str):  # none given where the task needs one
+                raise ValueError(f"{INPUT_LABELS[e.field]}: {e.allowed.removesuffix(' here')}; upload one") from None
             name = shown_names.get(e.value, Path(e.value).name)
             raise ValueError(f"{INPUT_LABELS[e.field]}: {printable_name(name)} is not usable: {e.allowed}") from None
     return requests
+
+
+def check_upload(key: str):
+    """The upload event's handler for control ``key``: a file that cannot be used is removed at once
+    and the reason shown under the inputs; a good one clears an earlier reason."""
+    def handler(value):
+        problem = upload_problem(key, value) if value else None
+        return (None, f"⚠️ {literal(problem)}") if problem else (gr.update(), "")
+    return handler
 
 
 def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
@@ -274,13 +483,35 @@ def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
     model_outputs = ["task", "resolution", "width", "height", "frames", "steps", "guidance",
                      "guidance_high_noise", "boundary", "shift", "sampler", "fps", *TASK_INPUT_FIELDS]
 
-    def on_model(model_id, task):
-        u = apply_model(state, model_id, task)
-        return [u[k] for k in model_outputs]
+    rkeys = remembered_keys(keys)
+    switch_outputs = list(dict.fromkeys([*model_outputs, *rkeys]))
+
+    def on_model(model_id, task, memory=None):
+        """A model switch: that model's remembered form, else its defaults (the prompt is kept)."""
+        u = form_for_model(state, model_id, task, memory)
+        return [u.get(k, gr.update()) for k in switch_outputs]
     # .input, not .change: loading earlier settings sets the model too, and must not reset the form
-    c["model"].input(on_model, [c["model"], c["task"]], [c[k] for k in model_outputs])
-    c["task"].input(lambda t: [task_updates(t)[k] for k in TASK_INPUT_FIELDS], c["task"],
-                     [c[k] for k in TASK_INPUT_FIELDS])
+    c["model"].input(on_model, [c["model"], c["task"], c["memory"]], [c[k] for k in switch_outputs])
+
+    def on_task(task, model_id, frames):
+        if task_of(model_id, task) != task:  # a stale value from before a model switch: that switch set the form
+            return [gr.update() for _ in (*TASK_INPUT_FIELDS, "frames")]
+        from wan.registry import get_model
+        default = get_model(model_id).defaults.frames
+        frames = 1 if task == "t2i" else (default if frames == 1 else frames)  # an image is one frame
+        return [*(task_updates(task)[k] for k in TASK_INPUT_FIELDS), gr.update(value=frames)]
+    c["task"].input(on_task, [c["task"], c["model"], c["frames"]], [*(c[k] for k in TASK_INPUT_FIELDS), c["frames"]])
+
+    def keep(memory, model_id, *values):
+        return remember(memory, model_id, rkeys, values)
+    for k in rkeys:  # what the user edits is remembered for this model, in this browser
+        c[k].input(keep, [c["memory"], c["model"], *(c[r] for r in rkeys)], c["memory"], trigger_mode="always_last",
+                   show_progress="hidden")
+
+    def reset(memory, model_id):
+        u = default_form(state, model_id)
+        return [forget(memory, model_id), *(u.get(k, gr.update()) for k in switch_outputs)]
+    c["reset"].click(reset, [c["memory"], c["model"]], [c["memory"], *(c[k] for k in switch_outputs)])
     c["resolution"].change(lambda r: [gr.update(visible=r == CUSTOM)] * 2, c["resolution"], [c["width"], c["height"]])
     for k in ("frames", "fps"):
         c[k].change(duration_text, [c["frames"], c["fps"]], c["duration"])
@@ -288,6 +519,8 @@ def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
         c[k].change(lambda m, p: plan_text(state, m, p), [c["model"], c["profile"]], c["plan"])
     c["model"].change(lambda m: readiness_updates(state, m), c["model"], [c["readiness"], c["download"]])
     c["random_seed"].click(lambda: -1, None, c["seed"])
+    for key in UPLOAD_KINDS:
+        c[key].upload(check_upload(key), c[key], [c[key], c["upload_message"]], show_progress="hidden")
 
     def add(session_id, shown, *args):
         jobs = []
@@ -296,7 +529,7 @@ def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
                 jobs.append(state.queue.add(r.to_dict(), session_id))
         except (RequestError, ValueError) as e:
             done = f" ({len(jobs)} queued before it: {', '.join(j.id for j in jobs)})" if jobs else ""
-            return [f"⚠️ {e}{done}", *on_added(session_id, shown)]
+            return [f"⚠️ {literal(str(e))}{done}", *on_added(session_id, shown)]
         names = ", ".join(j.id for j in jobs)
         return [f"Queued {len(jobs)} job{'s' if len(jobs) > 1 else ''}: {names}", *on_added(session_id, shown)]
 
@@ -305,9 +538,9 @@ def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
         try:
             job = queue_download(state, model_id, session_id)
         except ValueError as e:
-            return [f"⚠️ {e}", *on_added(session_id, shown)]
+            return [f"⚠️ {literal(str(e))}", *on_added(session_id, shown)]
         return [f"Queued {job.label} as job {job.id}: its progress shows in the queue", *on_added(session_id, shown)]
-    return SimpleNamespace(keys=keys, add=add, download=download, on_model=on_model, model_outputs=model_outputs)
+    return SimpleNamespace(keys=keys, add=add, download=download, on_model=on_model, model_outputs=switch_outputs)
 
 
 def load_into_form(state: AppState, c: dict, request) -> list:

@@ -14,6 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from wan.app.state import AppState
+from wan.app.words import literal
 
 
 def lora_rows(state: AppState, model_id: str) -> tuple[list[tuple[str, str]], str]:
@@ -128,8 +129,8 @@ def listen(state: AppState, c: dict, ui: dict) -> None:
         try:
             path = save_preset(root, name or "", preset_entries(selected, mults), prompt or None)
         except ValueError as e:
-            return f"⚠️ {e}", gr.update()
-        return f"Saved preset **{path.stem}**.", gr.update(choices=preset_names(state), value=path.stem)
+            return f"⚠️ {literal(str(e))}", gr.update()
+        return f"Saved preset **{literal(path.stem)}**.", gr.update(choices=preset_names(state), value=path.stem)
 
     def load(name, model_id):
         from wan.lora.library import family_for_model, load_preset
@@ -138,18 +139,18 @@ def listen(state: AppState, c: dict, ui: dict) -> None:
             preset = load_preset(root, name or "")
             picked = preset_paths(root, [n for n, _ in preset.loras], family_for_model(get_model(model_id)))
         except (ValueError, FileNotFoundError) as e:
-            return f"⚠️ {e}", gr.update(), gr.update(), gr.update()
+            return f"⚠️ {literal(str(e))}", gr.update(), gr.update(), gr.update()
         mults = " ".join(m for _, m in preset.loras)
         prompt = gr.update(value=preset.prompt) if preset.prompt else gr.update()
-        return f"Loaded preset **{name}**.", gr.update(value=picked), mults, prompt
+        return f"Loaded preset **{literal(name)}**.", gr.update(value=picked), mults, prompt
 
     def delete(name):
         from wan.lora.library import delete_preset
         try:
             delete_preset(root, name or "")
         except (ValueError, FileNotFoundError) as e:
-            return f"⚠️ {e}", gr.update()
-        return f"Deleted preset **{name}**.", gr.update(choices=preset_names(state), value=None)
+            return f"⚠️ {literal(str(e))}", gr.update()
+        return f"Deleted preset **{literal(name)}**.", gr.update(choices=preset_names(state), value=None)
     ui["save"].click(save, [ui["preset"], c["loras"], c["lora_multipliers"], c["prompt"]], [ui["status"], ui["preset"]])
     ui["load"].click(load, [ui["preset"], c["model"]], [ui["status"], c["loras"], c["lora_multipliers"], c["prompt"]])
     ui["delete"].click(delete, ui["preset"], [ui["status"], ui["preset"]])
