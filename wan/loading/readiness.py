@@ -44,15 +44,15 @@ class Readiness:
     def missing_bytes(self) -> int:
         return sum(c.missing_bytes for c in self.missing)
 
-    def refusal(self, model_id: str) -> str:
+    def refusal(self, model_id: str, ways: str = "") -> str:
         """Why a job for this model cannot run here, and what to do: each missing file with where it
-        goes and its size, then the ways to get it."""
+        goes and its size, then the ways to get them (``ways``: one more, said first, e.g. a button)."""
         lines = [f"{model_id} is not ready on this machine; missing:"]
         for c in self.missing:
             size = f" ({'~' if c.estimated else ''}{_gb(c.missing_bytes)})" if c.missing_bytes else ""
             lines.append(f"- {c.role}{size}: {c.path}")
-        lines.append(f"Download it with: python wgp.py download {model_id}, or put the files in a models folder "
-                     "(--models_dir) where they are recognised by their tensors.")
+        lines.append(f"Get them with {ways + ', or with ' if ways else ''}python wgp.py download {model_id}; or put "
+                     "the files in a models folder (--models_dir), where they are recognised by their tensors.")
         return "\n".join(lines)
 
     def summary(self) -> str:
