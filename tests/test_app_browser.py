@@ -189,6 +189,10 @@ def test_load_settings_from_an_earlier_output(page, studio):
     page.get_by_role("button", name="Load these settings into the form", exact=True).click()
     page.wait_for_function("() => document.querySelector('#prompt textarea').value === 'settings to restore later'")
     assert page.input_value("#steps input") == "3" and page.input_value("#seed input") == "1234"
+    # "Loaded the settings of ..." shows by the button that was pressed, not below the settings box
+    page.wait_for_function("() => document.querySelector('#gallery-message').innerText.includes('Loaded the settings')")
+    button, said = page.locator("#load-settings").bounding_box(), page.locator("#gallery-message").bounding_box()
+    assert 0 <= said["y"] - (button["y"] + button["height"]) < 60 and abs(said["x"] - button["x"]) < 40
     # dropping the file itself restores the same settings
     page.fill("#prompt textarea", "changed again")
     page.set_input_files("#drop-output input[type=file]", outputs_of(studio, job)[0])

@@ -106,11 +106,13 @@ def render(shared: bool = False) -> dict:
     ui["selected"] = gr.State(None)
     ui["shown"] = gr.State(None)  # the items as last sent to this session (what a click indexes)
     with gr.Row():
-        ui["load"] = gr.Button("Load these settings into the form", elem_id="load-settings")
+        with gr.Column():
+            ui["load"] = gr.Button("Load these settings into the form", elem_id="load-settings")
+            # what Load or a dropped file did, right under the button that was pressed
+            ui["message"] = gr.Markdown("", elem_id="gallery-message")
         ui["drop"] = gr.File(label="Drop an earlier output here to restore its settings",
                              file_types=[".mp4", ".png", ".json", ".webp", ".jpg"], elem_id="drop-output")
     ui["settings"] = gr.Code("", language="json", label="Settings of the selected output", elem_id="output-settings")
-    ui["message"] = gr.Markdown("", elem_id="gallery-message")
     return ui
 
 
