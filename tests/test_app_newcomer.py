@@ -105,3 +105,23 @@ def test_step_savers_explain_themselves_in_the_pages_words():
     assert all("." not in line.split()[0] and "step_savers" not in line for line in SAVER_INFO.values())
     assert all(len(line) <= 110 for line in SAVER_INFO.values())
 
+
+
+def test_messages_keep_backslashes_and_underscores_on_the_page():
+    """A preset-name error lost its backslash ("no path separators ('/' or '')") once rendered as
+    Markdown; file names with underscores turned italic."""
+    from wan.app.words import literal
+    from wan.lora.library import PRESET_NAME_RULE
+    assert "'\\'" in PRESET_NAME_RULE  # the rule names the backslash
+    text = literal(f"{PRESET_NAME_RULE}; my_lora_v2 *x*")
+    assert r"'\\'" in text  # escaped: Markdown shows one backslash
+    assert r"my\_lora\_v2 \*x\*" in text
+    assert literal("line one\n# two\n- three") == "line one  \n\\# two  \n\\- three"
+
+
+def test_the_expert_switch_says_what_its_number_is():
+    import inspect
+
+    from wan.app import ui_generate
+    source = inspect.getsource(ui_generate.render)
+    assert "fraction of 1000" not in source and 'label="Expert switch (noise level 0-1)"' in source
