@@ -166,5 +166,20 @@ def test_fused_linear_gelu_equals_plain(dtype, tol):
     lin = torch.nn.Linear(64, 96).to(dtype)
     randomize_(lin, seed=1)
     x = torch.randn(33, 64, generator=g).to(dtype)
-    plain = torch.nn.functional.gelu(lin(x), approximate="tanh")
-    assert rel_err(linear_gelu_tanh(lin, x), plain) <= tol
+    with torch.no_grad():  # inference: the fused path
+        plain = torch.nn.functional.gelu(lin(x), approximate="tanh")
+        assert rel_err(linear_gelu_tanh(lin, x), plain) <= tol
+
+
+def test_linear_gelu_gives_the_plain_gradients_when_training():
+    """The fused op has no backward: with gradients recorded the plain form must run (it once did
+    not, and a LoRA's gradients through an unhooked FFN were wrong)."""
+    from wan.models.ops import linear_gelu_tanh
+    lin = torch.nn.Linear(64, 96)
+    randomize_(lin, seed=1)
+    x = torch.randn(33, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    linear_gelu_tanh(lin, x).square().sum().backward()
+    got = (x.grad.clone(), lin.weight.grad.clone())
+    x.grad, lin.weight.grad = None, None
+    torch.nn.functional.gelu(lin(x), approximate="tanh").square().sum().backward()
+    assert rel_err(got[0], x.grad) <= 1e-6 and rel_err(got[1], lin.weight.grad) <= 1e-6

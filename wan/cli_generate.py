@@ -21,6 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from wan.engine.prompt_lines import INLINE_OPTIONS, parse_prompt_line, read_prompt_file  # noqa: F401 (re-exported)
 from wan.engine.request import (
     REQUEST_FIELDS,
     GenerationRequest,
@@ -40,11 +41,6 @@ MUSUBI_TASKS = {
     "t2v-1.3B-FC": "wan2.1-fun-control-1.3B", "t2v-14B-FC": "wan2.1-fun-control-14B",
     "i2v-14B-FC": "wan2.1-fun-control-14B", "t2v-A14B": "wan2.2-t2v-A14B", "i2v-A14B": "wan2.2-i2v-A14B",
     "ti2v-5B": "wan2.2-ti2v-5B",
-}
-# Inline options of prompt-file lines: option -> request field (the value's type is the field's).
-INLINE_OPTIONS = {
-    "w": "width", "h": "height", "f": "frames", "d": "seed", "s": "steps", "g": "guidance", "l": "guidance",
-    "fs": "shift", "n": "negative_prompt", "i": "image", "ei": "end_image", "cn": "control_video",
 }
 
 
@@ -249,36 +245,6 @@ def _loras(args) -> list[LoraChoice]:
         for choice, pattern in zip(out, patterns):
             getattr(choice, attr).append(pattern)
     return out
-
-
-def parse_prompt_line(line: str, base: GenerationRequest) -> GenerationRequest:
-    """``prompt text --w 832 --h 480 ...`` -> ``base`` with the prompt and those fields replaced. A
-    line of options alone (``--w 64``) has no prompt: it is refused, not run with the options as text."""
-    parts = (" " + line.strip()).split(" --")
-    changes: dict = {"prompt": parts[0].strip()}
-    for part in parts[1:]:
-        option, _, value = part.strip().partition(" ")
-        if option not in INLINE_OPTIONS:
-            raise RequestError(f"--{option}", value, f"inline options are: {', '.join('--' + o for o in INLINE_OPTIONS)}")
-        field = INLINE_OPTIONS[option]
-        kind = REQUEST_FIELDS[field].type
-        try:
-            changes[field] = kind(value.strip())
-        except ValueError:
-            raise RequestError(f"--{option}", value, f"a {kind.__name__} value for {field}") from None
-    if not changes["prompt"]:
-        raise RequestError("prompt", "", "a prompt before the inline options")
-    return base.replace(**changes)
-
-
-def read_prompt_file(path: str) -> list[tuple[int, str]]:
-    """(line number, text) of every prompt line; blank lines and # comments are skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RequestError("from_file", path, f"a readable UTF-8 text file ({e})") from None
-    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)
-            if line.strip() and not line.strip().startswith("#")]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,10 @@ this trainer does not support are accepted by the parser only to be refused by n
 
 Exit codes: 0 done, 1 the run failed (out of memory, a model that cannot load...), 2 bad input (a
 setting, a file, a dataset: named, no traceback), 130 interrupted.
+
+Several processes (data parallel, as musubi-tuner with accelerate): ``torchrun --nproc_per_node N wgp.py
+train ...`` or ``accelerate launch --multi_gpu --num_processes N wgp.py train ...``; see
+:mod:`wan.train.distributed` and :data:`SEVERAL_PROCESSES`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ from wan.train.config import (COMMAND_LINE, GROUPS, UNSUPPORTED_FLAGS, Flag, Tra
                               check_for_training, check_settings, config_from_sources, flags, read_config_file)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+SEVERAL_PROCESSES = (
+    "Several processes (one per GPU, data parallel): torchrun --nproc_per_node N wgp.py train ... or accelerate "
+    "launch --multi_gpu --num_processes N wgp.py train ... . The dataset's batch_size is per process (a step "
+    "trains on batch_size x N items, the same steps one process makes with batch_size x N); rank 0 writes the "
+    "LoRA files, states and logs. On the CPU (gloo) use torchrun, as the tests do: accelerate launch --cpu "
+    "--num_processes N starts one process only.")
 _UNSUPPORTED_DEST = "_unsupported_flags"
 
 
@@ -68,6 +78,7 @@ class _RecordUnsupported(argparse.Action):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``train``: ``--config_file``, one per TrainConfig setting, grouped; musubi's flags
     that are not supported are parsed (hidden from --help) and refused by :func:`run`."""
+    parser.epilog = SEVERAL_PROCESSES
     parser.add_argument("--config_file", default=None, metavar="PATH",
                         help="a TOML file with these settings as keys (tables are flattened); flags given here win")
     groups = {name: parser.add_argument_group(f"{name} settings") for name in GROUPS}

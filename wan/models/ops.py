@@ -31,8 +31,10 @@ def linear_gelu_tanh(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     FFN activation. Results equal the plain form up to rounding (the GELU runs inside the matmul's
     epilogue)."""
     # Under torch.compile the plain form is used: inductor fuses the GELU itself, and cannot lower
-    # this private op. A layer with hooks (a LoRA, streaming) must run its own forward.
-    if (not torch.compiler.is_compiling() and type(linear) is nn.Linear and x.device.type == "cpu"
+    # this private op. A layer with hooks (a LoRA, streaming) must run its own forward. The fused op
+    # has no backward: when gradients are recorded (training), the plain form runs.
+    recording = torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad)
+    if (not recording and not torch.compiler.is_compiling() and type(linear) is nn.Linear and x.device.type == "cpu"
             and not linear._forward_hooks and not linear._forward_pre_hooks
             and x.dtype in (torch.float32, torch.bfloat16)
             and linear.weight.dtype == x.dtype and _fused_linear_gelu_available()):

@@ -248,7 +248,7 @@ class TrainConfig:
     log_prefix: Text | None = _f(None, "prefix of the TensorBoard run folder", "logging")
 
     # -- sampling (the hook is Trainer.sample; generation comes with the engine's sampler)
-    sample_prompts: PathText | None = _f(None, "prompt file for sample videos during training (not available yet)",
+    sample_prompts: PathText | None = _f(None, "prompt file for sample videos during training: one prompt per line with musubi's inline options (--w --h --f --d --s --g ...)",
                                          "sampling", metavar="PATH")
     sample_every_n_steps: integer(1, optional=True) = _f(None, "sample every N steps", "sampling", "int")
     sample_every_n_epochs: integer(1, optional=True) = _f(None, "sample every N epochs", "sampling", "int")
@@ -375,8 +375,10 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
        for name in ("compile", "compile_backend", "compile_mode", "compile_dynamic", "compile_fullgraph",
                     "compile_cache_size_limit", "dynamo_backend", "dynamo_mode", "dynamo_fullgraph",
                     "dynamo_dynamic")},
-    **{name: "multi-GPU training is not available yet" for name in ("ddp_timeout", "ddp_gradient_as_bucket_view",
-                                                                    "ddp_static_graph")},
+    **{name: "several processes train without DDP's wrapper (the LoRA's gradients are summed by one all_reduce "
+             "per optimizer step) and with torch's default process-group timeout; launch with torchrun or "
+             "accelerate launch --multi_gpu and leave the flag out"
+       for name in ("ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph")},
     **{name: "uploading to the Hugging Face Hub is not supported; upload the files yourself"
        for name in ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
                     "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface",
@@ -385,8 +387,9 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
        for name in ("wandb_run_name", "wandb_api_key", "log_tracker_name", "log_tracker_config", "log_config")},
     **{name: "block swap is not available in training yet; use --gradient_checkpointing and --fp8_base"
        for name in ("use_pinned_memory_for_block_swap", "block_swap_h2d_only", "block_swap_ring_size")},
-    **{name: "sampling during training is not available yet"
-       for name in ("vae_dtype", "vae_cache_cpu", "fp8_t5", "one_frame")},
+    **{name: "not supported when sampling during training (samples use the VAE in float32 and umT5 as generation does)"
+       for name in ("vae_dtype", "vae_cache_cpu", "fp8_t5")},
+    "one_frame": "one-frame training is not supported",
     **{name: "custom schedulers are not supported; use --lr_scheduler with one of " + ", ".join(LR_SCHEDULERS)
        for name in ("lr_scheduler_type", "lr_scheduler_args", "lr_decay_steps", "lr_scheduler_timescale",
                     "lr_scheduler_min_lr_ratio")},

@@ -16,6 +16,12 @@ reshuffles, not the same draws.)
 
 Buckets are keyed by the shapes of every tensor an item stacks (latents, i2v image latents, control
 latents, CLIP features) and the text width, read from the file headers, so a batch always stacks.
+
+Several processes (:mod:`wan.train.distributed`): the dataset's ``batch_size`` is per process. With N
+processes a bucket is cut into *global* batches of ``batch_size * N`` items, in exactly the order one process
+with that batch size would get, and each rank reads only its contiguous part
+(:func:`~wan.train.distributed.shard_range`); a :class:`Batch` knows its ``offset`` in the global batch and
+the global batch's size, so the trainer can give each item the noise the one-process run gives it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from safetensors import safe_open
 from wan.train.cache_files import (CacheFileError, CacheItem, _key_role, find_cache_items, read_latent_cache,
                                    read_text_cache)
 from wan.train.dataset_config import DatasetBlueprint, DatasetConfig
+from wan.train.distributed import shard_range
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,9 @@ class Batch:
     latents: [B, C, F, H, W]; t5: B tensors [L_i, D] (trimmed text states); image_latents:
     [B, 4 + C, F, H, W] (i2v/flf2v: first-frame mask + image latent); clip: [B, 257 | 514, 1280]
     (flf2v's two frames side by side); control_latents: [B, C, F, H, W] (Fun-Control); names: the items.
+    With several processes a batch is one rank's part of a global batch: ``offset`` is the index of its
+    first item there and ``global_size`` the global batch's size (None: this batch is the whole of it). A
+    rank's part may be empty (B = 0, ``t5`` empty) when a short last batch has fewer items than processes.
     """
 
     latents: torch.Tensor
@@ -55,9 +65,25 @@ class Batch:
     clip: torch.Tensor | None = None
     control_latents: torch.Tensor | None = None
     names: list[str] = field(default_factory=list)
+    offset: int = 0
+    global_size: int | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
+
+    @property
+    def total(self) -> int:
+        """The size of the global batch this batch is part of (its own size with one process)."""
+        return len(self) if self.global_size is None else self.global_size
+
+    def shard(self, rank: int, world_size: int) -> Batch:
+        """Rank ``rank``'s part of this batch taken as a global batch (see :func:`shard_range`)."""
+        lo, hi = shard_range(len(self), rank, world_size)
+
+        def part(t):
+            return None if t is None else t[lo:hi]
+        return Batch(self.latents[lo:hi], self.t5[lo:hi], part(self.image_latents), part(self.clip),
+                     part(self.control_latents), self.names[lo:hi], lo, len(self))
 
     def context(self, device=None, dtype=None) -> torch.Tensor:
         """The text states as one [B, L_max, D] tensor, zero-padded at the end (the DiT pads to 512
@@ -136,10 +162,11 @@ class CacheBatches:
     Args:
         config: the loaded dataset TOML.
         seed: the run's seed; with the epoch number it fixes every epoch's order.
+        rank, world_size: this process's part of each global batch of ``batch_size * world_size`` items.
     """
 
-    def __init__(self, config: DatasetConfig, seed: int):
-        self.config, self.seed = config, seed
+    def __init__(self, config: DatasetConfig, seed: int, rank: int = 0, world_size: int = 1):
+        self.config, self.seed, self.rank, self.world_size = config, seed, rank, world_size
         self.datasets: list[_Dataset] = []
         for bp in config.datasets:
             items = find_cache_items(bp.cache_directory, video=bp.is_video) if bp.cache_directory.is_dir() else []
@@ -153,7 +180,11 @@ class CacheBatches:
         self._orders: dict[int, list[BatchRef]] = {}
 
     def __len__(self) -> int:
-        return sum(-(-len(items) // d.blueprint.batch_size) for d in self.datasets for items in d.buckets.values())
+        """Global batches per epoch (the same on every rank)."""
+        return sum(-(-len(items) // self._global_batch(d)) for d in self.datasets for items in d.buckets.values())
+
+    def _global_batch(self, d: _Dataset) -> int:
+        return d.blueprint.batch_size * self.world_size
 
     @property
     def num_items(self) -> int:
@@ -171,12 +202,13 @@ class CacheBatches:
         return best
 
     def order(self, epoch: int) -> list[BatchRef]:
-        """The batches of ``epoch`` (1-based) in training order; a function of (seed, epoch) only."""
+        """The global batches of ``epoch`` (1-based) in training order; a function of (seed, epoch, batch size
+        times processes) only."""
         if epoch not in self._orders:
             refs = []
             for index, d in enumerate(self.datasets):
                 rng = random.Random(f"{self.seed}/dataset{index}/epoch{epoch}")
-                size = d.blueprint.batch_size
+                size = self._global_batch(d)
                 for key, items in d.buckets.items():
                     shuffled = list(items)
                     rng.shuffle(shuffled)
@@ -186,8 +218,18 @@ class CacheBatches:
         return self._orders[epoch]
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """This rank's part of each global batch of ``epoch`` from position ``start`` on."""
         for ref in self.order(epoch)[start:]:
-            yield load_batch(ref.items)
+            if self.world_size == 1:
+                yield load_batch(ref.items)
+                continue
+            lo, hi = shard_range(len(ref.items), self.rank, self.world_size)
+            if lo == hi:
+                yield empty_batch(dict(ref.bucket)["latents"], len(ref.items), lo)
+                continue
+            batch = load_batch(ref.items[lo:hi])
+            batch.offset, batch.global_size = lo, len(ref.items)
+            yield batch
 
     def describe(self) -> list[str]:
         lines = []
@@ -197,7 +239,8 @@ class CacheBatches:
                          f"{bp.num_repeats} repeat(s)")
             for key, items in d.buckets.items():
                 lines.append(f"  bucket latents {list(dict(key)['latents'])}: {len(items)} item(s)")
-        lines.append(f"{self.num_items} items, {len(self)} batches per epoch")
+        per = f" of batch_size x {self.world_size} processes" if self.world_size > 1 else ""
+        lines.append(f"{self.num_items} items, {len(self)} batches{per} per epoch")
         return lines
 
 
@@ -215,6 +258,12 @@ def _stack(name: str, tensors: list[torch.Tensor | None], files: list[Path]) -> 
     if not all(present):  # cannot happen within a bucket; guards a cache rewritten during training
         raise DataError(f"{files[present.index(False)]}: has no {name}, other items of its batch do")
     return torch.stack(tensors)
+
+
+def empty_batch(latent_shape: Sequence[int], global_size: int, offset: int) -> Batch:
+    """A rank's empty part (at ``offset``) of a global batch of ``global_size`` items with latents
+    ``latent_shape`` [C, F, H, W]."""
+    return Batch(latents=torch.zeros(0, *latent_shape), t5=[], offset=offset, global_size=global_size)
 
 
 def load_batch(items: Sequence[CacheItem]) -> Batch:
@@ -265,3 +314,43 @@ class FixedBatches:
 
     def describe(self) -> list[str]:
         return [f"{self.num_items} items, {len(self)} batches per epoch (given in code)"]
+
+
+class ShardedBatches:
+    """Rank ``rank``'s part of each batch of another source, whose batches are taken as the global ones
+    (for sources that do not cut per rank themselves, e.g. :class:`FixedBatches`)."""
+
+    def __init__(self, source: BatchSource, rank: int, world_size: int):
+        self.source, self.rank, self.world_size = source, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        for batch in self.source.batches(epoch, start):
+            yield batch.shard(self.rank, self.world_size)
+
+    @property
+    def num_items(self) -> int:
+        return self.source.num_items
+
+    @property
+    def largest_latent_shape(self) -> tuple[int, ...]:
+        shape = self.source.largest_latent_shape
+        return (-(-shape[0] // self.world_size), *shape[1:]) if shape else shape
+
+    def describe(self) -> list[str]:
+        return self.source.describe() + [f"each of {self.world_size} processes trains on its part of every batch"]
+
+    def __getattr__(self, name: str):  # datasets etc. of the source (metadata)
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+
+def for_rank(source: BatchSource, rank: int, world_size: int) -> BatchSource:
+    """``source`` as rank ``rank`` of ``world_size`` processes reads it: a :class:`CacheBatches` cut for
+    them reads its own part; any other source is sharded batch by batch."""
+    if world_size == 1 or getattr(source, "world_size", None) == world_size:
+        return source
+    return ShardedBatches(source, rank, world_size)

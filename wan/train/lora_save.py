@@ -10,6 +10,10 @@ Layouts (``save_format``):
   conversion and keeps the exact tensors. (musubi's ``convert_lora.py`` instead folds sqrt(alpha/r)
   into both matrices and drops alpha; equal in effect, not bit for bit.)
 
+Where: :func:`lora_folder` is the folder a run's LoRA files go to: ``--output_dir``, or, when that is a
+LoRA root (the drop-in folder with one subfolder per model family, see :mod:`wan.lora.library`), the
+subfolder of the family of the model trained on, where ``generate`` and the app look for it.
+
 Every tensor, alpha included, is written in the save dtype (float32 by default, as musubi's
 ``resolve_save_dtype`` without ``--save_precision``). Metadata: the ``ss_*`` keys of musubi's
 ``trainer_base.py`` (:func:`training_metadata`), the ``modelspec.*`` keys of its
@@ -153,6 +157,33 @@ def addnet_hashes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
     model_hash = hashlib.sha256(data[8 + header:]).hexdigest()
     legacy_hash = hashlib.sha256(data[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
     return model_hash, legacy_hash
+
+
+# ---------------------------------------------------------------------------------------------
+# Where
+
+
+def is_lora_root(folder: str | os.PathLike) -> bool:
+    """Is ``folder`` a LoRA root (``loras/`` with one subfolder per model family)? It is when it is named
+    ``loras`` (the drop-in folder's name: the default of ``--lora_dir`` and of the app's setting) or holds a
+    family folder or the ``presets`` folder already."""
+    from wan.lora.library import FAMILY_FOLDERS, PRESETS_FOLDER
+    folder = Path(folder)
+    if folder.name == "loras":
+        return True
+    return folder.is_dir() and any((folder / name).is_dir() for name in (*FAMILY_FOLDERS.values(), PRESETS_FOLDER))
+
+
+def lora_folder(output_dir: str | os.PathLike, spec: Any = None) -> Path:
+    """The folder the LoRA files of a run go to: ``output_dir``, or its subfolder of ``spec``'s model family
+    (``loras/test/`` for a TEST model) when ``output_dir`` is a LoRA root (:func:`is_lora_root`). Without a
+    registry model (``spec`` None) or for a model no family folder covers, ``output_dir`` itself."""
+    out = Path(output_dir)
+    if spec is None or not is_lora_root(out):
+        return out
+    from wan.lora.library import FAMILY_FOLDERS, family_for_model
+    family = family_for_model(spec)
+    return out / FAMILY_FOLDERS[family] if family is not None else out
 
 
 # ---------------------------------------------------------------------------------------------

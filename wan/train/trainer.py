@@ -16,20 +16,26 @@ then logging, saves (every N steps / epochs, keeping the last N), and the sample
 timesteps come from one CPU generator seeded by ``--seed``, the batch order from (seed, epoch): a run
 saved with ``--save_state`` and resumed continues bit for bit on the CPU.
 
+Several processes (``torchrun --nproc_per_node N wgp.py train ...``, or ``accelerate launch --multi_gpu``):
+each trains on its part of every global batch of ``batch_size * N`` items, draws the noise and timesteps
+of the whole global batch from the shared generator and keeps its items' rows, and the LoRA gradients are
+summed over the processes at each optimizer step, each weighted by its share of the batch: the run makes
+the steps one process makes with ``batch_size * N``. Rank 0 writes files and logs. See
+:mod:`wan.train.distributed` (the helpers), and for the parts of a run: :mod:`wan.train.memory` (estimate,
+out of memory), :mod:`wan.train.checkpointing` (gradient checkpointing), :mod:`wan.train.logs`.
+
 Wan 2.2 A14B: both experts are loaded and share one LoRA (the network is attached to both); each
 batch's first timestep picks the expert and the other items are redrawn onto the same side of
 ``--timestep_boundary`` (musubi). ``--offload_inactive_dit`` keeps the idle expert in CPU memory. With one
 ``--dit`` only, that one DiT trains (limit it to its expert's range with ``--min_timestep``/``--max_timestep``).
 
-Extension points for what comes later: :meth:`Trainer.sample` is the sample hook (musubi's rules for
-when; it calls the ``sampler`` given to the trainer); :meth:`Trainer._parallel` is where the DiTs will be
-wrapped for data parallelism (DDP) and :meth:`Trainer._all_reduce` where gradients will be averaged.
+Extension point: :meth:`Trainer.sample` is the sample hook (musubi's rules for when; it calls the
+``sampler`` given to the trainer).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -37,7 +43,7 @@ import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -45,210 +51,24 @@ from torch import nn
 
 from wan.engine.attach import attach_job
 from wan.models.dit import compute_dtype
-from wan.optim.planner import GiB, gb
 from wan.train import checkpoints as ckpt
-from wan.train.config import TrainConfig, TrainConfigError, check_for_training
-from wan.train.data import Batch, BatchSource, CacheBatches, DataError
+from wan.train.checkpointing import GradientCheckpointing, offload_activations
+from wan.train.config import TrainConfig, check_for_training
+from wan.train.data import Batch, BatchSource, CacheBatches, for_rank
+from wan.train.dits import AUTOCAST_DTYPES, SINGLE, conditioning, expert_boundary, load_dits, resolve_dit_files
+from wan.train.distributed import ProcessGroup
+from wan.train.errors import TrainingError, TrainingOutOfMemory
+from wan.train.logs import StepReport, TrainLog, tensorboard_dir
 from wan.train.loss import flow_loss, flow_target, noisy_input, ti2v_token_timesteps
-from wan.train.lora_save import modelspec_metadata, save_network, training_metadata
+from wan.train.lora_save import lora_folder, modelspec_metadata, save_network, training_metadata
+from wan.train.memory import device_note, memory_estimate, out_of_memory
 from wan.train.network import LoraNetwork
 from wan.train.optimizers import build_optimizer, build_scheduler, check_optimizer
 from wan.train.timesteps import (BucketPool, TimestepSample, loss_weighting, sample_for_expert, sample_sigmas,
                                  weighting_sigmas)
 
-SINGLE = "transformer"
-EXPERTS = ("high_noise", "low_noise")
 SAVE_DTYPES = {None: torch.float32, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
                "bf16": torch.bfloat16}
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-OOM_ADVICE = ("--gradient_checkpointing (and --gradient_checkpointing_cpu_offload), --fp8_base (with "
-              "--fp8_scaled), --mixed_precision bf16, a smaller resolution or fewer frames in the dataset "
-              "(re-cache), a smaller batch_size, --offload_inactive_dit for Wan 2.2 A14B; --blocks_to_swap "
-              "will help once training supports it")
-
-
-class TrainingError(RuntimeError):
-    """A run failed for a reason that is not a bad setting (the message says what to do)."""
-
-
-class TrainingOutOfMemory(TrainingError):
-    """The device ran out of memory; the message names the flags that lower it."""
-
-
-# ----------------------------------------------------------------------------- models
-
-
-def resolve_dit_files(cfg: TrainConfig) -> tuple[Any, dict[str, str]]:
-    """(registry spec or None, expert -> checkpoint path): ``transformer``, or ``high_noise`` and
-    ``low_noise`` for a Wan 2.2 A14B pair. Registry files are fetched (TEST models are generated)."""
-    from wan.loading.download import ensure_files
-    from wan.registry import get_model
-    if cfg.task and not cfg.model and not cfg.dit:
-        raise TrainConfigError("--task: the command line maps musubi task names to registry models; in code, "
-                               "give model= (a registry id) or dit=")
-    spec = get_model(cfg.model) if cfg.model else None
-    if cfg.dit and cfg.dit_high_noise:
-        return spec, {"high_noise": cfg.dit_high_noise, "low_noise": cfg.dit}
-    if cfg.dit:
-        return spec, {SINGLE: cfg.dit}
-    if spec is None:
-        raise TrainConfigError("--dit: required: give --dit (a DiT checkpoint) or --model (a registry model)")
-    variant = {"fp16": "fp16"}.get(cfg.precision, "bf16")
-    paths = ensure_files(spec, cfg.checkpoint_dir, variant=variant, components=["transformer"])
-    if spec.is_two_expert:
-        files = {e: str(paths[f"transformer_{e}"]) for e in EXPERTS}
-        if cfg.dit_high_noise:
-            files["high_noise"] = cfg.dit_high_noise
-        return spec, files
-    if cfg.dit_high_noise:
-        raise TrainConfigError(f"--dit_high_noise: model {spec.id} has one DiT, not two experts")
-    return spec, {SINGLE: str(paths["transformer"])}
-
-
-def conditioning(batch: Batch, dit_cfg: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """The DiT's ``y`` and ``clip_fea`` for a batch, as musubi's ``call_dit`` builds them.
-
-    ``in_dim`` tells what ``y`` is: latents only (t2v, TI2V); + 4 + C i2v/flf2v/Fun-InP (the cached
-    ``latents_image``: first-frame mask and image latent); + 2C Fun-Control (control latents, then the
-    image latent's first frame, zeros elsewhere or when there is none). CLIP features go to models with
-    an image embedding (Wan 2.1 i2v, flf2v)."""
-    c = batch.latents.shape[1]
-    if c != dit_cfg.out_dim:
-        raise DataError(f"the DiT predicts {dit_cfg.out_dim} latent channels; the caches of {batch.names[:3]} have {c} "
-                        "(made with another model's VAE?)")
-    extra, out = dit_cfg.in_dim - c, {}
-    if extra == c + 4:
-        if batch.image_latents is None:
-            raise DataError(f"the DiT takes image conditioning (in_dim {dit_cfg.in_dim}); the caches of "
-                                f"{batch.names[:3]} have no latents_image: cache them for i2v")
-        out["y"] = batch.image_latents.to(device)
-    elif extra == 2 * c:
-        if batch.control_latents is None:
-            raise DataError(f"the DiT is a Fun-Control model (in_dim {dit_cfg.in_dim}); the caches of "
-                                f"{batch.names[:3]} have no latents_control")
-        image = torch.zeros_like(batch.control_latents)
-        if batch.image_latents is not None:
-            image = batch.image_latents[:, 4:].clone()
-            image[:, :, 1:] = 0
-        out["y"] = torch.cat([batch.control_latents, image.to(batch.control_latents.dtype)], dim=1).to(device)
-    elif extra != 0:
-        raise DataError(f"the DiT takes {dit_cfg.in_dim} input channels; latents of {c} channels do not fit "
-                            "(were the caches made with this model's VAE?)")
-    if dit_cfg.image_dim:
-        if batch.clip is not None:
-            out["clip_fea"] = batch.clip.to(device)
-        elif extra == c + 4 and dit_cfg.model_type in ("i2v", "flf2v"):
-            raise DataError(f"the DiT takes CLIP features (Wan 2.1 i2v/flf2v); the caches of {batch.names[:3]} "
-                                "have no clip_*: cache them with the CLIP model")
-    return out
-
-
-class GradientCheckpointing:
-    """Recomputes each DiT block in the backward pass (``torch.utils.checkpoint``, non-reentrant), put
-    on from outside the network by replacing each block's ``forward`` on the instance; detach restores it.
-    Random draws inside a block (LoRA dropout) are replayed identically in the recomputation."""
-
-    def __init__(self):
-        self._blocks: list[nn.Module] = []
-
-    def attach(self, networks: Mapping[str, nn.Module]) -> list[str]:
-        from torch.utils.checkpoint import checkpoint
-        for dit in networks.values():
-            for name in ("blocks", "vace_blocks"):
-                for block in getattr(dit, name, ()):
-                    original = block.forward
-
-                    def run(*args, _forward=original, **kwargs):
-                        if not torch.is_grad_enabled():
-                            return _forward(*args, **kwargs)
-                        return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-                    block.forward = run
-                    self._blocks.append(block)
-        return [f"gradient checkpointing: {len(self._blocks)} blocks recomputed in the backward pass"]
-
-    def detach(self, networks: Mapping[str, nn.Module]) -> None:
-        for block in self._blocks:
-            block.__dict__.pop("forward", None)
-        self._blocks.clear()
-
-
-def _size(n: float) -> str:
-    return gb(n) if n >= GiB / 10 else f"{n / 2 ** 20:.1f} MB"
-
-
-def memory_estimate(experts: Mapping[str, nn.Module], network: LoraNetwork, optimizer_name: str,
-                    latent_shape: tuple[int, ...], activation_bytes: int, checkpointing: bool,
-                    device: torch.device, offload_inactive: bool) -> list[str]:
-    """A rough memory budget in words: weights, LoRA, its gradients and optimizer states, activations.
-
-    Activations per DiT block and token are counted as (14 * dim + 2 * ffn_dim) values in the compute
-    dtype plus 4 float32 copies of the residual stream; with gradient checkpointing only each block's
-    float32 input is kept, plus one block's worth while it is recomputed."""
-    dit = next(iter(experts.values()))
-    weight_bytes = [sum(t.numel() * t.element_size() for t in [*d.parameters(), *d.buffers()])
-                    for d in experts.values()]
-    lora_params = sum(p.numel() for p in network.parameters())
-    states = 0 if "sgd" in optimizer_name.lower() else 2
-    states_bytes = lora_params * (2 if "8bit" in optimizer_name.lower() else 4 * states) if states else 0
-    cfg = dit.config
-    b, _, f, h, w = latent_shape if len(latent_shape) == 5 else (1, 0, 1, 1, 1)
-    tokens = b * (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
-    per_block = tokens * ((14 * cfg.dim + 2 * cfg.ffn_dim) * activation_bytes + 4 * cfg.dim * 4)
-    blocks = len(dit.blocks)
-    activations = tokens * cfg.dim * 4 * blocks + per_block if checkpointing else per_block * blocks
-    resident = weight_bytes[:1] if offload_inactive and device.type == "cuda" else weight_bytes
-    total = sum(resident) + lora_params * 8 + states_bytes + activations
-    experts_words = " + ".join(_size(x) for x in weight_bytes)
-    return [
-        "memory estimate (rough):",
-        f"  DiT weights: {experts_words}" + (" (the idle expert in CPU memory)" if len(resident) < len(weight_bytes)
-                                             else ""),
-        f"  LoRA: {lora_params / 1e6:.2f}M parameters, {_size(lora_params * 4)} + gradients {_size(lora_params * 4)} + "
-        f"optimizer states {_size(states_bytes)}",
-        f"  activations: ~{_size(activations)} for a batch of latents {list(latent_shape)} ({tokens} tokens)"
-        + (", gradient checkpointing" if checkpointing else ", without gradient checkpointing"),
-        f"  total on {device.type}: ~{_size(total)}",
-    ]
-
-
-# ----------------------------------------------------------------------------- logging
-
-
-class TrainLog:
-    """One JSON line per optimizer step (always, appended on resume), and TensorBoard scalars when asked."""
-
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self._file = path, open(path, "a", encoding="utf-8")
-        self._tb = None
-        if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(tensorboard_dir))
-
-    def step(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            step = record["step"]
-            self._tb.add_scalar("loss/current", record["loss"], step)
-            self._tb.add_scalar("loss/average", record["avr_loss"], step)
-            for name, lr in record["lr"].items():
-                self._tb.add_scalar(f"lr/{name}", lr, step)
-
-    def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _tensorboard_dir(cfg: TrainConfig) -> Path | None:
-    if cfg.logging_dir is None:
-        return None
-    import importlib.util
-    if importlib.util.find_spec("tensorboard") is None:  # torch.utils.tensorboard needs it
-        raise TrainConfigError("--log_with tensorboard (or --logging_dir) needs the tensorboard package: "
-                               "pip install tensorboard")
-    return Path(cfg.logging_dir) / f"{cfg.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}" / "network_train"
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -313,31 +133,42 @@ class Trainer:
         if self._given_dits is None or self._given_data is None:
             check_for_training(cfg)
         if cfg.sample_prompts and self.sampler is None:
-            raise TrainConfigError("--sample_prompts: sampling during training is not available yet; remove the "
-                                   "flag (sample the saved LoRAs with: wgp.py generate --lora ...)")
+            from wan.train.samples import TrainingSampler
+            self.sampler = TrainingSampler(cfg, say=self.say)  # reads and checks the prompt file before any model loads
+        tb_dir = tensorboard_dir(cfg)  # before loading: a missing package fails fast
+        # one process, or this rank of a torchrun / accelerate launch (left on every exit: see close)
+        self.group = ProcessGroup.join(cfg.device)
+        self._stack.callback(self.group.close)
+        self.device = self.group.device
+        if not self.group.is_main:
+            self.say = _silent  # rank 0 reports; errors still raise on every rank
         for flag in ("max_data_loader_n_workers", "persistent_data_loader_workers"):
             if getattr(cfg, flag):
                 self.say(f"--{flag}: caches are read in the training process; the setting has no effect")
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and cfg.cuda_allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.device.type == "cuda" and cfg.cuda_cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
-        tb_dir = _tensorboard_dir(cfg)  # before loading: a missing package fails fast
         check_optimizer(cfg.optimizer_type, cfg.optimizer_kwargs, cfg.lr_warmup_steps, self.device)
 
         resumed = ckpt.load_state(cfg.resume) if cfg.resume else None
-        self.seed = resumed.progress.seed if resumed else (cfg.seed if cfg.seed is not None
-                                                           else random.randint(0, 2 ** 32 - 1))
+        seed = resumed.progress.seed if resumed else cfg.seed
+        self.seed = seed if seed is not None else self.group.broadcast_int(random.randint(0, 2 ** 32 - 1))
         if resumed and cfg.seed is not None and cfg.seed != self.seed:
             self.say(f"--seed {cfg.seed} is replaced by the resumed state's seed {self.seed}")
         _seed_everything(self.seed)
 
-        self.data = self._given_data or CacheBatches(_load_dataset(cfg), self.seed)
-        self.spec, self.experts, self.paths = self._load_dits()
+        data = self._given_data or CacheBatches(_load_dataset(cfg), self.seed, self.group.rank, self.group.world_size)
+        self.data = for_rank(data, self.group.rank, self.group.world_size)
+        if self._given_dits is not None:
+            self.spec, self.experts, self.paths = None, self._given_dits, {}
+        else:
+            if self.sampler is not None and self.group.is_main and hasattr(self.sampler, "prepare"):
+                self.sampler.prepare(self.device)  # the prompts are encoded before the DiT takes the memory
+            self.spec, self.experts, self.paths = load_dits(cfg, self.device, self.say)
         self.dit_cfg = next(iter(self.experts.values())).config
         self.ti2v = self.dit_cfg.model_type == "ti2v"
-        self.boundary = self._boundary()
+        self.boundary = expert_boundary(cfg, self.experts, self.spec, self.say)
         self.active = "low_noise" if len(self.experts) == 2 else SINGLE
 
         self.network = LoraNetwork(next(iter(self.experts.values())), cfg.network_dim, cfg.network_alpha,
@@ -349,7 +180,7 @@ class Trainer:
             for line in self.network.load_weights(cfg.network_weights).notices():
                 self.say(line)
         self.network.to(self.device).train()
-        self.wrapped = {key: self._parallel(dit) for key, dit in self.experts.items()}
+        self.group.seed_rank(self.seed)  # after the network is built: LoRA dropout differs per rank
 
         params, self.lr_names = self.network.prepare_optimizer_params(unet_lr=cfg.learning_rate)
         self.choice = build_optimizer(cfg.optimizer_type, params, cfg.learning_rate, cfg.optimizer_kwargs,
@@ -375,10 +206,11 @@ class Trainer:
         self.progress = ckpt.Progress(seed=self.seed)
         if resumed:
             self._restore(resumed)
+        self.group.broadcast_module(self.network)  # every rank starts from rank 0's LoRA, as DDP does
         self.recent = deque(self.progress.recent_losses, maxlen=self.steps_per_epoch)
         self.expert_batches: Counter[str] = Counter()
         self.session_id, self.started_at = uuid.uuid4().int % 2 ** 32, time.time()
-        out = Path(cfg.output_dir) if cfg.output_dir else None
+        out = Path(cfg.output_dir) if cfg.output_dir and self.group.is_main else None
         self.log = TrainLog(out / f"{cfg.output_name}.log.jsonl", tb_dir) if out and cfg.output_name else None
         if self.log:
             self._stack.callback(self.log.close)
@@ -387,66 +219,16 @@ class Trainer:
         self.ready = True
         return self
 
-    def _load_dits(self) -> tuple[Any, dict[str, nn.Module], dict[str, str]]:
-        cfg = self.cfg
-        if self._given_dits is not None:
-            return None, self._given_dits, {}
-        spec, paths = resolve_dit_files(cfg)
-        import wan
-        from wan.models.dit import WanDiT
-        dtype = AUTOCAST_DTYPES.get(cfg.precision)  # None keeps the file's dtype, as musubi's dit_dtype
-        experts = {}
-        for key, path in paths.items():
-            idle = cfg.offload_inactive_dit and key == "high_noise"  # musubi starts on the low-noise expert
-            self.say(f"loading DiT {key}: {path}")
-            # quantised in CPU memory first, so the device never holds the full-precision weights
-            dit = wan.load_transformer(path, device="cpu" if idle or cfg.fp8_base else self.device, dtype=dtype,
-                                       keep_fp8=cfg.fp8_base)
-            if cfg.fp8_base:
-                from wan.optim.quant import quantize_
-                mode = "fp8_scaled" if cfg.fp8_scaled else "fp8"
-                report = quantize_(dit, mode, keep=lambda n: not n.startswith("blocks.") or WanDiT.keep_in_fp32(n))
-                self.say(f"--fp8_base: {report.summary()}")
-                if not idle:
-                    dit.to(self.device)
-            experts[key] = dit.requires_grad_(False)
-        if len(experts) == 2:
-            a, b = (experts[e].config for e in EXPERTS)
-            if a != b:
-                raise TrainConfigError(f"--dit_high_noise: the two experts differ ({a} vs {b})")
-        return spec, experts, paths
-
-    def _boundary(self) -> float | None:
-        cfg = self.cfg
-        if len(self.experts) == 1:
-            if cfg.timestep_boundary is not None:
-                self.say("--timestep_boundary is used with two experts only (give --dit_high_noise too)")
-            return None
-        boundary = cfg.timestep_boundary
-        if boundary is None:
-            boundary = self.spec.defaults.boundary if self.spec is not None else None
-        if boundary is None:
-            raise TrainConfigError("--timestep_boundary: required to train two experts (the model gives none)")
-        return boundary / 1000 if boundary > 1 else boundary
-
-    def _parallel(self, dit: nn.Module) -> nn.Module:
-        """The DiT as the loop calls it. Data-parallel training will wrap it here (DDP, one process per
-        GPU); single-process training calls it as it is."""
-        return dit
-
     def _plan_lines(self) -> list[str]:
         cfg = self.cfg
         dtype = self.autocast or compute_dtype(next(iter(self.experts.values())).blocks[0].ffn[0])
         act = torch.finfo(dtype).bits // 8
         lines = memory_estimate(self.experts, self.network, self.choice.name, self.data.largest_latent_shape, act,
                                 cfg.gradient_checkpointing, self.device, cfg.offload_inactive_dit)
-        if self.device.type == "cuda":
-            total = torch.cuda.mem_get_info(self.device)[1]
-            lines.append(f"  the GPU has {gb(total)}; if the estimate is near or above it, see "
-                         "--gradient_checkpointing and --fp8_base")
+        lines += device_note(self.device)
         lines.append(f"training: {self.max_steps} steps, {self.num_epochs} epoch(s) of {self.steps_per_epoch} "
                      f"steps, {self.choice.name}, lr {cfg.learning_rate:g} ({cfg.lr_scheduler}), seed {self.seed}, "
-                     f"{self.device}" + (f", from step {self.progress.step}" if self.progress.step else ""))
+                     f"{self.group.describe()}" + (f", from step {self.progress.step}" if self.progress.step else ""))
         if self.boundary is not None:
             lines.append(f"two experts share one LoRA: high noise at timesteps >= {self.boundary * 1000:g}")
         return lines
@@ -462,6 +244,9 @@ class Trainer:
         if self.scaler is not None and state.scaler is not None:
             self.scaler.load_state_dict(state.scaler)
         left = ckpt.restore_rng(state.rng, self.generator)
+        if not self.group.restore_rank_states(state.rng.get("ranks"), self.seed, state.progress.step):
+            self.say("--resume: the state was saved by another number of processes; each rank's own generator "
+                     "(LoRA dropout) is reseeded, the noise and timesteps continue as saved")
         if self.pool is not None and left is not None:
             self.pool._left = list(left)
         saved_batches = state.info.get("batches_per_epoch")
@@ -474,13 +259,25 @@ class Trainer:
     # -- one step -----------------------------------------------------------------------------
 
     def draw(self, batch: Batch) -> tuple[TimestepSample, str]:
-        """Noise levels for a batch and the expert they belong to."""
-        shape = batch.latents.shape
+        """Noise levels for a batch and the expert they belong to. With several processes they are drawn for
+        the whole global batch (the same on every rank) and this rank keeps its items' part."""
+        shape = (batch.total, *batch.latents.shape[1:])
         if self.boundary is None:
-            return sample_sigmas(self.cfg.timestep, len(batch), self.generator, shape, self.pool), self.active
-        sample, high = sample_for_expert(self.cfg.timestep, len(batch), self.boundary, self.generator, shape,
-                                         self.pool)
-        return sample, "high_noise" if high else "low_noise"
+            sample = sample_sigmas(self.cfg.timestep, batch.total, self.generator, shape, self.pool)
+            expert = self.active
+        else:
+            sample, high = sample_for_expert(self.cfg.timestep, batch.total, self.boundary, self.generator, shape,
+                                             self.pool)
+            expert = "high_noise" if high else "low_noise"
+        if batch.total != len(batch):
+            part = slice(batch.offset, batch.offset + len(batch))
+            sample = TimestepSample(sample.sigmas[part], sample.timesteps[part])
+        return sample, expert
+
+    def draw_noise(self, batch: Batch) -> torch.Tensor:
+        """N(0, 1) noise for the batch's latents (CPU, float32): drawn for the whole global batch, this rank's rows."""
+        noise = torch.randn((batch.total, *batch.latents.shape[1:]), generator=self.generator)
+        return noise if batch.total == len(batch) else noise[batch.offset:batch.offset + len(batch)].clone()
 
     def activate(self, expert: str) -> nn.Module:
         """The DiT of ``expert``; with --offload_inactive_dit on a GPU, the other one goes to CPU memory."""
@@ -488,18 +285,21 @@ class Trainer:
             self.experts[self.active].to("cpu")
             self.experts[expert].to(self.device)
         self.active = expert
-        return self.wrapped[expert]
+        return self.experts[expert]
 
     def forward_loss(self, batch: Batch, noise: torch.Tensor | None = None,
                      sample: TimestepSample | None = None, expert: str | None = None) -> tuple[torch.Tensor, str]:
-        """The flow-matching loss of one batch (before accumulation scaling) and the expert used.
-        ``noise``/``sample`` replace the draws (tests, evaluation); ``expert`` then picks the DiT."""
-        x0 = batch.latents.to(self.device, torch.float32)
+        """The flow-matching loss of one batch (mean over its items, before accumulation scaling) and the expert
+        used. ``noise``/``sample`` replace the draws (tests, evaluation); ``expert`` then picks the DiT. A rank's
+        empty part of a global batch draws (keeping the shared generator in step) and gives a loss of 0."""
         if noise is None:
-            noise = torch.randn(x0.shape, generator=self.generator)
+            noise = self.draw_noise(batch)
         if sample is None:
             sample, expert = self.draw(batch)
         expert = expert or self.active
+        if len(batch) == 0:
+            return torch.zeros((), device=self.device), expert
+        x0 = batch.latents.to(self.device, torch.float32)
         dit, dit_cfg = self.activate(expert), self.experts[expert].config
         clean_first = self.ti2v and x0.shape[2] > 1  # TI2V: the first latent frame is the clean image
         noise = noise.to(self.device, torch.float32)
@@ -512,7 +312,7 @@ class Trainer:
         weighting = None
         if self.cfg.timestep.weighting_scheme in ("sigma_sqrt", "cosmap"):
             weighting = loss_weighting(self.cfg.timestep, weighting_sigmas(sample.timesteps)).to(self.device)
-        with self._autocast(), self._offload_activations():
+        with self._autocast(), offload_activations(self.cfg.gradient_checkpointing_cpu_offload, self.device):
             pred = dit(x_t, timesteps, context, **kwargs)
         loss = flow_loss(pred, flow_target(x0, noise), weighting, first_frame_clean=clean_first)
         return loss, expert
@@ -522,20 +322,20 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def _offload_activations(self):
-        if not self.cfg.gradient_checkpointing_cpu_offload:
-            return contextlib.nullcontext()
-        return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """Gradients of ``loss / gradient_accumulation_steps`` (accelerate's scaling, as musubi)."""
+    def backward(self, loss: torch.Tensor, share: float = 1.0) -> None:
+        """Gradients of ``loss * share / gradient_accumulation_steps`` (accelerate's scaling, as musubi).
+        ``share``: this rank's part of the global batch (``len(batch) / batch.total``), so that the gradients
+        summed over the ranks are those of the global batch's mean loss."""
+        if share != 1.0:
+            loss = loss * share
         loss = loss / self.cfg.gradient_accumulation_steps
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def optimizer_step(self) -> float | None:
-        """Clip the LoRA's gradient norm (``--max_grad_norm``), step the optimizer and the schedule, zero the
-        gradients. Returns the gradient norm before clipping (None without clipping)."""
-        self._all_reduce()
+        """Sum the LoRA's gradients over the processes (several only), clip their norm (``--max_grad_norm``),
+        step the optimizer and the schedule, zero the gradients. Returns the gradient norm before clipping
+        (None without clipping). Every rank then holds the same LoRA."""
+        self.group.sum_gradients(self.network.parameters())
         norm = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -550,10 +350,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def _all_reduce(self) -> None:
-        """Data-parallel training will average the LoRA's gradients across processes here (musubi reduces
-        them by hand after DDP); a single process has nothing to do."""
-
     # -- the loop -----------------------------------------------------------------------------
 
     def train(self, until_step: int | None = None) -> TrainResult:
@@ -564,115 +360,117 @@ class Trainer:
         try:
             return self._loop(until_step)
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
-            raise TrainingOutOfMemory(f"out of memory on {self.device} ({str(exc).splitlines()[0][:200]}). "
-                                      f"Settings that use less: {OOM_ADVICE}") from exc
+            raise out_of_memory(exc, self.device) from exc
 
     def _loop(self, until_step: int | None) -> TrainResult:
         cfg, p = self.cfg, self.progress
         stop = min(self.max_steps, until_step) if until_step is not None else self.max_steps
-        bar = self._bar()
+        self.report = StepReport(self.log, self.show_progress and self.group.is_main, self.max_steps, p.step)
         losses: list[float] = []
         if p.step == 0:
-            self.sample(0, 0)
+            self._sample_point(0, 0)
         self.choice.train_mode()
-        while p.step < stop:
-            group: list[float] = []
-            for batch in self.data.batches(p.epoch, p.position):
-                loss, expert = self.forward_loss(batch)
-                self.backward(loss)
-                group.append(float(loss.detach()))
-                self.expert_batches[expert] += 1
-                p.position += 1
-                if p.position % cfg.gradient_accumulation_steps and p.position < self.batches_per_epoch:
-                    continue  # accumulate; the epoch's last batch always steps (accelerate's rule)
-                norm = self.optimizer_step()
-                p.step += 1
-                losses.append(sum(group) / len(group))
-                self._after_step(losses[-1], norm, expert, bar)
-                group = []
-                if p.step >= stop:
-                    break
-            if p.position >= self.batches_per_epoch:
-                self._end_epoch()
-        if bar is not None:
-            bar.close()
-        finished = p.step >= self.max_steps
+        try:
+            while p.step < stop:
+                accumulated: list[float] = []  # this rank's share of each batch's loss
+                for batch in self.data.batches(p.epoch, p.position):
+                    loss, expert = self.forward_loss(batch)
+                    share = len(batch) / batch.total  # 1 with one process
+                    if len(batch):
+                        self.backward(loss, share)
+                    accumulated.append(float(loss.detach()) * share)
+                    self.expert_batches[expert] += 1
+                    p.position += 1
+                    if p.position % cfg.gradient_accumulation_steps and p.position < self.batches_per_epoch:
+                        continue  # accumulate; the epoch's last batch always steps (accelerate's rule)
+                    norm = self.optimizer_step()
+                    p.step += 1
+                    losses.append(self.group.sum_float(sum(accumulated)) / len(accumulated))
+                    self._after_step(losses[-1], norm, expert)
+                    accumulated = []
+                    if p.step >= stop:
+                        break
+                if p.position >= self.batches_per_epoch:
+                    self._end_epoch()
+        finally:
+            self.report.close_bar()
         lora_path = state_path = None
-        if finished:
+        if p.step >= self.max_steps:
             lora_path, state_path = self._save_final()
         return TrainResult(p.step, p.epoch, lora_path, state_path, losses, dict(self.expert_batches))
 
-    def _after_step(self, loss: float, norm: float | None, expert: str, bar) -> None:
+    def _after_step(self, loss: float, norm: float | None, expert: str) -> None:
         cfg, p = self.cfg, self.progress
         self.recent.append(loss)
-        avr = sum(self.recent) / len(self.recent)
         lrs = {name: float(lr) for name, lr in zip(self.lr_names, self.scheduler.get_last_lr())}
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", avr_loss=f"{avr:.4f}",
-                            lr=" ".join(f"{v:.2e}" for v in lrs.values()))
-        if self.log is not None:
-            record = {"step": p.step, "epoch": p.epoch, "loss": loss, "avr_loss": avr, "lr": lrs,
-                      "time": round(time.time() - self.started_at, 3)}
-            if len(self.experts) == 2:
-                record["expert"] = expert
-            if norm is not None:
-                record["grad_norm"] = norm
-            self.log.step(record)
-        if cfg.save_every_n_steps and p.step % cfg.save_every_n_steps == 0:
-            self.choice.eval_mode()
-            base = ckpt.step_name(cfg.output_name, p.step)
-            self.save_lora(ckpt.lora_file(base))
-            self._remove(ckpt.step_to_remove(p.step, cfg.save_every_n_steps, cfg.save_last_n_steps), ckpt.step_name,
-                         lora=True)
-            if cfg.save_state:
-                self.save_state(ckpt.state_folder(base))
-                keep = cfg.save_last_n_steps_state or cfg.save_last_n_steps
-                self._remove(ckpt.step_to_remove(p.step, cfg.save_every_n_steps, keep), ckpt.step_name, lora=False)
-            self.choice.train_mode()
-        if should_sample(cfg, p.step, None):
-            self.sample(p.step, None)
+        record = {"step": p.step, "epoch": p.epoch, "loss": loss, "avr_loss": sum(self.recent) / len(self.recent),
+                  "lr": lrs, "time": round(time.time() - self.started_at, 3)}
+        if len(self.experts) == 2:
+            record["expert"] = expert
+        if norm is not None:
+            record["grad_norm"] = norm
+        self.report.step(record)
+        every = cfg.save_every_n_steps
+        if every and p.step % every == 0:
+            self._save(ckpt.step_name(cfg.output_name, p.step), None, ckpt.step_name,
+                       ckpt.step_to_remove(p.step, every, cfg.save_last_n_steps),
+                       ckpt.step_to_remove(p.step, every, cfg.save_last_n_steps_state or cfg.save_last_n_steps))
+        self._sample_point(p.step, None)
 
     def _end_epoch(self) -> None:
         cfg, p = self.cfg, self.progress
-        epoch = p.epoch
+        epoch, every = p.epoch, cfg.save_every_n_epochs
         p.epoch, p.position = epoch + 1, 0
-        if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and epoch < self.num_epochs:
-            self.choice.eval_mode()
-            base = ckpt.epoch_name(cfg.output_name, epoch)
-            self.save_lora(ckpt.lora_file(base), epoch=epoch)
-            self._remove(ckpt.epoch_to_remove(epoch, cfg.save_every_n_epochs, cfg.save_last_n_epochs),
-                         ckpt.epoch_name, lora=True)
-            if cfg.save_state:
-                self.save_state(ckpt.state_folder(base))
-                keep = cfg.save_last_n_epochs_state or cfg.save_last_n_epochs
-                self._remove(ckpt.epoch_to_remove(epoch, cfg.save_every_n_epochs, keep), ckpt.epoch_name, lora=False)
-            self.choice.train_mode()
-        if should_sample(cfg, p.step, epoch):
-            self.sample(p.step, epoch)
+        if every and epoch % every == 0 and epoch < self.num_epochs:
+            self._save(ckpt.epoch_name(cfg.output_name, epoch), epoch, ckpt.epoch_name,
+                       ckpt.epoch_to_remove(epoch, every, cfg.save_last_n_epochs),
+                       ckpt.epoch_to_remove(epoch, every, cfg.save_last_n_epochs_state or cfg.save_last_n_epochs))
+        self._sample_point(p.step, epoch)
 
     def _save_final(self) -> tuple[Path, Path | None]:
         cfg = self.cfg
-        self.choice.eval_mode()
-        lora = self.save_lora(ckpt.lora_file(cfg.output_name), epoch=self.num_epochs)
-        state = None
-        if cfg.save_state or cfg.save_state_on_train_end:
-            state = self.save_state(ckpt.state_folder(cfg.output_name))
+        lora, state = self._save(cfg.output_name, self.num_epochs, ckpt.epoch_name, None, None,
+                                 with_state=cfg.save_state or cfg.save_state_on_train_end, then_train=False)
         self.say(f"saved {lora}")
         return lora, state
 
-    def _bar(self):
-        if not self.show_progress:
-            return None
-        from tqdm import tqdm
-        return tqdm(total=self.max_steps, initial=self.progress.step, desc="steps", smoothing=0)
+    def _save(self, base: str, epoch: int | None, naming: Callable[[str, int], str], old_lora: int | None,
+              old_state: int | None, *, with_state: bool | None = None,
+              then_train: bool = True) -> tuple[Path, Path | None]:
+        """A save point, reached by every rank: rank 0 writes the LoRA ``<base>.safetensors`` (and the state
+        ``<base>-state`` with ``--save_state``) and removes the saves ``old_lora`` / ``old_state`` (numbers
+        named by ``naming``) that retention lets go; the others wait at a barrier. Returns the paths."""
+        with_state = self.cfg.save_state if with_state is None else with_state
+        self.choice.eval_mode()
+        ranks = self.group.rank_states() if with_state else None  # every rank's own generator (collective)
+        out = Path(self.cfg.output_dir)
+        if self.group.is_main:
+            self.save_lora(ckpt.lora_file(base), epoch=epoch)
+            self._remove(old_lora, naming, lora=True)
+            if with_state:
+                self.save_state(ckpt.state_folder(base), ranks)
+                self._remove(old_state, naming, lora=False)
+        self.group.barrier()
+        if then_train:
+            self.choice.train_mode()
+        return (lora_folder(out, self.spec) / ckpt.lora_file(base),
+                out / ckpt.state_folder(base) if with_state else None)
+
+    def _sample_point(self, step: int, epoch: int | None) -> None:
+        """The sample hook (:meth:`sample`) when musubi's rules say so: on rank 0 only, the other ranks
+        waiting at a barrier (sampling restores every random state, so the ranks stay in step)."""
+        if self.sampler is None or not should_sample(self.cfg, step, epoch):
+            return
+        if self.group.is_main:
+            self.sample(step, epoch)
+        self.group.barrier()
 
     # -- saving -------------------------------------------------------------------------------
 
     def save_lora(self, name: str, epoch: int | None = None) -> Path:
         """Writes the LoRA to ``output_dir/name`` with musubi's metadata."""
         cfg = self.cfg
-        path = Path(cfg.output_dir) / name
+        path = lora_folder(cfg.output_dir, self.spec) / name
         save_network(self.network, path, save_format=cfg.save_format, dtype=SAVE_DTYPES[cfg.save_precision],
                      metadata=self.metadata(epoch))
         return path
@@ -717,11 +515,14 @@ class Trainer:
                  "enable_bucket": d.blueprint.enable_bucket, "bucket_no_upscale": d.blueprint.bucket_no_upscale}
                 for d in datasets]
 
-    def save_state(self, name: str) -> Path:
-        """Writes the training state folder ``output_dir/name`` (see :mod:`wan.train.checkpoints`)."""
+    def save_state(self, name: str, ranks: list[dict] | None = None) -> Path:
+        """Writes the training state folder ``output_dir/name`` (see :mod:`wan.train.checkpoints`);
+        ``ranks``: every rank's torch generator states (several processes; see ProcessGroup.rank_states)."""
         p = self.progress
         p.recent_losses = list(self.recent)
         rng = ckpt.capture_rng(self.generator, None if self.pool is None else self.pool._left)
+        if ranks is not None:
+            rng["ranks"] = ranks
         return ckpt.save_state(Path(self.cfg.output_dir) / name, network=self.network, optimizer=self.optimizer,
                                scheduler=self.scheduler, rng=rng, progress=p, settings=self.cfg.to_flat(),
                                scaler=self.scaler, extra={"batches_per_epoch": self.batches_per_epoch})
@@ -730,7 +531,8 @@ class Trainer:
         if number is None:
             return
         base = naming(self.cfg.output_name, number)
-        target = Path(self.cfg.output_dir) / (ckpt.lora_file(base) if lora else ckpt.state_folder(base))
+        out = Path(self.cfg.output_dir)
+        target = lora_folder(out, self.spec) / ckpt.lora_file(base) if lora else out / ckpt.state_folder(base)
         if lora and target.is_file():
             target.unlink()
         elif not lora and target.is_dir():
@@ -741,18 +543,21 @@ class Trainer:
 
     def sample(self, step: int, epoch: int | None) -> None:
         """The sample hook, at step 0 (``--sample_at_first``), every N steps and at epoch ends, by musubi's
-        rules (:func:`should_sample`). It calls the trainer's ``sampler`` (none yet: sampling will go through
-        the engine) with the optimizer in eval mode, and restores every random state afterwards, so that
-        sampling never changes the training run."""
+        rules (:func:`should_sample`). It calls the trainer's ``sampler`` (``--sample_prompts``: a
+        :class:`wan.train.samples.TrainingSampler`, which generates through the engine on these DiTs with the
+        LoRA as it is now) with the optimizer and the LoRA in eval mode, and restores train mode, the LoRA's
+        multiplier and every random state afterwards, so that sampling never changes the training run."""
         if self.sampler is None or not should_sample(self.cfg, step, epoch):
             return
         rng = ckpt.capture_rng(self.generator, None)
         self.choice.eval_mode()
-        was_training = self.network.training
+        was_training, multiplier = self.network.training, self.network.multiplier
         try:
+            self.network.eval()
             with torch.no_grad():
                 self.sampler(self, step, epoch)
         finally:
+            self.network.set_multiplier(multiplier)
             self.network.train(was_training)
             self.choice.train_mode()
             ckpt.restore_rng(rng, self.generator)
@@ -768,7 +573,9 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        """Detaches the LoRA (and checkpointing) from the DiTs and closes the log."""
+        """Detaches the LoRA (and checkpointing) from the DiTs, closes the log and, when this run joined a
+        launch of several processes, leaves its process group. :meth:`run` calls it in a ``finally``: at
+        the end, on an error and on Ctrl-C."""
         self._stack.close()
         self.ready = False
 
@@ -777,6 +584,10 @@ class Trainer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _silent(line: str) -> None:
+    """Where the messages of ranks other than 0 go."""
 
 
 def _seed_everything(seed: int) -> None:
@@ -808,5 +619,6 @@ def show_timesteps(cfg: TrainConfig, say: Callable[[str], None] = print, samples
     return None
 
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "TrainingOutOfMemory", "GradientCheckpointing",
+# re-exported: callers and tests import these from here
+__all__ = ["Trainer", "TrainResult", "TrainingError", "TrainingOutOfMemory", "GradientCheckpointing", "TrainLog",
            "conditioning", "memory_estimate", "resolve_dit_files", "show_timesteps", "should_sample"]
