@@ -33,6 +33,7 @@ from test_train_loop import clips, write_dataset
 from wan.testing.tiny_family import ensure_tiny_checkpoints
 from wan.train.config import TrainConfig
 from wan.train.trainer import Trainer
+from tests.train_harness import one_thread  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120  # seconds: a hung collective fails the test instead of the suite
@@ -65,14 +66,6 @@ AUDITED_WGP = textwrap.dedent("""
     sys.argv = sys.argv[1:]
     runpy.run_path(sys.argv[0], run_name="__main__")
 """)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def settings(tmp_path) -> dict:

@@ -12,32 +12,16 @@ import torch
 from safetensors import safe_open
 
 from wan.models.dit import DiTConfig, WanDiT
-from wan.testing.tiny_family import TINY_DIT, TINY_T5, ensure_tiny_checkpoints, tiny_dit_state_dict
+from wan.testing.tiny_family import TINY_DIT, TINY_T5, tiny_dit_state_dict
 from wan.train import checkpoints as ckpt
 from wan.train.cache_files import text_cache_name, video_latent_cache_name, write_latent_cache, write_text_cache
 from wan.train.config import TrainConfig
 from wan.train.data import Batch, FixedBatches
 from wan.train.timesteps import TimestepSample
 from wan.train.trainer import Trainer, TrainingOutOfMemory
+from tests.train_harness import family, one_thread  # noqa: F401 (fixtures)
 
 TEXT_DIM = TINY_T5["dim"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared machine run far faster on one thread than on several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    """The TEST model files, written once for the module (the registry's ``test-tiny-*`` models)."""
-    root = tmp_path_factory.mktemp("train_ckpts")
-    ensure_tiny_checkpoints(root)
-    return root
 
 
 def write_dataset(root, latents: list[torch.Tensor], seed=0, batch_size=1, frames=5, size=(64, 64)):

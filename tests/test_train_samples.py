@@ -13,30 +13,16 @@ import torch
 from safetensors.torch import load_file
 
 from wan.engine.media import read_metadata
-from wan.testing.tiny_family import TINY_T5, ensure_tiny_checkpoints
+from wan.testing.tiny_family import TINY_T5
 from wan.train.cache_files import text_cache_name, video_latent_cache_name, write_latent_cache, write_text_cache
 from wan.train.config import TrainConfig, TrainConfigError
 from wan.train.samples import TrainingSampler, read_sample_prompts, sample_stem
 from wan.train.trainer import Trainer
+from tests.train_harness import family, one_thread  # noqa: F401 (fixtures)
 
 MODEL = "test-tiny-t2v"
 # musubi's sample names: <output_name>_<step:06d> or e<epoch:06d>_<prompt index:02d>_<YYYYmmddHHMMSS>_<seed>.mp4
 NAME = re.compile(r"^(?P<name>.+)_(?P<number>e?\d{6})_(?P<index>\d{2})_\d{14}_(?P<seed>\d+)\.mp4$")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "tiny_ckpts"  # shared with test_train_outcome.py in one session
-    ensure_tiny_checkpoints(root)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from wan.fileio import fsync_dir
+from wan.fileio import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -249,22 +248,9 @@ def _replace_nan(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> d
 
 
 def _write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes ``data`` through a temporary file in the same folder renamed over ``path``, so a reader (or musubi's
-    glob, which the ``.tmp`` name does not match) never sees a half-written cache."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+    """A temporary file in the same folder renamed over ``path``, so a reader (or musubi's glob, which the
+    ``.tmp`` name does not match) never sees a half-written cache."""
+    return write_bytes_atomic(path, data)
 
 
 def latent_cache_tensors(
