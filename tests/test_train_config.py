@@ -113,7 +113,9 @@ def test_rules_between_settings_name_the_flags():
     assert "constant_with_warmup" in problem(lr_warmup_steps=10)
     assert problem(save_last_n_steps=3).startswith("--save_last_n_steps: needs --save_every_n_steps")
     assert problem(log_with="tensorboard").startswith("--log_with: tensorboard needs --logging_dir")
-    assert problem(blocks_to_swap=10).startswith("--blocks_to_swap: 10 is not allowed: block swap is not available")
+    assert problem(blocks_to_swap=10).startswith("--blocks_to_swap: needs --gradient_checkpointing")
+    assert problem(blocks_to_swap=1, gradient_checkpointing=True, fp8_base=True).startswith(
+        "--blocks_to_swap: cannot be combined with --fp8_base")
 
 
 def test_unsupported_musubi_flags_are_refused_by_name(tmp_path, capsys):

@@ -405,3 +405,27 @@ def test_tensorboard_without_its_package_is_named(tmp_path):
                     data=FixedBatches([fixed_batch()]))
     with pytest.raises(TrainConfigError, match="needs the tensorboard package: pip install tensorboard"):
         trainer.setup()
+
+
+def test_block_swap_reads_blocks_through_forward_and_backward_with_the_same_result(family, tmp_path):
+    """--blocks_to_swap 1 with gradient checkpointing: one block is read from the checkpoint when it runs
+    (its weights are meta placeholders between runs), in the forward pass and again in the backward
+    pass's recomputation; the LoRA is the one training without the swap gives, bit for bit."""
+    data = write_dataset(tmp_path / "data", clips(2, (16, 2, 8, 8)))
+    base = dict(dataset_config=str(data), model="test-tiny-t2v", checkpoint_dir=str(family), output_name="lora",
+                network_dim=4, learning_rate=5e-3, max_train_steps=3, seed=3, gradient_checkpointing=True)
+    plain = quiet(TrainConfig.of(**base, output_dir=str(tmp_path / "plain"))).run()
+    lines = []
+    trainer = Trainer(TrainConfig.of(**base, output_dir=str(tmp_path / "swap"), blocks_to_swap=1), progress=False,
+                      say=lines.append)
+    swapped = trainer.run()
+    assert any("--blocks_to_swap 1: 1 of 2 blocks read from" in line for line in lines)
+    dit = trainer.experts["transformer"]
+    assert sum(p.is_meta for p in dit.blocks.parameters()) > 0  # one block is not held between runs
+    assert swapped.losses == plain.losses
+    with safe_open(str(plain.lora_path), "pt") as a, safe_open(str(swapped.lora_path), "pt") as b:
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+    with pytest.raises(Exception, match="--blocks_to_swap: needs --gradient_checkpointing"):
+        quiet(TrainConfig.of(**{**base, "gradient_checkpointing": False}, output_dir=str(tmp_path / "x"),
+                             blocks_to_swap=1)).run()

@@ -192,7 +192,8 @@ class TrainConfig:
     fp8_scaled: Bool = _f(False, "with --fp8_base: fp8 with a scale per block of 64 inputs (better accuracy)",
                           "memory", "bool")
     blocks_to_swap: integer(0, optional=True) = _f(
-        None, "DiT blocks kept in CPU memory and swapped in (not available in training yet)", "memory", "int")
+        None, "DiT blocks not kept on the device: each is read from the DiT checkpoint when it runs, in the forward "
+              "pass and again for the backward's recomputation (needs --gradient_checkpointing)", "memory", "int")
     offload_inactive_dit: Bool = _f(False, "Wan 2.2 A14B: keep the expert not in use in CPU memory", "memory",
                                     "bool")
 
@@ -385,8 +386,8 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
                     "async_upload")},
     **{name: "only TensorBoard logging is supported (--log_with tensorboard)"
        for name in ("wandb_run_name", "wandb_api_key", "log_tracker_name", "log_tracker_config", "log_config")},
-    **{name: "block swap is not available in training yet; use --gradient_checkpointing and --fp8_base"
-       for name in ("use_pinned_memory_for_block_swap", "block_swap_h2d_only", "block_swap_ring_size")},
+    **{name: "block swap here reads swapped blocks from the checkpoint with one block of read-ahead; it has no such "
+             "setting" for name in ("use_pinned_memory_for_block_swap", "block_swap_h2d_only", "block_swap_ring_size")},
     **{name: "not supported when sampling during training (samples use the VAE in float32 and umT5 as generation does)"
        for name in ("vae_dtype", "vae_cache_cpu", "fp8_t5")},
     "one_frame": "one-frame training is not supported",
@@ -521,9 +522,12 @@ def check_settings(cfg: TrainConfig) -> None:
 
     if cfg.fp8_scaled and not cfg.fp8_base:
         bad("fp8_scaled", "needs --fp8_base (as musubi)")
-    if cfg.blocks_to_swap:
-        bad("blocks_to_swap", f"{cfg.blocks_to_swap} is not allowed: block swap is not available in training yet; "
-                              "use --gradient_checkpointing, --fp8_base, --mixed_precision bf16 or smaller buckets")
+    if cfg.blocks_to_swap and not cfg.gradient_checkpointing:
+        bad("blocks_to_swap", "needs --gradient_checkpointing: a swapped block is brought back for the backward "
+                              "pass's recomputation, and without it every block's weights would stay for the backward")
+    if cfg.blocks_to_swap and cfg.fp8_base:
+        bad("blocks_to_swap", "cannot be combined with --fp8_base yet (swapped blocks are read from the checkpoint "
+                              "file in its own precision)")
     if cfg.gradient_checkpointing_cpu_offload and not cfg.gradient_checkpointing:
         bad("gradient_checkpointing_cpu_offload", "needs --gradient_checkpointing")
     if cfg.save_last_n_steps is not None and cfg.save_every_n_steps is None:

@@ -4,6 +4,7 @@ the expert boundary of a Wan 2.2 A14B pair, and what each DiT is given besides l
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -106,11 +107,29 @@ def load_dits(cfg: TrainConfig, device: torch.device,
             if not idle:
                 dit.to(device)
         experts[key] = dit.requires_grad_(False)
+        if cfg.blocks_to_swap:
+            experts[key] = swap_blocks(dit, path, cfg.blocks_to_swap, device, dtype, say)
     if len(experts) == 2:
         a, b = (experts[e].config for e in EXPERTS)
         if a != b:
             raise TrainConfigError(f"--dit_high_noise: the two experts differ ({a} vs {b})")
     return spec, experts, paths
+
+
+def swap_blocks(dit: nn.Module, path, count: int, device: torch.device, dtype, say) -> nn.Module:
+    """``--blocks_to_swap N``: N of the DiT's blocks are not kept on the device but read from the
+    checkpoint when run, with the block streaming of generation (``wan.optim.offload``): in the forward
+    pass, and again for the backward pass's recomputation (gradient checkpointing replays the block's
+    hooks). The others stay resident. The handle lives as long as the DiT."""
+    from wan.optim.offload import stream_blocks_
+    blocks = len(dit.blocks)
+    if count >= blocks:
+        raise TrainConfigError(f"--blocks_to_swap: {count} is not allowed; fewer than the DiT's {blocks} blocks")
+    handle = stream_blocks_(dit, path, prefetch=1, budget_blocks=blocks - count, device=device, dtype=dtype)
+    dit._block_swap = handle  # keeps the streaming (and its reader thread) with the network
+    say(f"--blocks_to_swap {count}: {count} of {blocks} blocks read from {Path(str(path)).name} when they run, "
+        f"{blocks - count} kept on {device}")
+    return dit
 
 
 def expert_boundary(cfg: TrainConfig, experts: Mapping[str, nn.Module], spec: Any,

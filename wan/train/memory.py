@@ -12,8 +12,8 @@ from wan.train.errors import TrainingOutOfMemory
 
 OOM_ADVICE = ("--gradient_checkpointing (and --gradient_checkpointing_cpu_offload), --fp8_base (with "
               "--fp8_scaled), --mixed_precision bf16, a smaller resolution or fewer frames in the dataset "
-              "(re-cache), a smaller batch_size, --offload_inactive_dit for Wan 2.2 A14B; --blocks_to_swap "
-              "will help once training supports it")
+              "(re-cache), a smaller batch_size, --offload_inactive_dit for Wan 2.2 A14B, --blocks_to_swap N "
+              "(with --gradient_checkpointing)")
 
 
 def out_of_memory(exc: BaseException, device: torch.device) -> TrainingOutOfMemory:
