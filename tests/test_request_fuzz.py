@@ -71,3 +71,73 @@ def test_any_request_is_accepted_within_bounds_or_refused_by_field(state, data):
                        prompt=resolved.prompt, model=resolved.model, task=resolved.task)
     assert stem and "/" not in stem and "\\" not in stem and stem not in (".", "..")
     assert (Path(resolved.output_dir) / f"{stem}.mp4").resolve().parent == Path(resolved.output_dir).resolve()
+
+
+# -- training requests (the Train tab's, and /queue_train's): {"train": {flat settings}, ...} ---------------
+
+from wan.app.train_jobs import accept_train_request  # noqa: E402
+from wan.app.train_request import REQUEST_KEYS as TRAIN_KEYS, SERVER_FLAGS, TrainRequestError, run_folder  # noqa: E402
+from wan.train.config import FLAG_NAMES  # noqa: E402
+
+TRAIN_FIELDS = {"request", "train", "dataset", *TRAIN_KEYS, *(f"train.{name}" for name in FLAG_NAMES)}
+TRAIN_BASE = {"model": "test-tiny-t2v", "dataset_config": "clips/data.toml", "output_name": "fuzz",
+              "max_train_steps": 5}
+train_value = {name: value for name in FLAG_NAMES}
+train_value["model"] = st.sampled_from(["test-tiny-t2v", "test-tiny-t2v-a14b", "test-tiny-vace"]) | value
+train_value["dataset_config"] = st.sampled_from(["clips/data.toml", "/etc/hosts", "../../x.toml", "clips",
+                                                 "clips/../../../etc/passwd"]) | value
+train_value["resume"] = st.sampled_from(["/tmp", "../outputs/train/fuzz/fuzz-state", "x"]) | value
+train_value["output_name"] = st.sampled_from(["fuzz", "../x", "a/b", ".hidden", "CON"]) | value
+train_value["optimizer_type"] = st.sampled_from(["AdamW", "SGD", "os.system", "bitsandbytes.optim.AdamW8bit"]) | value
+for name, typical in {"network_dim": [1, 4, 1024, 1025], "max_train_steps": [1, 100, 101], "seed": [0, 2**63],
+                      "max_train_epochs": [1, 50, 10**6], "save_every_n_steps": [1, 5], "network_alpha": [0, 4.0],
+                      "learning_rate": [1e-4, 0.0], "gradient_accumulation_steps": [1, 2, 2000],
+                      "num_timestep_buckets": [2, 10**6], "timestep_sampling": ["shift", "sigma"]}.items():
+    train_value[name] = st.sampled_from(typical) | value
+train_change = st.sampled_from(list(FLAG_NAMES)).flatmap(lambda name: st.tuples(st.just(name), train_value[name]))
+top_value = {"expert": st.sampled_from([None, "high_noise", "low_noise"]) | value,
+             "trigger_words": text | value,
+             "sample_prompts": st.sampled_from(["a fox --w 32 --h 32 --f 5 --s 2", "a --i /etc/passwd",
+                                                "x --f 100000", "--w 32"]) | text | value}
+top_change = st.sampled_from(sorted(top_value)).flatmap(lambda name: st.tuples(st.just(name), top_value[name]))
+train_mutated = st.tuples(st.lists(train_change, max_size=3), st.lists(top_change, max_size=2)).map(
+    lambda t: {"train": {**TRAIN_BASE, **dict(t[0])}, **dict(t[1])})
+train_requests = st.one_of(train_mutated, train_mutated, train_mutated,
+                           st.dictionaries(text, value, max_size=3),
+                           st.fixed_dictionaries({"train": value}, optional={k: value for k in top_value}))
+
+
+@pytest.fixture(scope="module")
+def train_state(tmp_path_factory):
+    from tests.app_train_harness import write_dataset
+    from wan.app.train_dataset import DatasetChoice, folder_toml
+    base = tmp_path_factory.mktemp("fuzz_train")
+    clips = write_dataset(base / "datasets" / "clips", {"a": "a red square"})
+    (clips / "data.toml").write_text(folder_toml(clips, DatasetChoice(32, 32, 9), images=False, videos=True))
+    s = ServerSettings(output_dir=str(base / "out"), state_dir=str(base / "state"), lora_dir=str(base / "loras"),
+                       checkpoint_dir=str(base / "ckpt"), datasets_dir=str(base / "datasets"), max_frames=81,
+                       max_pixels=832 * 480, max_train_steps=100)
+    return AppState(s, engine_factory=lambda: None)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=train_requests)
+def test_any_training_request_is_accepted_within_bounds_or_refused_by_field(train_state, data):
+    from wan.app.security import train_roots
+    s = train_state.settings
+    try:
+        prepared = accept_train_request(data, train_state)
+    except TrainRequestError as e:
+        assert e.field in TRAIN_FIELDS or e.field.startswith("sample_prompts line "), f"{e.field!r}: {e}"
+        assert len(str(e)) < 3000
+        return
+    train = prepared["train"]
+    assert set(prepared) == set(TRAIN_KEYS) and not set(train) & set(SERVER_FLAGS)
+    assert train["output_dir"] == str(run_folder(s, train["output_name"]))
+    assert is_inside(train["output_dir"], Path(s.output_dir).resolve() / "train")
+    assert any(is_inside(train["dataset_config"], root) for root in train_roots(s))
+    if train.get("resume") is not None:
+        assert is_inside(train["resume"], train["output_dir"])
+    if not train.get("max_train_epochs"):
+        assert train.get("max_train_steps", 1600) <= s.max_train_steps
+    assert 1 <= train.get("network_dim", 4) <= 1024

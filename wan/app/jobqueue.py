@@ -78,11 +78,16 @@ class JobQueue:
         max_history: how many finished jobs are kept (newest first).
         max_restarts: a job found running at load that was already restarted this often is failed.
         max_per_session: how many jobs one session may have waiting at once (None: no limit of its own).
+        interrupted: ``interrupted(job)`` for a job found running at load: None queues it again (the
+            default for every job), a text fails it with that text as its error instead (a training
+            run is offered for resumption from its saved state rather than started over).
     """
 
     def __init__(self, path: str | os.PathLike | None, runner: Runner, max_queued: int = 100,
-                 max_history: int = 200, max_restarts: int = 3, max_per_session: int | None = None):
+                 max_history: int = 200, max_restarts: int = 3, max_per_session: int | None = None,
+                 interrupted: Callable[[Job], str | None] | None = None):
         self.path = Path(path) if path is not None else None
+        self._interrupted = interrupted
         self._runner = runner
         self.max_queued = max_queued
         self.max_per_session = max_per_session
@@ -506,10 +511,16 @@ class JobQueue:
             more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
             self._set_aside(f"{len(bad)} job(s) could not be read and were left out, "
                             f"{len(jobs)} loaded: {reasons}{more}")
-        restarted = []
+        restarted, stopped = [], []
         for job in jobs:
             job.progress = None
-            if job.status == "running" and job.restarts >= self.max_restarts:
+            reason = self._interrupted(job) if job.status == "running" and self._interrupted is not None else None
+            if reason is not None:  # not run again by itself: the reason says what to do instead
+                job.status, job.error = "failed", reason
+                job.finished = job.finished or time.time()
+                self._history.append(job)
+                stopped.append(job)
+            elif job.status == "running" and job.restarts >= self.max_restarts:
                 job.status, job.error = "failed", (f"the server stopped while this job ran, {job.restarts + 1} times; "
                                                    "not restarted again (it may need more memory than there is)")
                 job.finished = job.finished or time.time()
@@ -528,7 +539,10 @@ class JobQueue:
         if restarted:
             log.warning("job queue: %d job(s) were running when the server stopped; queued again first: %s",
                         len(restarted), ", ".join(j.id for j in restarted))
-        if restarted or (bad and jobs):  # saved at once: the file was renamed aside with the bad jobs
+        if stopped:
+            log.warning("job queue: %d job(s) were running when the server stopped and are not restarted: %s",
+                        len(stopped), ", ".join(j.id for j in stopped))
+        if restarted or stopped or (bad and jobs):  # saved at once: the file was renamed aside with the bad jobs
             with self._lock:
                 pending = self._change("added", *restarted)
             self._publish(pending)

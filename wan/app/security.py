@@ -269,6 +269,32 @@ def check_request_paths(request: GenerationRequest, settings: ServerSettings) ->
 
 
 # ---------------------------------------------------------------------------------------------
+# Training (the Train tab, wan/app/train_*.py): the folders a training request may read and write
+
+
+def train_roots(settings: ServerSettings) -> list[Path]:
+    """The folders a training request may name, resolved: the datasets folder (``datasets_dir``:
+    datasets, their captions, TOMLs and caches) and the output folder (runs, their states and
+    samples). Nothing else is read or written for a training job on behalf of a browser."""
+    return [Path(_real(settings.datasets_dir)), Path(_real(settings.output_dir))]
+
+
+def check_train_path(path, settings: ServerSettings, what: str) -> Path:
+    """``path`` resolved (a relative one is taken inside ``datasets_dir``) when it lies inside
+    :func:`train_roots`; else ValueError naming ``what``, the path and the allowed folders."""
+    roots = train_roots(settings)
+    if not isinstance(path, str) or not path.strip() or "\0" in path or not path.isprintable():
+        raise ValueError(f"{what}: {_short_repr(path)} is not allowed; a folder or file inside "
+                         f"{' or '.join(map(str, roots))}")
+    given = Path(path.strip()).expanduser()
+    full = given if given.is_absolute() else roots[0] / given
+    if not any(is_inside(full, root) for root in roots):
+        raise ValueError(f"{what}: {_short_repr(path)} is outside the folders training may use; "
+                         f"a folder or file inside {' or '.join(map(str, roots))}")
+    return Path(os.path.realpath(full))
+
+
+# ---------------------------------------------------------------------------------------------
 # What gradio may serve
 
 

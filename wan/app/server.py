@@ -17,7 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from wan.app import ui_gallery, ui_generate, ui_loras, ui_queue, ui_settings
+from wan.app import ui_gallery, ui_generate, ui_loras, ui_queue, ui_settings, ui_train
 from wan.app.settings import ServerSettings
 from wan.app.jobs import MAX_SESSION_CHARS, printable, printable_lines
 from wan.app.state import API_SESSION, AppState
@@ -30,7 +30,7 @@ def build_app(state: AppState, config_path: str | Path | None = None) -> gr.Bloc
     with gr.Blocks(title="Wan Studio", analytics_enabled=False) as demo:
         session = gr.BrowserState("", storage_key="wan_studio_session")
         gr.Markdown("## Wan Studio", elem_id="title")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
                     with gr.Column(scale=3):
@@ -41,15 +41,20 @@ def build_app(state: AppState, config_path: str | Path | None = None) -> gr.Bloc
                     with gr.Column(scale=2):
                         queue = ui_queue.render()
                         gallery = ui_gallery.render(shared=state.shared)
+            with gr.Tab("Train", id="train") as train_tab:  # -- the Train tab (wan/app/ui_train.py) --
+                train_ui = ui_train.render(state)
             with gr.Tab("Settings", id="settings"):
                 settings_ui = ui_settings.render(state)
-        _wire(demo, state, session, form, loras, add, message, queue, gallery)
+        generate = _wire(demo, state, session, form, loras, add, message, queue, gallery)
+        ui_train.listen(state, train_ui, session, tab=train_tab, tabs=tabs, form=form, loras=loras, generate=generate)
         ui_settings.listen(state, settings_ui, config_path or "wan_studio.yaml")
         _api(state)
+        ui_train.api(state)  # /queue_train, /resume_train
     return demo
 
 
-def _wire(demo, state, session, form, loras, add, message, queue, gallery) -> None:
+def _wire(demo, state, session, form, loras, add, message, queue, gallery):
+    """Wires the Generate tab and the page's timer; returns ``ui_generate.listen``'s result."""
     queue_outputs = ui_queue.outputs(queue)
     generate = ui_generate.listen(state, form, on_added=lambda s, shown: ui_queue.views(state, s, None, shown))
     ui_loras.listen(state, form, loras)
@@ -88,6 +93,7 @@ def _wire(demo, state, session, form, loras, add, message, queue, gallery) -> No
         return refresh(state, session_id, picked, show_all, last_items, last_choices, detail_now, message_now)
     timer.tick(tick, [session, queue["pick"], gallery["show_all"], shown, queue["shown"], queue["detail"], message],
                [*queue_outputs, gallery["gallery"], shown, queue["detail"], message], **ui_queue.QUIET)
+    return generate
 
 
 def valid_session(session_id) -> bool:

@@ -143,6 +143,14 @@ class ServerSettings:
                                             "uploads, except those a waiting or running job uses; 0: no size limit",
                                      "Largest size of the uploads folder (MB)")
 
+    # -- the Train tab (wan/app/ui_train.py) ----------------------------------------------------
+    datasets_dir: Text = _setting("datasets", "folder of the training datasets (folders of images and videos with "
+                                              "captions, or musubi dataset TOMLs); the Train tab reads and writes "
+                                              "captions only there and in the output folder", "Datasets folder")
+    max_train_steps: Positive = _setting(20000, "most optimizer steps one training run may ask for",
+                                         "Most training steps per run")
+    # -- end of the Train tab's settings --------------------------------------------------------
+
     @property
     def host(self) -> str:
         """The interface to bind: every interface when ``listen`` is set."""

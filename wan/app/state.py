@@ -60,8 +60,10 @@ class AppState:
         self._found = None  # the models folders' files, scanned on first use
         self._engine_factory = engine_factory or self._default_engine
         self.shared = is_shared(settings)
+        from wan.app.train_jobs import interrupted_reason  # a training job is resumed, never restarted
         self.queue = JobQueue(self.state_dir / QUEUE_FILE, self.run_job, max_queued=settings.max_queue,
-                              max_per_session=settings.max_queue_per_session if self.shared else None)
+                              max_per_session=settings.max_queue_per_session if self.shared else None,
+                              interrupted=interrupted_reason)
         self._warned: set[str] = set()
         self._pruned_at = time.monotonic()
         self.prune_uploads()
@@ -242,10 +244,17 @@ class AppState:
         return request.replace(**changes), dropped
 
     def run_job(self, job: Job, progress, cancel) -> RunOutcome:
-        """The queue's runner: one job through the engine (or a model download, :mod:`wan.app.downloads`)."""
+        """The queue's runner: one job through the engine (or a model download, :mod:`wan.app.downloads`,
+        or a LoRA training run, :mod:`wan.app.train_jobs`)."""
         from wan.app.downloads import is_download, run_download
         if is_download(job.request):
             return run_download(self, job, progress, cancel)
+        from wan.app.train_request import is_training
+        if is_training(job.request):  # -- training (the Train tab) --
+            from wan.app.train_jobs import run_training
+            if self._engine is not None:  # the generation models leave the device to the training run
+                self._engine.models.release()
+            return run_training(self, job, progress, cancel)
         from wan.app.preview import latent_preview
         from wan.engine.request import GenerationRequest
         request = self.prepare(GenerationRequest.from_dict(job.request))

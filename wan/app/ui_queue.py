@@ -28,6 +28,7 @@ import gradio as gr
 
 from wan.app.downloads import DOWNLOAD_KEY, is_download
 from wan.app.jobs import first_line, printable, printable_lines
+from wan.app.train_request import TRAIN_PHASES, is_training, progress_words
 from wan.app.state import API_SESSION, AppState
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ def progress_text(job, hide: bool = False) -> str:
     if job.status != "running":
         return "" if hide or not job.error else first_line(job.error, MAX_TABLE_CHARS)
     if p is None:
-        return "starting..." if is_download(job.request) else "loading models..."
+        return "starting..." if is_download(job.request) or is_training(job.request) else "loading models..."
+    if p.expert in TRAIN_PHASES and is_training(job.request):  # a training run (the Train tab)
+        return printable(progress_words(p), MAX_ERROR_CHARS)
     if p.expert == DOWNLOAD_KEY:  # a model download: megabytes
         return printable(f"{p.step / 1000:.2f} of {p.total / 1000:.2f} GB · ETA {p.eta_s:.0f} s", MAX_ERROR_CHARS)
     expert = f" · {p.expert.replace('_', '-')} expert" if p.expert not in ("", "transformer") else ""

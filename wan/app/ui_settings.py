@@ -28,18 +28,21 @@ HIDDEN = ("auth",)  # passwords belong in --auth_file, never in the config file 
 # settings that decide who can reach the server and what it reads, writes and serves
 GUARDED = ("listen", "server_name", "server_port", "share", "auth_file", "checkpoint_dir", "lora_dir", "output_dir",
            "state_dir", "models_dir", "max_frames", "max_pixels", "max_steps", "max_upload_mb", "max_queue",
-           "max_queue_per_session", "uploads_max_age_days", "uploads_max_mb")
+           "max_queue_per_session", "uploads_max_age_days", "uploads_max_mb",
+           "datasets_dir", "max_train_steps")  # the last two: the Train tab's
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
 # the tab's sections: heading, settings, open when the page opens; every shown setting is in one
 GROUPS = (
     ("Network & access", ("listen", "server_name", "server_port", "share", "auth_file"), True),
-    ("Models & folders", ("model", "checkpoint_dir", "models_dir", "lora_dir", "output_dir", "state_dir"), True),
+    ("Models & folders", ("model", "checkpoint_dir", "models_dir", "lora_dir", "output_dir", "state_dir",
+                          "datasets_dir"), True),
     ("Generation defaults", ("profile", "attention", "compile"), True),
     ("Limits for browser clients", ("max_frames", "max_pixels", "max_steps", "max_upload_mb", "max_queue",
-                                    "max_queue_per_session", "uploads_max_age_days", "uploads_max_mb"), False),
+                                    "max_queue_per_session", "uploads_max_age_days", "uploads_max_mb",
+                                    "max_train_steps"), False),
     ("Start-up and log", ("open_browser", "verbose"), False),
 )
-FOLDERS = ("checkpoint_dir", "models_dir", "lora_dir", "output_dir", "state_dir")
+FOLDERS = ("checkpoint_dir", "models_dir", "lora_dir", "output_dir", "state_dir", "datasets_dir")
 # the empty choice of a picker: the setting left unset (None)
 FIRST_MODEL, DEFAULT_PROFILE, PROFILE_ATTENTION = "(first model)", "(default)", "(the profile's choice)"
 

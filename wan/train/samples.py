@@ -110,7 +110,7 @@ class LiveModels(ModelManager):
         super().__init__(checkpoint_dir=".", device=device)
         self._current = models
 
-    def get(self, spec, profile=None, files=None) -> ModelSet:
+    def get(self, spec, profile=None, files=None, **_ignored) -> ModelSet:  # sharding: samples run on rank 0
         if spec.id != self._current.spec.id:
             raise ValueError(f"sampling during training runs model {self._current.spec.id}, not {spec.id}")
         return self._current
