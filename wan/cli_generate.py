@@ -11,6 +11,14 @@ them with hyphens (``--negative-prompt``).
 Prompt files and interactive mode take one prompt per line with inline options:
 ``a fox in snow --w 832 --h 480 --f 33 --d 42 --s 30 --g 5 --fs 3 --n blurry --i img.png``.
 
+Several GPUs: start one process per GPU with torchrun and give the official Wan flags::
+
+    torchrun --nproc_per_node 4 wgp.py generate --model wan2.1-t2v-14B --prompt "..." \
+        --ulysses_size 2 --cfg_parallel --dit_fsdp --t5_fsdp
+
+(``--ulysses_size`` x 2 with ``--cfg_parallel`` must equal the processes started). A setting that
+cannot run is named before any model loads; only rank 0 prints the output paths.
+
 Exit codes: 0 all done, 1 a generation failed at run time, 2 bad input (named field, no traceback),
 130 interrupted.
 """
@@ -75,7 +83,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="a folder of model files you already have (ComfyUI's models/, Wan2GP's ckpts/, the Hugging Face "
            "cache, any folder), repeatable: files are recognised by their tensors, and one that serves a "
            "component of the model is used instead of downloading it; --dit and the like still win")
-    a("--device", default=None, help="torch device, e.g. cuda:1 or cpu")
+    a("--device", default=None, help="torch device, e.g. cuda:1 or cpu (under torchrun: each process takes "
+                                     "cuda:LOCAL_RANK)")
+    for flag, words in PARALLEL_FLAGS.items():
+        if flag in ("ulysses_size", "ring_size"):
+            a(f"--{flag}", type=int, default=1, metavar="N", help=words)
+        else:
+            a(f"--{flag}", action="store_true", help=words)
     a("--quiet", action="store_true", help="no progress bar")
     for name, words in LIMIT_FLAGS.items():
         a(f"--{name}", type=int, default=getattr(Limits(), name), metavar="N",
@@ -143,6 +157,25 @@ def given_files(args: argparse.Namespace, spec, recorded: dict | None = None) ->
             raise RequestError(flag, path, "an existing file or folder")
         files[role] = path
     return files
+
+
+# Parallel generation under torchrun, with the official Wan scripts' flag names (not request fields:
+# they change how a video is computed, not which video).
+PARALLEL_FLAGS = {
+    "ulysses_size": "processes sharing each forward's sequence (Ulysses; must divide the model's attention "
+                    "heads); start them with torchrun --nproc_per_node",
+    "ring_size": "ring attention degree: only 1 (ring attention is not available here)",
+    "cfg_parallel": "the prompt and negative-prompt passes on two groups of --ulysses_size processes",
+    "dit_fsdp": "shard the DiT's blocks over all processes (FSDP)",
+    "t5_fsdp": "shard the umT5 text encoder over all processes (FSDP)",
+}
+
+
+def parallel_config(args: argparse.Namespace):
+    """The :class:`wan.parallel.ParallelConfig` the flags ask for."""
+    from wan.parallel import ParallelConfig
+    return ParallelConfig(ulysses_size=args.ulysses_size, cfg_parallel=args.cfg_parallel, dit_fsdp=args.dit_fsdp,
+                          t5_fsdp=args.t5_fsdp, ring_size=args.ring_size)
 
 
 LIMIT_FLAGS = {"max_frames": "this many frames", "max_pixels": "this many pixels (width*height) per frame",
@@ -252,11 +285,17 @@ def run(args: argparse.Namespace) -> int:
     import logging
     # the CLI prints each job's notices itself (a fallback is also logged by the library)
     logging.getLogger("wan.optim.attention").setLevel(logging.ERROR)
+    from wan.parallel import Launch, ParallelConfigError, check_parallel, parallel_session
     try:
         base = base_request(args)
         limits = Limits.of(args)
-    except RequestError as e:
+        parallel, launch = parallel_config(args), Launch.from_env()
+    except (RequestError, ValueError) as e:
         return _report_bad(str(e))
+    parallel_on = parallel.enabled or parallel.ring_size != 1 or launch.world_size > 1
+    if parallel_on and args.interactive:
+        return _report_bad("interactive: not with several processes (each would read its own prompts); give "
+                           "--prompt or --from_file")
     recorded = recorded_files(args.from_output) if args.from_output else {}
     found = []
     if args.models_dir:
@@ -270,39 +309,53 @@ def run(args: argparse.Namespace) -> int:
         for line in changed_files(recorded):
             print(f"warning: {line}: the output may not be reproduced exactly", file=sys.stderr)
     engine = None
+    from contextlib import ExitStack
+    stack = ExitStack()  # the process group of a parallel run, joined on the first generation
+    session = None
+    main = launch.rank == 0  # rank 0 reports; the other ranks say only what went wrong on them
 
     def generate_one(req: GenerationRequest, label: str) -> int:
-        nonlocal engine
+        nonlocal engine, session
         from wan.engine import Cancelled, Engine, resolve_request
         try:
-            _, spec = resolve_request(req, check_files=True, limits=limits)  # bad input: before any model loads
+            resolved, spec = resolve_request(req, check_files=True, limits=limits)  # before any model loads
             files = {**folder_files(spec, found), **given_files(args, spec, recorded)}
+            if parallel_on:  # before any model loads, with the model's heads and the request's guidance
+                check_parallel(parallel, num_heads=spec.arch.num_heads, launch=launch,
+                               guidance=(resolved.guidance, resolved.guidance_high_noise))
+                if session is None:
+                    session = stack.enter_context(parallel_session(parallel, launch=launch, device=args.device))
             if engine is None:
-                engine = Engine(checkpoint_dir=args.checkpoint_dir, device=args.device, lora_dir=args.lora_dir,
-                                limits=limits)
-            result = engine.generate(req, progress=None if args.quiet else _progress_bar(label), files=files)
-        except RequestError as e:
-            return _report_bad(f"{label}{e}")
+                engine = Engine(checkpoint_dir=args.checkpoint_dir, lora_dir=args.lora_dir, limits=limits,
+                                device=session.device if session is not None else args.device)
+            result = engine.generate(req, progress=None if args.quiet or not main else _progress_bar(label),
+                                     files=files, parallel=parallel if parallel_on else None)
+        except (RequestError, ParallelConfigError) as e:
+            return _report_bad(f"{label}{e}") if main else EXIT_BAD_INPUT
         except Cancelled as e:
-            print(f"{label}{e}", file=sys.stderr)
+            if main:
+                print(f"{label}{e}", file=sys.stderr)
             return EXIT_INTERRUPTED
         except Exception as e:  # noqa: BLE001 - any other failure: report it, keep the batch going
             from wan.loading.download import DownloadError
             kind = "" if isinstance(e, DownloadError) else f"{type(e).__name__}: "
-            print(f"error: {label}{kind}{e}", file=sys.stderr)
+            where = "" if launch.world_size == 1 else f"rank {launch.rank}: "
+            print(f"error: {where}{label}{kind}{e}", file=sys.stderr)
             return EXIT_FAILED
-        for note in result.notices:
-            print(f"note: {label}{note}", file=sys.stderr)
-        for f in result.files:
+        if main:
+            for note in result.notices:
+                print(f"note: {label}{note}", file=sys.stderr)
+        for f in result.files:  # only rank 0 writes files
             print(f)
         return EXIT_OK
 
     try:
-        if args.from_file:
-            return _worst(_run_lines(read_prompt_file(args.from_file), base, generate_one))
-        if args.interactive:
-            return _worst(_run_interactive(base, generate_one))
-        return generate_one(base, "")
+        with stack:
+            if args.from_file:
+                return _worst(_run_lines(read_prompt_file(args.from_file), base, generate_one))
+            if args.interactive:
+                return _worst(_run_interactive(base, generate_one))
+            return generate_one(base, "")
     except RequestError as e:
         return _report_bad(str(e))
     except KeyboardInterrupt:

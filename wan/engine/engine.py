@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -19,12 +19,16 @@ from wan.engine.attach import AttentionKernel, SetOnNetworks, attach_job
 from wan.engine.conditioning import Conditioning, build_conditioning
 from wan.engine.loop import Cancelled, CancelToken, Denoising, ExpertPlan, StepInfo, denoise
 from wan.engine.model_manager import ModelManager, ModelSet
+from wan.engine.model_manager import load_settings as _load_settings
 from wan.engine.request import GenerationRequest, RequestError, resolve_request
 from wan.engine.request_checks import Limits
 from wan.optim.guidance import StepGuidance
 from wan.optim.profiles import ProfileError
 from wan.optim.step_savers import StepSavers
 from wan.registry import Registry, default_registry
+
+if TYPE_CHECKING:
+    from wan.parallel import ParallelConfig
 
 log = logging.getLogger(__name__)
 METADATA_KEY = "wan_studio"
@@ -42,6 +46,7 @@ class GenerationResult:
     video: torch.Tensor | None = None   # decoded [3, T, H, W] in [-1, 1]
     steps: list[StepInfo] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)  # e.g. an attention backend that fell back
+    comm_bytes: dict[str, int] = field(default_factory=dict)  # parallel runs: bytes this rank sent, per collective
 
 
 # Frames larger than Wan's largest size (1280x720) are decoded in tiles when tiling is "auto".
@@ -98,25 +103,59 @@ class Engine:
 
     def generate(self, request: GenerationRequest, progress: Callable[[StepInfo], None] | None = None,
                  cancel: CancelToken | None = None, write: bool = True,
-                 savers: StepSavers | None = None, files: dict[str, str] | None = None) -> GenerationResult:
+                 savers: StepSavers | None = None, files: dict[str, str] | None = None,
+                 parallel: ParallelConfig | None = None) -> GenerationResult:
         """Runs one request end to end.
 
         ``files``: role -> a path the caller gives instead of the registry's file (the CLI's
         ``--dit``, ``--vae``, ``--t5``, ``--clip``, ``--tokenizer``); the web server gives none.
 
+        ``parallel``: one generation on the processes of a torchrun launch (``wan.parallel``: Ulysses,
+        CFG parallel, FSDP); every process calls ``generate`` with the same arguments. Rank 0's
+        request (its seed drawn for ``-1``) is the one every rank runs; only rank 0 reports
+        progress, decodes and writes (the others return no files and no video). It is a setting
+        of the run, not of the request: the video is the single-process one, up to float
+        summation order. Settings that cannot run in parallel are refused before loading, naming
+        them (:func:`wan.parallel.check_parallel` and :meth:`_refuse_in_parallel`).
+
         Raises:
             RequestError: a field of the request is not allowed (nothing was loaded or written).
+            ParallelConfigError: a parallel setting that cannot run (nothing was loaded).
             Cancelled: ``cancel`` was set; nothing was written.
         """
-        req, spec = resolve_request(request, self.registry, limits=self.limits)
+        if parallel is None or not parallel.enabled:
+            req, spec = resolve_request(request, self.registry, limits=self.limits)
+            return self._generate(req, spec, progress, cancel, write, savers, files, None)
+        from wan.parallel import SharedCancel, parallel_session
+        with parallel_session(parallel, device=self.device) as ps:
+            self._check_device(ps)
+            req, spec = self._resolve_on_rank0(request, ps)
+            try:
+                return self._generate(req, spec, progress if ps.is_main else None, SharedCancel(ps, cancel),
+                                      write, savers, files, ps)
+            finally:
+                if ps.owned and (parallel.dit_fsdp or parallel.t5_fsdp):
+                    self.models.release()  # sharded over a process group that ends with this call
+
+    def _generate(self, req: GenerationRequest, spec, progress, cancel, write: bool, savers: StepSavers | None,
+                  files: dict[str, str] | None, ps) -> GenerationResult:
+        """:meth:`generate` for a resolved request; ``ps``: the parallel state, or None."""
         profile, savers = self._profile_and_savers(req, spec, savers)
+        sharding = None
+        if ps is not None:
+            self._refuse_in_parallel(req, spec, profile, savers, ps)
+            sharding = self._fetch_on_rank0(spec, profile, files, ps)
         try:
-            nets = self.models.get(spec, profile, files)
+            # (a manager of another kind, e.g. training's LiveModels, takes the three arguments)
+            nets = (self.models.get(spec, profile, files) if sharding is None
+                    else self.models.get(spec, profile, files, sharding=sharding))
         except ProfileError as e:
             raise RequestError("profile", req.profile, str(e)) from None
         notices: list[str] = list(nets.notes)
         loras = self._loras(req, nets, profile)
         notices += loras.notices
+        if ps is not None and ps.config.dit_fsdp:
+            _refuse_merged_loras(loras, nets)
         steps: list[StepInfo] = []
 
         def record(info: StepInfo) -> None:
@@ -125,10 +164,17 @@ class Engine:
                 progress(info)
 
         latent, cond = self.denoise(req, nets, progress=record, cancel=cancel, savers=savers, loras=loras,
-                                    attention=profile.attention if profile else ("sdpa",), notices=notices)
-        if savers.magcache_source is not None:  # MagCache: saves a table recorded by this run
+                                    attention=profile.attention if profile else ("sdpa",), notices=notices,
+                                    parallel=ps)
+        if savers.magcache_source is not None and (ps is None or ps.is_main):  # saves a table this run recorded
             notices += savers.magcache_source.finish()
         _check_cancel(cancel, "before decoding")
+        comm = {}
+        if ps is not None:
+            comm = dict(ps.counter.bytes_sent)
+            notices.append(_parallel_notice(ps))
+        if ps is not None and not ps.is_main:  # rank 0 decodes and writes
+            return GenerationResult([], req, self.metadata(req), latent, None, steps, notices, comm)
         video = nets.vae.decode(latent[None].float(), tile=vae_tiling(profile, cond.size))[0]
         metadata = self.metadata(req, nets)
         files: list[Path] = []
@@ -138,7 +184,92 @@ class Engine:
                                     save_latents=req.save_latents, trim_tail_frames=req.trim_tail)
             files = save_outputs(to_uint8_frames(video), req.fps, metadata, options, seed=req.seed, prompt=req.prompt,
                                  latents=latent if req.save_latents else None, model=spec.id, task=req.task)
-        return GenerationResult(files, req, metadata, latent, video, steps, notices)
+        return GenerationResult(files, req, metadata, latent, video, steps, notices, comm)
+
+    # -- parallel generation ------------------------------------------------------------------------
+
+    def _check_device(self, ps) -> None:
+        """The engine's device must be the one torchrun gave this rank (``cuda:LOCAL_RANK``)."""
+        mine = self.device
+        if mine.type != ps.device.type or (mine.index is not None and mine != ps.device):
+            raise ValueError(f"this Engine runs on {mine}, but rank {ps.rank} of the parallel run has {ps.device}: "
+                             f"build the Engine with device={str(ps.device)!r} (or 'cuda' without an index)")
+
+    def _resolve_on_rank0(self, request: GenerationRequest, ps) -> tuple[GenerationRequest, object]:
+        """Rank 0 resolves the request (draws the seed of ``-1``) and every rank takes its result,
+        or its error: a bad request fails on every rank alike, before anything loads."""
+        outcome, failure = None, None
+        if ps.is_main:
+            try:
+                outcome = ("ok", resolve_request(request, self.registry, limits=self.limits)[0])
+            except RequestError as e:
+                outcome = ("error", (e.field, e.value, e.allowed))
+            except Exception as e:  # noqa: BLE001 - the others must not wait for a request that never comes
+                outcome, failure = ("failed", f"{type(e).__name__}: {e}"), e
+        kind, value = ps.broadcast(outcome)
+        if failure is not None:
+            raise failure
+        if kind == "failed":
+            raise RuntimeError(f"rank 0 could not resolve the request: {value}")
+        if kind == "error":
+            raise RequestError(*value)
+        return value, self.registry.get(value.model)
+
+    def _refuse_in_parallel(self, req: GenerationRequest, spec, profile, savers: StepSavers, ps) -> None:
+        """Settings that cannot run on several processes, named before any model loads."""
+        from wan.parallel import ParallelConfigError, check_parallel
+        config = ps.config
+        check_parallel(config, num_heads=spec.arch.num_heads, launch=ps.launch,
+                       guidance=(req.guidance, req.guidance_high_noise),
+                       skip_layer_guidance=savers.guidance.slg.mode != "none")
+        if profile is None:
+            return
+        try:
+            stream, _, _, quant_dit, quant_te, compile_blocks = _load_settings(profile)
+        except ProfileError:
+            return  # a profile that cannot load at all: models.get says so, as in a single process
+        mmgp = self.models._mmgp_settings(spec, profile) is not None
+        conflicts = []  # (flag, what the profile sets, on)
+        if config.ulysses_size > 1:
+            conflicts += [("ulysses_size", "compile (the Ulysses collectives inside compiled blocks are untested)",
+                           compile_blocks)]
+        if config.dit_fsdp:
+            conflicts += [("dit_fsdp", "memory.offload blocks (block streaming owns the parameters FSDP shards)",
+                           stream),
+                          ("dit_fsdp", f"quantize.transformer={quant_dit} (FSDP2 gathers one dtype per group)",
+                           quant_dit != "none"),
+                          ("dit_fsdp", "compile (compiled before sharding)", compile_blocks),
+                          ("dit_fsdp", f"memory.offload {profile.memory.offload} through mmgp (it moves the "
+                                       "parameters FSDP shards)", mmgp)]
+        if config.t5_fsdp:
+            conflicts += [("t5_fsdp", f"quantize.text_encoder={quant_te} (FSDP2 gathers one dtype per group)",
+                           quant_te != "none"),
+                          ("t5_fsdp", f"memory.offload {profile.memory.offload} through mmgp", mmgp)]
+        for flag, what, on in conflicts:
+            if on:
+                value = config.ulysses_size if flag == "ulysses_size" else "(on)"
+                raise ParallelConfigError(flag, value, f"a profile without it, or no --{flag}",
+                                          f"profile {profile.name} sets {what}")
+
+    def _fetch_on_rank0(self, spec, profile, files, ps):
+        """Rank 0 makes the model's files present (downloads) before every rank loads them; returns
+        the FSDP sharding every rank loads with."""
+        from wan.engine.model_manager import Sharding
+        config = ps.config
+        sharding = (Sharding(ps.fsdp_mesh, config.dit_fsdp, config.t5_fsdp)
+                    if config.dit_fsdp or config.t5_fsdp else None)
+        failure = None
+        if ps.is_main:
+            try:
+                self.models.fetch(spec, profile, files, sharding)
+            except Exception as e:  # noqa: BLE001 - told to the other ranks, raised here as it is
+                failure = e
+        told = ps.broadcast(None if failure is None else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        if told is not None:
+            raise RuntimeError(f"rank 0 could not get the model's files: {told}")
+        return sharding
 
     def _profile_and_savers(self, req: GenerationRequest, spec, savers: StepSavers | None):
         """The job's profile (with its overrides) and step savers (MagCache bound to the model's
@@ -166,13 +297,17 @@ class Engine:
     def denoise(self, req: GenerationRequest, nets: ModelSet, *, noise: torch.Tensor | None = None,
                 progress=None, cancel=None, savers: StepSavers | None = None, loras=None,
                 attention: tuple[str, ...] | str = ("sdpa",),
-                notices: list[str] | None = None) -> tuple[torch.Tensor, Conditioning]:
+                notices: list[str] | None = None, parallel=None) -> tuple[torch.Tensor, Conditioning]:
         """Conditioning, text, noise and the sampling loop for a resolved request; returns the final
         latent (VACE reference frames removed) and the conditioning.
 
         The job (attention kernel, RIFLEx, the step savers' block runner, ``loras``: a prepared
         :class:`~wan.lora.job.JobLoras`) is attached to the networks for the loop only; what
         attaching says is appended to ``notices``.
+
+        ``parallel``: this rank's :class:`~wan.parallel.ParallelState` (every rank calls this with
+        the same request): rank 0's noise and step-cache schedule for all, Ulysses attached last,
+        the passes of a step split over the cfg groups.
         """
         from wan.engine.samplers import make_sampler
         device = self.device
@@ -181,6 +316,8 @@ class Engine:
         context, context_neg = nets.text_encoder.encode_prompts([req.prompt, req.negative_prompt])
         if noise is None:
             noise = draw_noise(cond.noise_shape, req.seed, device, req.cpu_noise)
+        if parallel is not None:
+            noise = parallel.broadcast_tensor(noise)  # whatever each device draws, rank 0's noise
         sampler = make_sampler(req.sampler, req.steps, req.shift)
         start, latent = 0, noise
         if cond.init_latent is not None:  # video-to-video: noise the input up to the start step
@@ -190,17 +327,28 @@ class Engine:
         if cond.fixed_mask is not None:  # TI2V image mode
             latent = (1 - cond.fixed_mask) * cond.fixed_latent + cond.fixed_mask * latent
         savers = savers or StepSavers()
-        runner = savers.runner(nets.dits, sampler, start)
+        if parallel is None:
+            runner = savers.runner(nets.dits, sampler, start)
+        else:
+            runner = _parallel_runner(savers, nets.dits, sampler, start, parallel, notices)
         riflex = savers.riflex_setting(cond.noise_shape[1], req.frames, req.fps)
+        cfg_parallel = None
+        if parallel is not None and parallel.config.cfg_parallel:
+            from wan.parallel import CfgParallel
+            cfg_parallel = CfgParallel(parallel.cfg_group, parallel.counter)
         run = Denoising(nets.dits, sampler, {"context": context[None].to(device), **cond.dit_kwargs},
                         {"context": context_neg[None].to(device), **cond.dit_kwargs},
                         ExpertPlan(req.boundary, req.guidance, req.guidance_high_noise), cond,
                         StepGuidance(savers.guidance, len(sampler.timesteps)), start=start, runner=runner,
-                        batched_cfg=savers.batched_cfg, on_step=loras.on_step if loras is not None else None)
+                        batched_cfg=savers.batched_cfg, on_step=loras.on_step if loras is not None else None,
+                        cfg_parallel=cfg_parallel)
         parts = [AttentionKernel(attention, device),
                  SetOnNetworks("riflex", riflex) if riflex is not None else None,
                  SetOnNetworks("block_runner", runner) if runner is not None else None,
                  loras]
+        if parallel is not None:  # last: it wraps the block runner set above
+            from wan.parallel import UlyssesParallel
+            parts.append(UlyssesParallel(parallel.sp_group, parallel.counter))
         with attach_job(nets.dits, parts) as attached:
             if notices is not None:
                 notices += attached
@@ -219,6 +367,71 @@ class Engine:
             data["files"] = {role: {**file_fingerprint(path), **({"given": True} if role in nets.given else {})}
                              for role, path in sorted(nets.paths.items())}
         return data
+
+
+def _parallel_notice(ps) -> str:
+    """The layout of a parallel run and what this rank sent, in words."""
+    c = ps.config
+    parts = [f"ulysses {c.ulysses_size}"] + (["cfg 2"] if c.cfg_parallel else []) + \
+        [f for f, on in (("DiT FSDP", c.dit_fsdp), ("T5 FSDP", c.t5_fsdp)) if on]
+    sent = ", ".join(f"{kind} {n / 2**20:.1f} MiB" for kind, n in sorted(ps.counter.bytes_sent.items()))
+    return (f"parallel on {ps.world_size} processes ({', '.join(parts)}); rank {ps.rank} sent "
+            f"{sent or 'nothing'}")
+
+
+def _parallel_runner(savers: StepSavers, dits: dict, sampler, start: int, ps, notices: list[str] | None):
+    """The step savers' block runner for a parallel run: rank 0's decisions for every rank.
+
+    TeaCache reads the time embedding outside a forward (gathered first under FSDP); its schedule,
+    and MagCache's, are rank 0's, so every rank computes and skips the same steps (ranks that
+    disagreed would pair different collectives). MagCache cannot record a table here (each rank
+    sees a slice of the tokens, or some of the passes): refused. With FSDP and CFG parallel, the
+    two groups run different passes, whose blocks FSDP gathers on every rank together: MagCache's
+    per-pass schedules merge into one (a step computes when either pass does).
+    """
+    from contextlib import ExitStack
+    from wan.optim.step_cache import MagnitudeRecorder, StepRunner
+    from wan.parallel.fsdp import gathered
+    with ExitStack() as stack:
+        for dit in dits.values():
+            stack.enter_context(gathered(dit))
+        runner = savers.runner(dits, sampler, start)
+    kind = ("recorder" if isinstance(runner, MagnitudeRecorder) else "step" if isinstance(runner, StepRunner)
+            else "other" if runner is not None else None)
+    kind, schedule = ps.broadcast((kind, getattr(runner, "schedule", None)))
+    if kind == "recorder":
+        raise RequestError("profile", "MagCache", "MagCache needs a magnitude table for this model, sampler and "
+                           "shift, which a parallel run cannot record (each process sees a slice of the video "
+                           "or some of the passes): run it once in a single process to record the table, or "
+                           "turn MagCache off (--set step_savers.magcache.enabled=false)")
+    if kind == "other":
+        raise RequestError("profile", type(runner).__name__, "a block runner the parallel run knows (StepRunner)")
+    if kind is None:
+        return None
+    if isinstance(schedule, dict) and ps.config.dit_fsdp and ps.config.cfg_parallel:
+        merged = [any(steps) for steps in zip(*schedule.values())]
+        if notices is not None:
+            notices.append("MagCache: with --dit_fsdp and --cfg_parallel, a step computes when the prompt or the "
+                           "negative-prompt pass does (the processes gather the same blocks together)")
+        schedule = merged
+    if isinstance(runner, StepRunner):
+        runner.schedule = schedule
+        return runner
+    return StepRunner(schedule=schedule)
+
+
+def _refuse_merged_loras(loras, nets: ModelSet) -> None:
+    """With ``--dit_fsdp``, LoRA targets that would be merged into weights (merge mode, or targets
+    that are not linear layers) would write into sharded parameters: refused, naming them."""
+    from wan.lora.merge import place_targets
+    for expert, rt in loras.runtimes.items():
+        merged = [p.name for p in place_targets(nets.dits[expert], rt.uses, rt.mode) if p.how == "merge"]
+        if merged:
+            from wan.parallel import ParallelConfigError
+            raise ParallelConfigError(
+                "dit_fsdp", "(on)", "--dit_fsdp with LoRAs applied as hooks (profile lora.mode hooks) on linear "
+                "layers only, or no --dit_fsdp",
+                f"{len(merged)} LoRA target(s) would be merged into sharded weights (e.g. {merged[0]})")
 
 
 def request_from_metadata(metadata: dict) -> GenerationRequest:

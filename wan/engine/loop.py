@@ -88,6 +88,8 @@ class Denoising:
         batched_cfg: run the prompt and negative-prompt passes as one batch of two.
         on_step: called before each step with (step, steps, expert, first low-noise step), e.g. to
             move LoRA multipliers.
+        cfg_parallel: a step's passes split over processes (``wan.parallel.CfgParallel``: anything
+            with ``run_passes(passes, compute) -> {pass: flow}``); None runs them all here.
     """
 
     networks: Mapping[str, Callable]
@@ -101,6 +103,7 @@ class Denoising:
     runner: Any = None
     batched_cfg: bool = False
     on_step: Callable[[int, int, str, int | None], None] | None = None
+    cfg_parallel: Any = None
 
 
 def denoise(run: Denoising, latent: torch.Tensor, *, progress: Callable[[StepInfo], None] | None = None,
@@ -124,7 +127,13 @@ def denoise(run: Denoising, latent: torch.Tensor, *, progress: Callable[[StepInf
         if run.on_step is not None:
             run.on_step(i, steps, expert, switch)
         with torch.inference_mode():
-            if run.batched_cfg and passes == ("cond", "uncond"):
+            if run.cfg_parallel is not None and len(passes) > 1:
+                def compute(name, i=i, expert=expert, dit=dit, latent=latent, timestep=timestep):  # one pass here
+                    if runner is not None:
+                        runner.begin(i, f"{expert}/{name}", guidance_plan.skip_layers(name))
+                    return dit(latent[None], timestep, **(run.cond if name.startswith("cond") else run.uncond))[0]
+                flows = run.cfg_parallel.run_passes(passes, compute)
+            elif run.batched_cfg and passes == ("cond", "uncond"):
                 if runner is not None:
                     runner.begin(i, f"{expert}/cond+uncond")
                 flows = _batched_passes(dit, latent, timestep, run.cond, run.uncond)

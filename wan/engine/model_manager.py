@@ -46,6 +46,21 @@ class ModelSet:
         return next(iter(self.dits.values()))
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """FSDP sharding of a parallel generation (``--dit_fsdp``, ``--t5_fsdp``): the loaded DiTs
+    and/or the text encoder sharded over ``mesh`` (every rank), after loading and quantising."""
+
+    mesh: object
+    dit: bool = False
+    text_encoder: bool = False
+
+    @property
+    def key(self) -> tuple:
+        """What makes a loaded set reusable: sharded networks only serve the same sharding."""
+        return ("fsdp", self.dit, self.text_encoder, self.mesh.size())
+
+
 class ModelManager:
     """Loads model sets on demand and keeps the last one.
 
@@ -69,26 +84,55 @@ class ModelManager:
     def current(self) -> ModelSet | None:
         return self._current
 
-    def get(self, spec: ModelSpec, profile=None, files: Mapping[str, str] | None = None) -> ModelSet:
+    def get(self, spec: ModelSpec, profile=None, files: Mapping[str, str] | None = None,
+            sharding: Sharding | None = None) -> ModelSet:
         """The loaded set of ``spec`` under ``profile``'s memory settings, loading it (and
         releasing another) when the model, those settings or the files change.
 
         ``files``: role -> a path given by the user (``--dit``, ``--vae`` ...) used instead of the
         registry's file for that role; nothing is downloaded for those roles.
+        ``sharding``: FSDP for a parallel generation (every rank calls this together).
         """
         files = dict(files or {})
+        key = self._key(spec, profile, files, sharding)
+        with self._lock:
+            if self._current is not None and self._current.load_key == key:
+                return self._current
+            self.release()
+            self._current = self._load(spec, profile, files, sharding)
+            self._current.load_key = key
+            return self._current
+
+    def _key(self, spec: ModelSpec, profile, files: dict, sharding: Sharding | None) -> tuple:
         unknown = sorted(set(files) - set(spec.files))
         if unknown:
             raise ValueError(f"files for {unknown[0]!r}: model {spec.id} has no such component; "
                              f"it has {', '.join(spec.files)}")
         key = (spec.id, *load_settings(profile), self._dit_dtype(profile), tuple(sorted(files.items())))
-        with self._lock:
-            if self._current is not None and self._current.load_key == key:
-                return self._current
-            self.release()
-            self._current = self._load(spec, profile, files)
-            self._current.load_key = key
-            return self._current
+        return key + (sharding.key,) if sharding is not None and (sharding.dit or sharding.text_encoder) else key
+
+    def fetch(self, spec: ModelSpec, profile=None, files: Mapping[str, str] | None = None,
+              sharding: Sharding | None = None) -> None:
+        """Makes the files :meth:`get` would load present (downloads them), unless that set is
+        loaded already. A parallel generation runs this on rank 0 before every rank loads, so that
+        the ranks do not all download the same files at once."""
+        files = dict(files or {})
+        if self._current is not None and self._current.load_key == self._key(spec, profile, files, sharding):
+            return
+        self._paths(spec, profile, files)
+
+    def _paths(self, spec: ModelSpec, profile, files: dict) -> dict:
+        from wan.loading.download import ensure_files
+        quant_dit = load_settings(profile)[3]
+        variant = "fp32" if spec.test_model else self.variant
+        if quant_dit in ("fp8", "fp8_scaled") and profile.quantize.prefer_prequantized and not spec.test_model:
+            # a pre-quantised file of the registry, kept in fp8, rather than quantising at load
+            variant = {"transformer": "fp8_scaled" if quant_dit == "fp8_scaled" else "fp8_e4m3fn",
+                       "text_encoder": self.variant}
+        needed = [role for role in spec.files if role not in files]
+        paths = ensure_files(spec, self.checkpoint_dir, variant=variant, components=needed) if needed else {}
+        paths.update({role: Path(path) for role, path in files.items()})
+        return paths
 
     def release(self) -> None:
         """Drops the loaded set so its memory can be reused."""
@@ -101,18 +145,11 @@ class ModelManager:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _load(self, spec: ModelSpec, profile=None, files: Mapping[str, str] | None = None) -> ModelSet:
-        from wan.loading.download import ensure_files
+    def _load(self, spec: ModelSpec, profile=None, files: Mapping[str, str] | None = None,
+              sharding: Sharding | None = None) -> ModelSet:
         stream, prefetch, swap, quant_dit, quant_te, compile_blocks = load_settings(profile)
-        variant = "fp32" if spec.test_model else self.variant
-        if quant_dit in ("fp8", "fp8_scaled") and profile.quantize.prefer_prequantized and not spec.test_model:
-            # a pre-quantised file of the registry, kept in fp8, rather than quantising at load
-            variant = {"transformer": "fp8_scaled" if quant_dit == "fp8_scaled" else "fp8_e4m3fn",
-                       "text_encoder": self.variant}
         files = dict(files or {})
-        needed = [role for role in spec.files if role not in files]
-        paths = ensure_files(spec, self.checkpoint_dir, variant=variant, components=needed) if needed else {}
-        paths.update({role: Path(path) for role, path in files.items()})
+        paths = self._paths(spec, profile, files)
         log.info("loading model %s", spec.id)
         mmgp = self._mmgp_settings(spec, profile)
         if mmgp is not None:  # on CUDA with mmgp: models load into RAM, mmgp moves them to the GPU
@@ -153,6 +190,8 @@ class ModelManager:
             models.update(text_encoder=text_encoder, vae=vae, **({"clip": clip} if clip is not None else {}))
             apply_mmgp(models, mmgp)
             notes.append(f"mmgp offload: budgets {dict(mmgp.budgets_mb) or 'none'}, pinned {list(mmgp.pinned) or 'none'}")
+        if sharding is not None:
+            notes += _shard(sharding, dits, text_encoder)
         if files:
             notes.append("files given: " + ", ".join(f"{role} {path}" for role, path in sorted(files.items())))
         return ModelSet(spec, dits, vae, text_encoder, clip, dict(paths), handles=handles, notes=notes,
@@ -199,6 +238,20 @@ class ModelManager:
             from wan.models.dit import WanDiT
             notes.append(f"transformer: {quantize_(dit, quant, keep=WanDiT.keep_in_fp32).summary}")
         return dit, None
+
+
+def _shard(sharding: Sharding, dits: dict, text_encoder) -> list[str]:
+    """FSDP2 over ``sharding.mesh`` (after loading and quantising, before any job attaches)."""
+    from wan.parallel.fsdp import shard_dit, shard_text_encoder
+    ranks, notes = sharding.mesh.size(), []
+    if sharding.dit:
+        for expert, dit in dits.items():
+            shard_dit(dit, sharding.mesh)
+            notes.append(f"{expert}: blocks sharded over {ranks} processes (FSDP)")
+    if sharding.text_encoder:
+        shard_text_encoder(text_encoder, sharding.mesh)
+        notes.append(f"text encoder: blocks sharded over {ranks} processes (FSDP)")
+    return notes
 
 
 def load_settings(profile) -> tuple[bool, int, int | None, str, str, bool]:

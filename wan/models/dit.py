@@ -325,6 +325,10 @@ class BlockInputs:
     """What every main block receives besides the tokens, for a block runner.
 
     ``e`` [B, 1|L, dim] is the time embedding (TeaCache measures its change between steps).
+    ``vace_tokens`` [B, L, dim] are the patchified VACE control tokens: :meth:`WanDiT.run_blocks`
+    turns them into ``hints`` before the first block (so a runner that shards the sequence, as
+    ``wan.parallel.ulysses`` does, shards them with the tokens; a step the cache skips never runs
+    the VACE branch). ``hints`` given already are used as they are.
     """
 
     e: torch.Tensor
@@ -334,6 +338,7 @@ class BlockInputs:
     rope: tuple[torch.Tensor, torch.Tensor]
     hints: list[torch.Tensor] | None
     vace_scale: float
+    vace_tokens: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,10 +418,10 @@ class WanDiT(nn.Module):
         e, e0 = self._time_embedding(timestep, n_ref)
         context, context_img = self._context(context, clip_fea, cdt)
 
-        hints = None
-        if vace_context is not None:
-            hints = self._vace_hints(tokens, vace_context, e0, context, context_img, rope)
-        inputs = BlockInputs(e, e0, context, context_img, rope, hints, vace_scale)
+        vace_tokens = None
+        if vace_context is not None:  # the hints are made by run_blocks, on the tokens it is given
+            vace_tokens = self._patchify(self.vace_patch_embedding, vace_context)
+        inputs = BlockInputs(e, e0, context, context_img, rope, None, vace_scale, vace_tokens)
         if self.block_runner is not None:
             tokens = self.block_runner(self, tokens, inputs)
         else:
@@ -427,14 +432,18 @@ class WanDiT(nn.Module):
 
     def run_blocks(self, tokens: torch.Tensor, inputs: "BlockInputs", skip: frozenset[int] = frozenset()) -> torch.Tensor:
         """The main blocks in order, with VACE hints added after their layers; blocks whose index
-        is in ``skip`` are left out (skip-layer guidance)."""
+        is in ``skip`` are left out (skip-layer guidance). VACE control tokens (``inputs.vace_tokens``)
+        become hints here first, unless ``inputs.hints`` are given."""
+        hints = inputs.hints
+        if hints is None and inputs.vace_tokens is not None:
+            hints = self._vace_hints(tokens, inputs)
         hint_at = {layer: i for i, layer in enumerate(self.config.vace_layers)}
         for i, block in enumerate(self.blocks):
             if i in skip:
                 continue
             tokens = block(tokens, inputs.e0, inputs.context, inputs.context_img, inputs.rope, self.attention)
-            if inputs.hints is not None and i in hint_at:
-                tokens = tokens + inputs.hints[hint_at[i]] * inputs.vace_scale
+            if hints is not None and i in hint_at:
+                tokens = tokens + hints[hint_at[i]] * inputs.vace_scale
         return tokens
 
     # -- pieces of forward ----------------------------------------------------------------------
@@ -467,13 +476,13 @@ class WanDiT(nn.Module):
             context_img = self.img_emb(clip_fea).to(cdt)
         return context, context_img
 
-    def _vace_hints(self, tokens, vace_context, e0, context, context_img, rope) -> list[torch.Tensor]:
-        """Runs the VACE branch once; returns one hint [B, L, dim] per entry of vace_layers."""
-        c = self._patchify(self.vace_patch_embedding, vace_context)
-        c = _linear_in(self.vace_blocks[0].before_proj, c).float() + tokens
+    def _vace_hints(self, tokens: torch.Tensor, inputs: "BlockInputs") -> list[torch.Tensor]:
+        """Runs the VACE branch once on ``inputs.vace_tokens`` [B, L, dim] beside ``tokens``;
+        returns one hint [B, L, dim] per entry of vace_layers."""
+        c = _linear_in(self.vace_blocks[0].before_proj, inputs.vace_tokens).float() + tokens
         hints = []
         for block in self.vace_blocks:
-            c = block(c, e0, context, context_img, rope, self.attention)
+            c = block(c, inputs.e0, inputs.context, inputs.context_img, inputs.rope, self.attention)
             hints.append(_linear_in(block.after_proj, c).float())
         return hints
 

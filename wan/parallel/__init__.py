@@ -11,17 +11,19 @@
 - :mod:`wan.parallel.comm`: the counted collectives; :mod:`wan.parallel.perf_model`: what they
   should cost.
 
-Heavy parts (FSDP) are imported by their modules on use.
+Heavy parts (FSDP) are imported by their modules on use. The engine composes them for a whole
+generation: ``Engine.generate(request, parallel=ParallelConfig(...))`` in every process, which
+``torchrun ... wgp.py generate --ulysses_size N [--cfg_parallel] [--dit_fsdp] [--t5_fsdp]`` does.
 """
 
 from wan.parallel.cfg import CfgParallel, assign_passes
 from wan.parallel.comm import CommCounter
-from wan.parallel.groups import (Launch, ParallelConfig, ParallelConfigError, ParallelState, broadcast_object,
-                                 check_parallel, close_parallel, init_parallel, parallel_session)
+from wan.parallel.groups import (Launch, ParallelConfig, ParallelConfigError, ParallelState, SharedCancel,
+                                 broadcast_object, check_parallel, close_parallel, init_parallel, parallel_session)
 from wan.parallel.ulysses import UlyssesParallel, ulysses_attention
 
 __all__ = [
     "CfgParallel", "CommCounter", "Launch", "ParallelConfig", "ParallelConfigError", "ParallelState",
-    "UlyssesParallel", "assign_passes", "broadcast_object", "check_parallel", "close_parallel", "init_parallel",
-    "parallel_session", "ulysses_attention",
+    "SharedCancel", "UlyssesParallel", "assign_passes", "broadcast_object", "check_parallel", "close_parallel",
+    "init_parallel", "parallel_session", "ulysses_attention",
 ]

@@ -53,12 +53,15 @@ class ParallelConfig:
         cfg_parallel: the prompt and negative-prompt passes on two groups of ranks.
         dit_fsdp: DiT blocks sharded over all ranks (FSDP2), gathered block by block.
         t5_fsdp: the umT5 encoder sharded the same way.
+        ring_size: ring attention degree (the official flag); only 1 runs: see
+            :data:`RING_UNAVAILABLE`.
     """
 
     ulysses_size: int = 1
     cfg_parallel: bool = False
     dit_fsdp: bool = False
     t5_fsdp: bool = False
+    ring_size: int = 1
 
     @property
     def cfg_size(self) -> int:
@@ -112,6 +115,12 @@ class Launch:
 # Checks, before any model loads
 
 
+RING_UNAVAILABLE = (
+    "ring attention is not available: no ring kernel here masks the padded keys of an uneven split "
+    "(torch's context_parallel takes no mask and reorders tokens head-tail; yunchang's ring was silently "
+    "wrong on the CPU), so use --ulysses_size up to the model's heads, times 2 with --cfg_parallel")
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -148,6 +157,8 @@ def check_parallel(config: ParallelConfig, *, num_heads: int | None = None, laun
             block by block on all of them in step: that pair is refused.
     """
     launch = launch or Launch.from_env()
+    if config.ring_size != 1:
+        raise ParallelConfigError("ring_size", config.ring_size, "1", RING_UNAVAILABLE)
     u = config.ulysses_size
     if isinstance(u, bool) or not isinstance(u, int) or u < 1:
         raise ParallelConfigError("ulysses_size", u, "a whole number >= 1 (1: no sequence parallelism)")
@@ -203,7 +214,13 @@ class ParallelState:
     device: torch.device
     mesh: Any = None              # DeviceMesh (cfg, sp)
     owned: bool = False           # this state started torch.distributed and ends it
+    counter: Any = field(default=None, repr=False)  # CommCounter: what this rank's Ulysses / CFG parts sent
     _fsdp_mesh: Any = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.counter is None:
+            from wan.parallel.comm import CommCounter
+            self.counter = CommCounter()
 
     @property
     def rank(self) -> int:
@@ -248,10 +265,51 @@ class ParallelState:
             self._fsdp_mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("fsdp",))
         return self._fsdp_mesh
 
+    @property
+    def parallel(self) -> bool:
+        """More than one process takes part (the collectives do something)."""
+        return self.mesh is not None
+
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """Rank ``src``'s ``obj`` on every rank (the request with its seed, prompt and inputs); other
         ranks may pass None."""
         return broadcast_object(obj, src=src)
+
+    def broadcast_tensor(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s ``x`` (same shape and dtype on every rank), e.g. the initial noise, so that
+        every rank starts from the same latent whatever its device draws."""
+        if self.mesh is None:
+            return x
+        x = x.contiguous()
+        dist.broadcast(x, src=src)
+        return x
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on some rank (a collective: all ranks call it)."""
+        if self.mesh is None:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+class SharedCancel:
+    """A cancel token the ranks of a parallel generation read alike: cancelled on every rank once
+    any rank's own ``token`` (or None) is set. Each read of :attr:`cancelled` is a collective, so
+    every rank must read it at the same points, as the engine and its loop do (between stages
+    and steps): a cancel reaching rank 0 alone (the web UI's button) stops them all at the same
+    step instead of leaving the others waiting in a collective."""
+
+    def __init__(self, state: ParallelState, token=None):
+        self.state, self.token = state, token
+
+    def cancel(self) -> None:
+        if self.token is not None:
+            self.token.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.state.any(self.token is not None and self.token.cancelled)
 
 
 def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:

@@ -24,11 +24,11 @@ Where it attaches (:class:`UlyssesParallel`, an attachment for ``wan.engine.atta
   then calls the runner that was there (a step cache) or ``dit.run_blocks`` on the slices;
 - a forward pre-hook on every self-attention (main and VACE blocks) swaps the attention kernel it
   is given for the Ulysses form around that same kernel (the job's backend: sdpa, sage, flash);
-- hooks on ``dit.head``: the pre-hook shards a per-token time embedding, the post-hook gathers;
-- ``dit._vace_hints`` (the one seam ``WanDiT`` lacks): VACE hints are computed before the block
-  runner is called, on the whole sequence. Until ``WanDiT`` hands the VACE control tokens to the
-  runner (see :func:`_defer_vace_hints`), the part shadows that method on the instance to defer
-  the hints, and computes them on the slices in its runner.
+- hooks on ``dit.head``: the pre-hook shards a per-token time embedding, the post-hook gathers.
+
+VACE needs nothing more: ``WanDiT.forward`` hands the patchified control tokens to the runner
+(``BlockInputs.vace_tokens``) and ``WanDiT.run_blocks`` turns them into hints, so the runner
+shards them with the tokens and the hints are computed on the slices.
 
 Attach it *after* any part that sets ``block_runner`` (it wraps that runner); a forward that skips
 its runner is refused rather than computed wrong.
@@ -43,7 +43,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from wan.models.dit import Block, VaceBlock, compute_dtype
+from wan.models.dit import Block, VaceBlock
 from wan.parallel.comm import (CommCounter, all_to_all, gather_sequence, group_rank, group_size, padded_length,
                                shard, shard_rope)
 from wan.parallel.groups import ParallelConfigError, allowed_degrees
@@ -70,15 +70,6 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, inne
     return all_to_all(out.to(dt), 1, 2, group, counter)
 
 
-class _DeferredHints(list):
-    """Stands in for the VACE hints until the runner computes them on the slices: an empty list
-    carrying the arguments ``WanDiT._vace_hints`` was called with."""
-
-    def __init__(self, tokens, vace_context, e0, context, context_img, rope):
-        super().__init__()
-        self.vace_context, self.e0, self.context, self.context_img = vace_context, e0, context, context_img
-
-
 @dataclasses.dataclass
 class _Forward:
     """Per network, what the current forward's hooks share: set by the runner."""
@@ -95,8 +86,6 @@ class _State:
         self.forward = _Forward()
         self.handles: list[Any] = []
         self.previous_runner = dit.block_runner
-        self.had_vace_override = "_vace_hints" in vars(dit)
-        self.previous_vace = vars(dit).get("_vace_hints")
 
 
 class UlyssesParallel:
@@ -139,10 +128,6 @@ class UlyssesParallel:
             for handle in state.handles:
                 handle.remove()
             dit.block_runner = state.previous_runner
-            if state.had_vace_override:
-                dit._vace_hints = state.previous_vace
-            else:
-                vars(dit).pop("_vace_hints", None)
         self._states.clear()
 
     def _attach_one(self, dit) -> _State:
@@ -159,8 +144,6 @@ class UlyssesParallel:
                     functools.partial(self._self_attention_hook, fwd), with_kwargs=True))
         state.handles.append(dit.head.register_forward_pre_hook(functools.partial(self._head_in, fwd)))
         state.handles.append(dit.head.register_forward_hook(functools.partial(self._head_out, fwd)))
-        if dit.config.vace_layers:
-            dit._vace_hints = _defer_vace_hints
         dit.block_runner = functools.partial(self._run, state)
         return state
 
@@ -181,27 +164,15 @@ class UlyssesParallel:
         local = self._shard(tokens)
         rope = shard_rope(inputs.rope, self.rank, self.size)
         e0 = self._per_token(inputs.e0)
-        hints = inputs.hints
-        if isinstance(hints, _DeferredHints):
-            hints = self._vace_hints(dit, local, hints, e0, rope)
-        elif hints is not None:  # computed on the whole sequence (a WanDiT without the seam)
-            hints = [self._shard(h) for h in hints]
+        # VACE: the control tokens are sliced like the tokens (run_blocks makes the hints from
+        # them); hints a caller computed on the whole sequence are sliced as they are
+        hints = None if inputs.hints is None else [self._shard(h) for h in inputs.hints]
+        vace_tokens = None if inputs.vace_tokens is None else self._shard(inputs.vace_tokens)
         local_inputs = dataclasses.replace(inputs, e=self._per_token(inputs.e), e0=e0, rope=rope,
-                                           hints=hints)
+                                           hints=hints, vace_tokens=vace_tokens)
         if state.previous_runner is not None:
             return state.previous_runner(dit, local, local_inputs)
         return dit.run_blocks(local, local_inputs)
-
-    def _vace_hints(self, dit, local: torch.Tensor, deferred: _DeferredHints, e0, rope) -> list[torch.Tensor]:
-        """``WanDiT._vace_hints`` on this rank's slice of the tokens and control tokens."""
-        c = dit._patchify(dit.vace_patch_embedding, deferred.vace_context)
-        before = dit.vace_blocks[0].before_proj
-        c = before(self._shard(c).to(compute_dtype(before))).float() + local
-        hints = []
-        for block in dit.vace_blocks:
-            c = block(c, e0, deferred.context, deferred.context_img, rope, dit.attention)
-            hints.append(block.after_proj(c.to(compute_dtype(block.after_proj))).float())
-        return hints
 
     def _self_attention_hook(self, fwd: _Forward, module: nn.Module, args: tuple, kwargs: dict):
         """Gives a self-attention the Ulysses form of the kernel it was called with."""
@@ -228,19 +199,6 @@ class UlyssesParallel:
         fwd.active = False
         out = gather_sequence(output, 1, self.group, self.counter)
         return out[:, :fwd.seq_len]
-
-
-def _defer_vace_hints(tokens, vace_context, e0, context, context_img, rope) -> list:
-    """Shadows ``WanDiT._vace_hints`` on an attached instance: returns the arguments, the runner
-    computes the hints on the slices.
-
-    The seam that would make this unnecessary, in ``wan/models/dit.py``: ``forward`` puts the
-    patchified control tokens into ``BlockInputs`` (a new field ``vace_tokens``, hints None) and
-    ``run_blocks`` computes the hints first when ``hints is None and vace_tokens is not None``
-    (``before_proj(vace_tokens) + tokens``, then the VACE blocks); the runner then shards
-    ``vace_tokens`` like the tokens.
-    """
-    return _DeferredHints(tokens, vace_context, e0, context, context_img, rope)
 
 
 def sequence_slices(seq_len: int, ranks: int) -> list[tuple[int, int]]:
