@@ -176,6 +176,43 @@ def test_forward_equals_hand_merged_weights(variant):
     assert rel_err(ours, want) < 1e-5
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_hooked_adapter_adds_in_place_with_the_gradients_of_the_plain_formula(autocast):
+    """The hook adds the adapter into the layer's own output (one addmm_, no temporaries), also under bf16
+    autocast on a bf16 layer (training's case); values and gradients equal base + m * s * up(down(x))."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    layer = nn.Linear(24, 40).to(dtype).requires_grad_(False)
+    lora = LoraModule("x", 24, 40, 4, 2.0)
+    with torch.no_grad():
+        lora.lora_up.weight.normal_()
+    lora.multiplier = 0.7
+    x = torch.randn(2, 5, 24, dtype=dtype, requires_grad=True)
+    in_place = []
+
+    def hook(module, args, out):
+        result = lora.add_to(args[0], out, inplace=True)
+        in_place.append(result is out)
+        return result
+    handle = layer.register_forward_hook(hook)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours = layer(x)
+    handle.remove()
+    ours.float().square().sum().backward()
+    got = [t.grad.clone() for t in (x, lora.lora_down.weight, lora.lora_up.weight)]
+    for t in (x, lora.lora_down.weight, lora.lora_up.weight):
+        t.grad = None
+    xf = x.detach().float().requires_grad_()
+    want = (layer.float()(xf) + 0.7 * lora.scale * lora.lora_up(lora.lora_down(xf)))
+    want.square().sum().backward()
+    wanted = [xf.grad, lora.lora_down.weight.grad, lora.lora_up.weight.grad]
+    tol = 2e-2 if autocast else 1e-5  # bf16: 8 bits of mantissa
+    assert ours.dtype == dtype and in_place == [True]
+    assert rel_err(ours.float(), want) < tol
+    for g, w in zip(got, wanted):
+        assert rel_err(g.float(), w) < tol
+
+
 def test_backward_reaches_only_lora_params_and_detach_restores():
     dit = tiny_dit("t2v")
     flags = {n: p.requires_grad for n, p in dit.named_parameters()}

@@ -174,14 +174,25 @@ class LoraModule(nn.Module):
             return x.to(dtype)
         return x
 
-    def add_to(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """``lora_down(x)``. Under autocast the weight is cast here rather than by autocast, whose cache would
+        keep every adapter's cast weight until the whole forward ends."""
+        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            return F.linear(x.to(dtype), self.lora_down.weight.to(dtype))
+        return self.lora_down(self._lora_input(x))
+
+    def add_to(self, x: torch.Tensor, base_out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """``base_out`` [..., out] plus the adapter's output on x [..., in], in base_out's dtype.
 
-        The sum is taken in the wider dtype and rounded once (an fp32 adapter on a bf16 base).
+        With one dtype (or under autocast) the adapter's product, scale and sum are one ``addmm``, done in
+        ``base_out`` itself with ``inplace`` (the hook's case: the layer's fresh output, which the layer's
+        backward does not need; autograd's version check would refuse otherwise);
+        otherwise the sum is taken in the wider dtype and rounded once (an fp32 adapter on a bf16 base).
         """
         if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
             return base_out
-        lx = self.lora_down(self._lora_input(x))  # [..., r]
+        lx = self._down(x)  # [..., r]
         if self.dropout is not None and self.training:
             lx = F.dropout(lx, p=self.dropout)
         scale = self.scale
@@ -190,7 +201,17 @@ class LoraModule(nn.Module):
             mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
             lx = lx * mask.view(lx.size(0), *([1] * (lx.dim() - 2)), self.lora_dim)
             scale = self.scale * (1.0 / (1.0 - self.rank_dropout))  # as if the rank were smaller
-        out = base_out + self.lora_up(lx) * self.multiplier * scale
+        scale = self.multiplier * scale
+        if lx.dtype == base_out.dtype or torch.is_autocast_enabled(lx.device.type):
+            # base_out + scale * lx @ up^T as one GEMM (alpha, beta=1): no [..., out] temporaries for the
+            # product and the scaling, one rounding instead of three; in place, not even one for the sum
+            up = self.lora_up.weight.to(base_out.dtype)  # (in-place ops are not autocast)
+            lx = lx.reshape(-1, self.lora_dim).to(base_out.dtype)
+            if inplace and base_out.is_contiguous():
+                base_out.view(-1, base_out.shape[-1]).addmm_(lx, up.t(), alpha=scale)
+                return base_out
+            return torch.addmm(base_out.reshape(-1, base_out.shape[-1]), lx, up.t(), alpha=scale).view(base_out.shape)
+        out = base_out + self.lora_up(lx) * scale
         return out.to(base_out.dtype) if out.dtype != base_out.dtype else out
 
     def extra_repr(self) -> str:
@@ -456,5 +477,5 @@ def _as_mapping(networks) -> Mapping[str, nn.Module]:
 def _hook(lora: LoraModule):
     """A forward hook adding ``lora``'s output to its layer's output."""
     def hook(module, args, out):
-        return lora.add_to(args[0], out)
+        return lora.add_to(args[0], out, inplace=True)
     return hook
