@@ -93,6 +93,11 @@ def _busy_jiffies() -> tuple[int, int]:
     return sum(f) - f[3] - f[4], int(own[11]) + int(own[12])
 
 
+def _minor_faults() -> int:
+    """Pages this process has touched for the first time so far (fresh memory from the kernel)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class StepClock:
     """Clocks read at the loop start and at each optimizer step's end; memory peak reset at the start.
     ``others``: the cores other processes kept busy during each step (the machine is shared)."""
@@ -103,12 +108,14 @@ class StepClock:
         self.walls: list[float] = []
         self.cpus: list[float] = []
         self.jiffies: list[tuple[int, int]] = []
+        self.faults: list[int] = []
         self.result: dict = {}
 
     def _read(self) -> None:
         self.walls.append(time.perf_counter())
         self.cpus.append(time.process_time())
         self.jiffies.append(_busy_jiffies())
+        self.faults.append(_minor_faults())
 
     def start(self, *modules) -> None:
         """``modules``: the DiT and the LoRA network, whose parameter and buffer bytes are recorded."""
@@ -145,6 +152,7 @@ class StepClock:
         out = dict(self.result)
         out["wall"] = [b - a for a, b in zip(self.walls, self.walls[1:])]
         out["cpu"] = [b - a for a, b in zip(self.cpus, self.cpus[1:])]
+        out["faults"] = [b - a for a, b in zip(self.faults, self.faults[1:])]
         hz = os.sysconf("SC_CLK_TCK")
         out["others"] = [((b[0] - a[0]) - (b[1] - a[1])) / hz / w
                          for a, b, w in zip(self.jiffies, self.jiffies[1:], out["wall"])]
@@ -504,6 +512,11 @@ def summarize(meta: dict, results: dict[str, list[dict]], quiet: float) -> None:
     print("| measure | Wan Studio | musubi-tuner | ratio | target |\n|---|---|---|---|---|")
     print(f"| step wall time, median (s) | {med['ours']['wall']:.1f} | {med['musubi']['wall']:.1f} | "
           f"**{med['ours']['wall'] / med['musubi']['wall']:.2f}** | <= 0.85 |")
+    faults = {impl: statistics.median(f for res in results[impl] for f in res.get("faults", [0])[warm:])
+              for impl in results}
+    if faults["ours"] and faults["musubi"]:
+        print(f"| fresh pages per step (minor faults, median; GiB of 4 KiB pages) | {faults['ours'] * 4096 / gib:.2f} | "
+              f"{faults['musubi'] * 4096 / gib:.2f} | {faults['ours'] / faults['musubi']:.2f} | |")
     print(f"| step CPU time, all threads, median (s) | {med['ours']['cpu']:.1f} | {med['musubi']['cpu']:.1f} | "
           f"{med['ours']['cpu'] / med['musubi']['cpu']:.2f} | |")
     print(f"| step FLOPs / step time / GEMM rate of its subprocess (ratio: time ratio at equal rates) | "
