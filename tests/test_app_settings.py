@@ -26,7 +26,7 @@ def test_every_field_has_a_flag_and_the_field_list_is_as_specified():
                            "checkpoint_dir", "models_dir", "lora_dir", "output_dir", "attention", "compile",
                            "open_browser", "verbose", "max_frames", "max_pixels", "max_steps", "max_upload_mb", "max_queue",
                            "state_dir", "max_queue_per_session", "uploads_max_age_days", "uploads_max_mb",
-                           "datasets_dir", "max_train_steps")
+                           "datasets_dir", "max_train_steps", "gpus", "gpu_mode")
     assert DEFAULTS.max_pixels == 1280 * 720 and DEFAULTS.server_port == 7860
     args = parse()
     assert vars(args) == {"config": None}, "setting flags must default to SUPPRESS"

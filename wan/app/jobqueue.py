@@ -1,8 +1,10 @@
-"""The job queue of the web app: every browser session adds to it, one worker runs the jobs.
+"""The job queue of the web app: every browser session adds to it, worker threads run the jobs.
 
-Several sessions share one GPU, so jobs run one at a time in queue order. The queue keeps:
+Several sessions share one GPU, so jobs run one at a time in queue order: one worker thread. With
+several GPU workers (``--gpus 0,1 --gpu_mode per_job``, :mod:`wan.app.gpu_workers`) the queue has
+one thread per worker (``workers``), each taking the next job in queue order. The queue keeps:
 
-- the running job (at most one), with its cancel token and live progress;
+- the running jobs (at most ``workers``), each with its cancel token and live progress;
 - the queued jobs, in the order they will run (the UI may reorder them);
 - the finished jobs (done, failed, cancelled), newest first, the last ``max_history`` of them.
 
@@ -19,7 +21,9 @@ Persistence: on every add, remove, move and status change the whole queue is wri
 as JSON, atomically (temporary file in the same folder, fsync, ``os.replace``). Progress is kept
 in memory only. On construction an existing file is loaded: a job that was running when the
 server died is queued again at the head (``restarts`` counted; after ``max_restarts`` it is
-failed instead, so a job that kills the server cannot do it forever); finished jobs stay in the
+failed instead, so a job that kills the server cannot do it forever). A job whose runner raises
+:class:`~wan.app.jobs.WorkerLost` (its worker process died) goes back to the head under the same
+rule, without a server restart (``placed`` records which worker runs a job); finished jobs stay in the
 history and never run again. A file that cannot be read, or that a newer version wrote, is
 renamed aside to ``<name>.corrupt-<timestamp>`` with a logged warning and the queue starts
 empty: the server always starts, and the old file is kept for a person to look at. A readable
@@ -55,9 +59,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wan.app.jobs import (FILE_VERSION, FINISHED, KEPT_FILES_PER_SESSION, KEPT_SESSIONS, MAX_REQUEST_DEPTH,
-                          MAX_SESSION_CHARS, Job, JobProgress, Listener, RunOutcome, Runner, parse_kept_outputs,
-                          parse_queue_file, too_deep, error_message, expected_failure, make_label, printable)
+from wan.app.jobs import (FILE_VERSION, FINISHED, KEPT_FILES_PER_SESSION, KEPT_SESSIONS, MAX_DEVICES,
+                          MAX_REQUEST_DEPTH, MAX_SESSION_CHARS, Job, JobProgress, Listener, RunOutcome, Runner,
+                          WorkerLost, parse_kept_outputs, parse_queue_file, too_deep, error_message,
+                          expected_failure, make_label, placement_text, printable)
 from wan.fileio import write_text_atomic as _write_atomic
 
 if TYPE_CHECKING:  # the engine (and torch) load in the worker, when the first job runs
@@ -66,7 +71,7 @@ if TYPE_CHECKING:  # the engine (and torch) load in the worker, when the first j
 log = logging.getLogger(__name__)
 
 class JobQueue:
-    """A queue of generation jobs run one at a time by one worker thread (see the module docstring).
+    """A queue of generation jobs run in order by ``workers`` threads (see the module docstring).
 
     Args:
         path: JSON file the queue lives in (None: memory only).
@@ -76,16 +81,20 @@ class JobQueue:
             as ``Engine.generate`` does). The job given is a copy.
         max_queued: how many jobs may wait at once; ``add`` refuses more.
         max_history: how many finished jobs are kept (newest first).
-        max_restarts: a job found running at load that was already restarted this often is failed.
+        max_restarts: a job found running at load, or whose worker process died, that was already
+            restarted this often is failed.
         max_per_session: how many jobs one session may have waiting at once (None: no limit of its own).
         interrupted: ``interrupted(job)`` for a job found running at load: None queues it again (the
             default for every job), a text fails it with that text as its error instead (a training
             run is offered for resumption from its saved state rather than started over).
+        workers: how many jobs run at once, each on a worker thread of its own (1: one at a time).
     """
 
     def __init__(self, path: str | os.PathLike | None, runner: Runner, max_queued: int = 100,
                  max_history: int = 200, max_restarts: int = 3, max_per_session: int | None = None,
-                 interrupted: Callable[[Job], str | None] | None = None):
+                 interrupted: Callable[[Job], str | None] | None = None, workers: int = 1):
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers: {workers!r} is not allowed; a whole number >= 1")
         self.path = Path(path) if path is not None else None
         self._interrupted = interrupted
         self._runner = runner
@@ -93,17 +102,18 @@ class JobQueue:
         self.max_per_session = max_per_session
         self.max_history = max_history
         self.max_restarts = max_restarts
+        self.workers = workers
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)  # worker waits for jobs, wait_idle for the end
+        self._changed = threading.Condition(self._lock)  # workers wait for jobs, wait_idle for the end
         self._queued: list[Job] = []
-        self._running: Job | None = None
-        self._token: CancelToken | None = None
+        self._running: list[Job] = []  # in the order they started
+        self._tokens: dict[str, CancelToken] = {}  # running job id -> its cancel token
         self._history: list[Job] = []  # newest first
         self._kept: dict[str, list[str]] = {}  # session -> files of its done jobs no longer listed, newest first
         self._listeners: list[Listener] = []
-        self._worker: threading.Thread | None = None  # set while the worker thread loops
+        self._threads: list[threading.Thread] = []  # the worker threads that loop
         self._stopping = False
-        self._busy = False  # the worker holds a job, from taking it until its end is saved and told
+        self._busy = 0  # jobs held by workers, from taking one until its end is saved and told
         self._write_lock = threading.Lock()
         self._seq = 0       # snapshot number, taken under _lock
         self._written = 0   # last snapshot number on disk, under _write_lock
@@ -126,6 +136,12 @@ class JobQueue:
             return copy.deepcopy(job) if job is not None else None
 
     def running(self) -> Job | None:
+        """The running job that started first (None when none runs); see :meth:`running_jobs`."""
+        with self._lock:
+            return copy.deepcopy(self._running[0]) if self._running else None
+
+    def running_jobs(self) -> list[Job]:
+        """Copies of every running job, in the order they started."""
         with self._lock:
             return copy.deepcopy(self._running)
 
@@ -198,7 +214,7 @@ class JobQueue:
             if job is None:
                 raise ValueError(f"job {printable(repr(job_id), 80)} is not in the queue or its history")
             _check_owner(job, owner, "removed")
-            if job is self._running:
+            if self._is_running(job):
                 raise ValueError(f"job {job_id} is running; abort it first")
             (self._queued if job.status == "queued" else self._history).remove(job)
             self._remember(job)
@@ -240,7 +256,7 @@ class JobQueue:
         ``owner``'s (when given).
         """
         with self._lock:
-            job = self._running if job_id is None else self._find(job_id)
+            job = (self._running[0] if self._running else None) if job_id is None else self._find(job_id)
             if job is None:
                 if job_id is None:
                     return False
@@ -248,8 +264,8 @@ class JobQueue:
             if job.status in FINISHED:
                 return False
             _check_owner(job, owner, "aborted")
-            if job is self._running:
-                self._token.cancel()
+            if self._is_running(job):
+                self._tokens[job.id].cancel()
                 return True
             self._queued.remove(job)
             self._finish(job, "cancelled")
@@ -258,8 +274,9 @@ class JobQueue:
         return True
 
     def subscribe(self, callback: Listener) -> Callable[[], None]:
-        """Calls ``callback(event, job_copy)`` after every change (event: added, started, finished,
-        moved, removed, cancelled), outside the lock. Returns a function that unsubscribes."""
+        """Calls ``callback(event, job_copy)`` after every change (event: added, started, placed,
+        finished, restarted, moved, removed, cancelled), outside the lock. Returns a function that
+        unsubscribes."""
         with self._lock:
             self._listeners.append(callback)
 
@@ -272,32 +289,46 @@ class JobQueue:
     # -- the worker ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Starts the worker thread (a daemon) if it is not running."""
+        """Starts the worker threads (daemons) that are not running. A stop that has not taken
+        effect yet is called off."""
         with self._lock:
-            if self._worker is not None:  # already looping: a stop not yet taken effect is called off
-                self._stopping = False
-                return
             self._stopping = False
-            self._worker = threading.Thread(target=self._work, name="wan-jobqueue-worker", daemon=True)
-            self._worker.start()
+            while len(self._threads) < self.workers:
+                name = "wan-jobqueue-worker" + (f"-{len(self._threads)}" if self.workers > 1 else "")
+                thread = threading.Thread(target=self._work, name=name, daemon=True)
+                self._threads.append(thread)
+                thread.start()
 
     def stop(self, timeout: float | None = None, cancel_running: bool = False) -> bool:
-        """Stops the worker after the current job (or cancels that job too). True when it stopped."""
+        """Stops the workers after their current jobs (or cancels those jobs too). True when they stopped."""
         with self._lock:
             self._stopping = True
-            if cancel_running and self._token is not None:
-                self._token.cancel()
-            worker = self._worker
+            if cancel_running:
+                for token in self._tokens.values():
+                    token.cancel()
+            threads = list(self._threads)
             self._changed.notify_all()
-        if worker is None:
-            return True
-        worker.join(timeout)
-        return not worker.is_alive()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in threads)
+
+    def placed(self, job_id: str, gpus: list[str]) -> None:
+        """Records where a running job runs (the devices of its worker, see ``Job.gpus``); the
+        queue panel shows it. Nothing happens for a job that is not running (any more)."""
+        gpus = [str(g) for g in gpus][:MAX_DEVICES]
+        with self._lock:
+            job = self._find(job_id)
+            if job is None or not self._is_running(job) or job.gpus == gpus:
+                return
+            job.gpus = gpus
+            pending = self._change("placed", job)
+        self._publish(pending)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Waits until nothing runs, nothing is queued and the last change is saved. False on timeout."""
         with self._lock:
-            return self._changed.wait_for(lambda: not self._busy and not self._queued, timeout)
+            return self._changed.wait_for(lambda: self._busy == 0 and not self._queued, timeout)
 
     def wait_finished(self, job_id: str, timeout: float | None = None) -> Job | None:
         """Waits until the job has ended (done, failed or cancelled) or left the queue; returns a copy
@@ -328,14 +359,16 @@ class JobQueue:
             with self._lock:
                 self._changed.wait_for(lambda: self._stopping or self._queued)
                 if self._stopping:
-                    self._worker = None  # under the lock, so start() knows at once that no worker loops
+                    # under the lock, so start() knows at once that this worker no longer loops
+                    self._threads = [t for t in self._threads if t is not threading.current_thread()]
                     self._changed.notify_all()
                     return
                 job = self._queued.pop(0)
-                self._busy = True
+                self._busy += 1
                 job.status, job.started, job.progress = "running", time.time(), None
-                self._running, self._token = job, CancelToken()
-                token, given = self._token, copy.deepcopy(job)
+                token = self._tokens[job.id] = CancelToken()
+                self._running.append(job)
+                given = copy.deepcopy(job)
                 pending = self._change("started", job)
             try:
                 if broken is not None:
@@ -351,8 +384,8 @@ class JobQueue:
         """Ends the worker's hold on ``job``, failing it if it was not finished properly."""
         pending = None
         with self._lock:
-            if self._running is job:
-                self._running = self._token = None
+            if self._is_running(job):
+                self._end_run(job)
                 self._finish(job, "failed", broken or "the job queue failed around this job; see the server log")
                 pending = self._change("finished", job)
         try:
@@ -362,7 +395,7 @@ class JobQueue:
             log.exception("job queue: could not record the end of job %s", job.id)
         finally:
             with self._lock:
-                self._busy = False
+                self._busy -= 1
                 self._changed.notify_all()
 
     def _run_one(self, job: Job, given: Job, token: CancelToken, started: tuple, cancelled: type) -> None:
@@ -370,11 +403,36 @@ class JobQueue:
         self._publish(started)
         status, outcome, error = self._run(given, job, token, cancelled)
         with self._lock:
-            self._running = self._token = None
-            job.files, job.notices = outcome.files, outcome.notices
-            self._finish(job, status, error)
-            pending = self._change("finished", job)
+            self._end_run(job)
+            if status == "lost":
+                pending = self._worker_lost(job, error)
+                failed, restarts, where = job.status == "failed", job.restarts, placement_text(job.gpus)
+            else:
+                job.files, job.notices = outcome.files, outcome.notices
+                self._finish(job, status, error)
+                pending = self._change("finished", job)
         self._publish(pending)
+        if status == "lost":  # logged outside the lock, with what the job was then
+            where = f" ({where})" if where else ""
+            if failed:
+                log.error("job queue: job %s lost its worker again%s; failed after %d restarts", job.id, where,
+                          restarts)
+            else:
+                log.warning("job queue: job %s lost its worker%s (%s); queued again first", job.id, where,
+                            printable(error, 300))
+
+    def _worker_lost(self, job: Job, reason: str) -> tuple:
+        """A job whose worker process died: queued again at the head (``restarts`` counted), or
+        failed once it was restarted ``max_restarts`` times, as after a server restart."""
+        if job.restarts >= self.max_restarts:
+            where = placement_text(job.gpus)
+            self._finish(job, "failed", f"the worker process running this job{f' ({where})' if where else ''} died, "
+                                        f"{job.restarts + 1} times; not restarted again (it may need more memory "
+                                        f"than there is). Last time: {reason}")
+            return self._change("finished", job)
+        job.status, job.started, job.progress, job.restarts = "queued", None, None, job.restarts + 1
+        self._queued.insert(0, job)
+        return self._change("restarted", job)
 
     def _run(self, given: Job, job: Job, token: CancelToken, cancelled: type) -> tuple[str, RunOutcome, str | None]:
         """Calls the runner: (status, outcome, error message)."""
@@ -393,6 +451,8 @@ class JobQueue:
             return "done", outcome, None
         except cancelled:
             return "cancelled", RunOutcome(), None
+        except WorkerLost as e:  # its worker process died: run again (the worker is started afresh)
+            return ("cancelled", RunOutcome(), None) if token.cancelled else ("lost", RunOutcome(), printable(e, 1000))
         except BaseException as e:  # whatever the runner raises fails its job, never the worker
             if expected_failure(e):  # a refusal with its reason: one line (the traceback with --verbose)
                 log.warning("job queue: job %s (%s) failed: %s", job.id, printable(job.label, 80),
@@ -405,8 +465,15 @@ class JobQueue:
     # -- internals (called with the lock held unless said otherwise) -------------------------------
 
     def _ordered(self, include_finished: bool) -> list[Job]:
-        head = [self._running] if self._running is not None else []
-        return head + self._queued + (self._history if include_finished else [])
+        return self._running + self._queued + (self._history if include_finished else [])
+
+    def _is_running(self, job: Job) -> bool:
+        return any(job is j for j in self._running)
+
+    def _end_run(self, job: Job) -> None:
+        """Takes ``job`` off the running list, with its cancel token."""
+        self._running = [j for j in self._running if j is not job]
+        self._tokens.pop(job.id, None)
 
     def _find(self, job_id: str) -> Job | None:
         return next((j for j in self._ordered(True) if j.id == job_id), None)

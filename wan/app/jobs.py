@@ -22,6 +22,8 @@ MAX_ERROR_CHARS = 4000  # a whole error with its line breaks (a list of missing 
 MAX_ID_CHARS = 64
 MAX_SESSION_CHARS = 128
 MAX_REQUEST_DEPTH = 32  # a request is a flat dict of fields with small lists and dicts inside
+MAX_DEVICES = 64  # GPUs named in one job's placement (``Job.gpus``)
+CPU_PREFIX = "cpu"  # a CPU worker process's device name: "cpu0", "cpu1", ... (GPUs are "0", "1", ...)
 
 
 @dataclass
@@ -61,14 +63,19 @@ class Job:
     notices: list[str] = field(default_factory=list)
     progress: JobProgress | None = None
     restarts: int = 0
+    # where the job runs or ran: the devices of its worker process(es) ("0", "1" for GPUs, "cpu0"...
+    # for CPU workers, see --gpus); empty when it runs in the server process
+    gpus: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Plain JSON-ready data; ``progress`` is not included (it is not persisted)."""
         return copy.deepcopy(self._record())
 
     def _record(self) -> dict:
-        """The persisted fields, not copied (for json.dumps under the queue's lock)."""
-        return {name: getattr(self, name) for name in _PERSISTED}
+        """The persisted fields, not copied (for json.dumps under the queue's lock). An empty
+        ``gpus`` is left out, so a queue that never used GPU workers stays readable by the versions
+        before them."""
+        return {name: getattr(self, name) for name in _PERSISTED if name != "gpus" or self.gpus}
 
     @classmethod
     def from_dict(cls, data: dict) -> Job:
@@ -104,10 +111,31 @@ class Job:
         restarts = data.get("restarts", 0)
         if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
             raise ValueError(f"job {data['id']} restarts: {show(restarts)} is not allowed; a whole number >= 0")
+        gpus = data.get("gpus", [])  # absent in files written before the GPU workers
+        if (not isinstance(gpus, list) or len(gpus) > MAX_DEVICES
+                or not all(isinstance(g, str) and 0 < len(g) <= 16 and g.isprintable() for g in gpus)):
+            raise ValueError(f"job {data['id']} field 'gpus': {show(gpus)} is not allowed; a list of at most "
+                             f"{MAX_DEVICES} device names (\"0\", \"cpu1\")")
         return cls(**copy.deepcopy(data))
 
 
 _PERSISTED = tuple(f.name for f in fields(Job) if f.name != "progress")
+
+
+class WorkerLost(RuntimeError):
+    """The worker process running a job died (killed, crashed, out of memory): the queue runs the
+    job again, counting it in ``Job.restarts`` as a server restart does (:mod:`wan.app.jobqueue`)."""
+
+
+def placement_text(gpus) -> str:
+    """Where a job runs, in words: ``GPU 2``, ``GPUs 0,1``, ``CPU 1`` (the second CPU worker),
+    ``CPU ×2`` (a group of two CPU processes); "" for none (the server process)."""
+    names = [printable(g, 16) for g in gpus if isinstance(g, str)] if isinstance(gpus, list) else []
+    if not names:
+        return ""
+    if all(n.startswith(CPU_PREFIX) for n in names):
+        return f"CPU ×{len(names)}" if len(names) > 1 else f"CPU {names[0][len(CPU_PREFIX):]}"
+    return f"GPU {names[0]}" if len(names) == 1 else f"GPUs {','.join(names)}"
 
 
 def printable(value, limit: int | None = None) -> str:

@@ -178,12 +178,19 @@ def serve(settings: ServerSettings, config_path: str | Path | None = None) -> No
     for warning in (share_warning(settings), listen_warning(settings)):
         if warning:
             print(f"warning: {warning}", flush=True)
+    if settings.gpus:  # a GPU this machine lacks is named before anything starts
+        from wan.app.gpu_workers import check_devices
+        from wan.app.settings import parse_gpus
+        check_devices(parse_gpus(settings.gpus))
     port, note = find_port(settings.host, settings.server_port)
     if note:
         print(note, flush=True)
     state = AppState(settings)
     demo = build_app(state, config_path)
     state.queue.start()
+    if state.workers is not None:
+        print(f"GPU workers: {settings.gpus} ({settings.gpu_mode}), starting", flush=True)
+        state.workers.warm_up()
     try:
         demo.queue(default_concurrency_limit=4).launch(
             server_name=settings.host, server_port=port, share=settings.share, auth=read_auth(settings),
@@ -193,4 +200,4 @@ def serve(settings: ServerSettings, config_path: str | Path | None = None) -> No
         print(f"Wan Studio is serving at http://{settings.host}:{port}", flush=True)
         demo.block_thread()
     finally:
-        state.queue.stop(timeout=5)
+        state.close(timeout=5)

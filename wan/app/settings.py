@@ -85,6 +85,62 @@ def _folders(v: Any) -> bool:
 # One folder (a string) or a list of them, kept as a tuple.
 Folders = rule("a folder or a list of folders", _folders, lambda v: (v,) if isinstance(v, str) else tuple(v))
 
+MAX_WORKERS = 16  # GPU indices, or CPU worker processes, one --gpus may name
+GPU_MODES = ("split", "per_job")
+
+
+def parse_gpus(value: Any) -> tuple[str, ...]:
+    """The worker devices a ``gpus`` setting names: ``"0,1,2,3"`` -> ("0", "1", "2", "3");
+    ``"cpu:2"`` -> ("cpu0", "cpu1"), two CPU worker processes (tests, machines without CUDA);
+    ``"cpu"`` is ``"cpu:1"``. A YAML number (``gpus: 1``) or list (``gpus: [0, 1]``) is read too.
+
+    Raises:
+        ValueError: the value, in words (the settings check turns it into a SettingsError).
+    """
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    elif is_int(value):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("not a list of GPUs")
+    text = value.strip().lower()
+    if text == "cpu" or text.startswith("cpu:"):
+        count = text[4:].strip() or "1"
+        if not count.isdigit() or not 1 <= int(count) <= MAX_WORKERS:
+            raise ValueError(f"cpu:N wants N from 1 to {MAX_WORKERS}")
+        return tuple(f"cpu{i}" for i in range(int(count)))
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError("GPU indices are whole numbers >= 0")
+    indices = [str(int(p)) for p in parts]
+    if len(set(indices)) != len(indices):
+        raise ValueError("a GPU is named twice")
+    if len(indices) > MAX_WORKERS:
+        raise ValueError(f"at most {MAX_WORKERS} GPUs")
+    return tuple(indices)
+
+
+def gpus_text(devices: tuple[str, ...]) -> str:
+    """The setting's stored form of :func:`parse_gpus`'s devices: ``"0,1"`` or ``"cpu:2"``."""
+    if devices and devices[0].startswith("cpu"):
+        return f"cpu:{len(devices)}"
+    return ",".join(devices)
+
+
+def _gpus(v: Any) -> bool:
+    try:
+        parse_gpus(v)
+    except ValueError:
+        return False
+    return True
+
+
+# e.g. "0,1,2,3", or "cpu:2" for CPU worker processes; kept in its plain form ("0,1" or "cpu:2")
+Gpus = rule(f"GPU indices separated by commas (0,1,2,3; each at most once, at most {MAX_WORKERS}), or cpu:N "
+            f"for N CPU worker processes (N from 1 to {MAX_WORKERS})", _gpus, lambda v: gpus_text(parse_gpus(v)),
+            optional=True)
+GpuMode = choice(GPU_MODES)
+
 
 def _setting(default: Any, help: str, label: str) -> Any:
     """A field with its flag help (also the UI's description) and its label in plain words (the UI's)."""
@@ -150,6 +206,13 @@ class ServerSettings:
     max_train_steps: Positive = _setting(20000, "most optimizer steps one training run may ask for",
                                          "Most training steps per run")
     # -- end of the Train tab's settings --------------------------------------------------------
+    # -- GPU worker processes (wan/app/gpu_workers.py) ------------------------------------------
+    gpus: Gpus = _setting(None, "run generations in worker processes on these GPUs, e.g. 0,1,2,3 (cpu:N: N CPU "
+                                "processes, for tests and machines without CUDA); unset: in the server process",
+                          "GPUs of the worker processes")
+    gpu_mode: GpuMode = _setting("split", "how --gpus are used: split (each job split over all of them, one "
+                                          "process group) or per_job (one worker per GPU, each running its own "
+                                          "job from the queue)", "How the GPUs share the jobs")
 
     @property
     def host(self) -> str:

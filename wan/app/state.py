@@ -1,5 +1,7 @@
 """What every browser session of the studio shares: the settings, one job queue with its one
 worker, and the engine (created on the first job, so the page serves before any model import).
+With ``--gpus``, generations run in worker processes instead (:mod:`wan.app.gpu_workers`: one
+process group that splits each job, or one worker per GPU with a queue thread each).
 
 Each browser session keeps only its own id (in the browser's storage) and form values; jobs carry
 the id of the session that queued them, so each session's gallery shows its own results while the
@@ -44,9 +46,11 @@ def is_shared(settings: ServerSettings) -> bool:
 
 
 class AppState:
-    """The server-wide state; build it with :meth:`create`."""
+    """The server-wide state. ``engine_factory``: the in-process engine (tests give their own);
+    ``worker_engine``: the engine factory of the GPU worker processes (``WorkerSetup.engine_factory``,
+    a module-level function), used with ``settings.gpus``. Call :meth:`close` when done."""
 
-    def __init__(self, settings: ServerSettings, engine_factory=None):
+    def __init__(self, settings: ServerSettings, engine_factory=None, worker_engine=None):
         self.settings = settings
         self.state_dir = Path(settings.state_dir).resolve()
         self.uploads_dir = uploads_dir(settings)
@@ -60,14 +64,28 @@ class AppState:
         self._found = None  # the models folders' files, scanned on first use
         self._engine_factory = engine_factory or self._default_engine
         self.shared = is_shared(settings)
+        self.workers = None  # the GPU worker processes (--gpus); None: generations run in this process
+        if settings.gpus:
+            from wan.app.gpu_workers import WorkerPool
+            self.workers = WorkerPool.from_settings(settings, engine_factory=worker_engine)
         from wan.app.train_jobs import interrupted_reason  # a training job is resumed, never restarted
         self.queue = JobQueue(self.state_dir / QUEUE_FILE, self.run_job, max_queued=settings.max_queue,
                               max_per_session=settings.max_queue_per_session if self.shared else None,
-                              interrupted=interrupted_reason)
+                              interrupted=interrupted_reason,
+                              workers=self.workers.slots if self.workers is not None else 1)
         self._warned: set[str] = set()
         self._pruned_at = time.monotonic()
         self.prune_uploads()
         self.queue.subscribe(self._on_queue_change)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops the queue's workers after their jobs (waiting up to ``timeout`` seconds), then the
+        GPU worker processes (a job still running on one is queued again for the next start)."""
+        try:
+            self.queue.stop(timeout=timeout)
+        finally:
+            if self.workers is not None:
+                self.workers.close()
 
     def warn_once(self, text: str) -> None:
         """Logs a warning the first time ``text`` comes (a page refresh that runs every second
@@ -254,6 +272,8 @@ class AppState:
             from wan.app.train_jobs import run_training
             if self._engine is not None:  # the generation models leave the device to the training run
                 self._engine.models.release()
+            if self.workers is not None:  # and so do the idle GPU workers (they start again when needed)
+                self.workers.release_idle()
             return run_training(self, job, progress, cancel)
         from wan.app.preview import latent_preview
         from wan.engine.request import GenerationRequest
@@ -277,11 +297,22 @@ class AppState:
                 files = self.model_files(get_model(request.model))
             except RegistryError:  # the engine names the unknown model
                 files = {}
+            if self.workers is not None:
+                return self._run_on_workers(job, request, files, progress, cancel)
             extra = {"files": files} if files else {}
             result = self.engine.generate(request, progress=on_step, cancel=cancel, **extra)
         finally:
             self.previews.pop(job.id, None)
         return RunOutcome([str(f) for f in result.files], list(result.notices))
+
+    def _run_on_workers(self, job: Job, request, files: dict, progress, cancel) -> RunOutcome:
+        """A generation on the GPU workers (:mod:`wan.app.gpu_workers`); the queue records where it runs."""
+        def on_step(info, preview=None) -> None:
+            progress(info)
+            if preview is not None:
+                self.previews[job.id] = preview
+        return self.workers.run(request, files or None, on_step, cancel,
+                                placed=lambda gpus: self.queue.placed(job.id, gpus))
 
     def preview_of(self, job_id: str):
         """The latest preview pixels of a running job, or None."""

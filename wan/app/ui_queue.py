@@ -3,7 +3,9 @@ total, ETA, expert) with a latent preview, the picked job's details (times, its 
 notices, files), and the buttons to reorder, remove, cancel, clear and abort.
 
 The panel is refreshed by a timer; the queue itself lives in :class:`wan.app.jobqueue.JobQueue`
-(one worker for all sessions, saved to disk after every change).
+(one worker for all sessions, saved to disk after every change). With GPU workers (``--gpus``) a
+running job's progress starts with where it runs ("GPUs 0,1", "GPU 2", "CPU ×2"), its details say
+where it ran, and several jobs may run at once (``--gpu_mode per_job``): the status line lists each.
 
 Whatever a job holds (a label with a lone surrogate, a huge prompt, fields of odd types from an
 edited queue file), the panel renders: every text goes through ``printable`` and is cut short, and
@@ -27,7 +29,7 @@ from pathlib import Path
 import gradio as gr
 
 from wan.app.downloads import DOWNLOAD_KEY, is_download
-from wan.app.jobs import first_line, printable, printable_lines
+from wan.app.jobs import first_line, placement_text, printable, printable_lines
 from wan.app.train_request import TRAIN_PHASES, is_training, progress_words
 from wan.app.state import API_SESSION, AppState
 
@@ -65,12 +67,24 @@ def hidden(job, session: str | None, shared: bool) -> bool:
     return shared and not is_own(job, session)
 
 
+def where_text(job) -> str:
+    """Where the job runs or ran ("GPUs 0,1", "GPU 2", "CPU ×2"); "" in the server process."""
+    return placement_text(getattr(job, "gpus", None))
+
+
 def progress_text(job, hide: bool = False) -> str:
-    """The table's progress cell: the step and ETA of a running job, the first line of a failed
-    job's error (the details show all of it), one line in every case."""
-    p = job.progress
+    """The table's progress cell: the step and ETA of a running job (after where it runs, on GPU
+    workers), the first line of a failed job's error (the details show all of it), one line in
+    every case."""
     if job.status != "running":
         return "" if hide or not job.error else first_line(job.error, MAX_TABLE_CHARS)
+    where = where_text(job)
+    text = _running_progress(job)
+    return printable(f"{where} · {text}", MAX_ERROR_CHARS) if where else text
+
+
+def _running_progress(job) -> str:
+    p = job.progress
     if p is None:
         return "starting..." if is_download(job.request) or is_training(job.request) else "loading models..."
     if p.expert in TRAIN_PHASES and is_training(job.request):  # a training run (the Train tab)
@@ -116,17 +130,23 @@ def pickable(jobs: list, session: str | None = None, shared: bool = False) -> li
 
 
 def running_view(state: AppState, jobs: list, session: str | None = None, shared: bool = False) -> tuple[str, object]:
-    job = next((j for j in jobs if j.status == "running"), None)
-    if job is None:
+    """The status line (a line per running job: several run at once on per-job GPU workers) and
+    the latent preview of the first running job this session may see."""
+    running = [j for j in jobs if j.status == "running"]
+    if not running:
         waiting = sum(1 for j in jobs if j.status == "queued")
         return (f"Idle. {waiting} job(s) waiting." if waiting else "Idle: the queue is empty."), None
-    hide = hidden(job, session, shared)
-    try:
-        started = f" · running for {time.time() - job.started:.0f} s" if job.started else ""
-        text = f"**{label_of(job, session, shared)}** ({_id_of(job)}): {progress_text(job, hide)}{started}"
-    except Exception:  # noqa: BLE001 - as in table()
-        text = f"A job is running ({_id_of(job)})."
-    return text, None if hide else state.preview_of(job.id)
+    lines, preview = [], None
+    for job in running:
+        hide = hidden(job, session, shared)
+        try:
+            started = f" · running for {time.time() - job.started:.0f} s" if job.started else ""
+            lines.append(f"**{label_of(job, session, shared)}** ({_id_of(job)}): {progress_text(job, hide)}{started}")
+        except Exception:  # noqa: BLE001 - as in table()
+            lines.append(f"A job is running ({_id_of(job)}).")
+        if preview is None and not hide:
+            preview = state.preview_of(job.id)
+    return "  \n".join(lines), preview
 
 
 def _id_of(job) -> str:
@@ -184,7 +204,9 @@ def job_detail(job, session: str | None, shared: bool) -> str:
     """The details of one job as Markdown: label and id, status and times, then (for a job this
     session may see) the whole error on its own lines, the notices and the files' names."""
     head = f"**{_md(label_of(job, session, shared))}** · job {_md(job.id, MAX_ID_CHARS)}"
-    status = " · ".join(p for p in (_md(mark_of(job)), _times(job)) if p)
+    where = where_text(job)
+    where = f"on {where}" if where else ""
+    status = " · ".join(p for p in (_md(mark_of(job)), _md(where), _times(job)) if p)
     blocks = [head, status]
     if not hidden(job, session, shared):
         if job.status == "running":
@@ -334,9 +356,10 @@ def outputs(ui: dict) -> list:
     return [ui["status"], ui["preview"], ui["table"], ui["pick"], ui["shown"]]
 
 
-def _abort_running(state: AppState, owner: str | None) -> str:
-    """Aborts the job that runs now, whatever is picked (on a shared server only one's own)."""
-    target = state.queue.running()
+def _abort_running(state: AppState, owner: str | None, picked: str | None = None) -> str:
+    """Aborts the picked job if it runs, else the job that runs now (the first to start, when
+    several run on GPU workers); on a shared server only one's own."""
+    target = next((j for j in state.queue.running_jobs() if j.id == picked), None) or state.queue.running()
     if target is None:
         raise ValueError("no job is running")
     # by id: a job that finished since is not aborted, nor one that started in its place
@@ -363,7 +386,7 @@ def perform(state: AppState, what: str, job_id, session_id) -> str:
                 raise ValueError("this page has no session yet; reload it")
             owner = session_id if state.shared else None
         if what == "abort":
-            return _abort_running(state, owner)
+            return _abort_running(state, owner, job_id)
         if what == "clear":
             n = state.queue.clear_finished(session_id)
             return (f"Cleared {n} finished job(s) of yours; their outputs stay in the gallery." if n

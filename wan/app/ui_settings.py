@@ -29,14 +29,15 @@ HIDDEN = ("auth",)  # passwords belong in --auth_file, never in the config file 
 GUARDED = ("listen", "server_name", "server_port", "share", "auth_file", "checkpoint_dir", "lora_dir", "output_dir",
            "state_dir", "models_dir", "max_frames", "max_pixels", "max_steps", "max_upload_mb", "max_queue",
            "max_queue_per_session", "uploads_max_age_days", "uploads_max_mb",
-           "datasets_dir", "max_train_steps")  # the last two: the Train tab's
+           "datasets_dir", "max_train_steps",  # the Train tab's
+           "gpus", "gpu_mode")  # the processes the server starts, and on which devices
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
 # the tab's sections: heading, settings, open when the page opens; every shown setting is in one
 GROUPS = (
     ("Network & access", ("listen", "server_name", "server_port", "share", "auth_file"), True),
     ("Models & folders", ("model", "checkpoint_dir", "models_dir", "lora_dir", "output_dir", "state_dir",
                           "datasets_dir"), True),
-    ("Generation defaults", ("profile", "attention", "compile"), True),
+    ("Generation defaults", ("profile", "attention", "compile", "gpus", "gpu_mode"), True),
     ("Limits for browser clients", ("max_frames", "max_pixels", "max_steps", "max_upload_mb", "max_queue",
                                     "max_queue_per_session", "uploads_max_age_days", "uploads_max_mb",
                                     "max_train_steps"), False),
@@ -132,6 +133,9 @@ def _control(field: dataclasses.Field, value, interactive: bool):
         return gr.Dropdown(profile_choices(value), value=value or "", **kwargs)
     if name == "attention":
         return gr.Dropdown(attention_choices(value), value=value or "", **kwargs)
+    if name == "gpu_mode":
+        from wan.app.settings import GPU_MODES
+        return gr.Dropdown(list(GPU_MODES), value=value, **kwargs)
     if isinstance(value, bool) or field.type in ("bool", bool):
         return gr.Checkbox(bool(value), **kwargs)
     if isinstance(value, int) or field.type in ("int", int):
