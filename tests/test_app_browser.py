@@ -242,6 +242,24 @@ def test_a_two_expert_model_shows_its_second_guidance_and_runs(page, studio):
     assert req.model == "test-tiny-t2v-a14b" and req.guidance_high_noise == 6.5 and req.boundary is not None
 
 
+def test_guidance_phase_fields_show_with_their_phases_and_a_recipe_profile_fills_the_form(page, studio):
+    """Issue 17: the phase 2/3 fields show when there are that many phases (the expert-switch phase
+    only on a two-expert model); picking lightning-3phase puts its recipe in the form."""
+    choose(page, "model", "TEST tiny Wan 2.2 two-expert t2v (A14B-style) [test model]" + READY)
+    page.wait_for_selector("#switch-threshold", state="visible")  # A14B: two phases, the expert switch
+    assert not page.locator("#switch-threshold2").is_visible() and not page.locator("#model-switch-phase").is_visible()
+    set_number(page, "guidance-phases", 3)
+    page.wait_for_selector("#switch-threshold2", state="visible")
+    page.wait_for_selector("#model-switch-phase", state="visible")
+    choose(page, "profile", "lightning-3phase")
+    page.wait_for_function("() => document.querySelector('#steps input').value === '8'")
+    assert page.locator("#guidance3-scale input").input_value() == "1"
+    assert page.locator("#switch-threshold input").input_value() == "965"
+    assert page.locator("#boundary input").input_value() == "0.8"
+    choose(page, "model", T2V)
+    page.wait_for_selector("#switch-threshold", state="hidden")
+
+
 def test_the_model_picker_says_what_is_ready_and_a_missing_model_is_refused_when_added(chromium, tmp_path):
     """Issue 12: with --models_dir on a ComfyUI-style tree (misleading names), the TEST model is ready
     from those files; a real model shows what is missing, and adding a job for it is refused at once

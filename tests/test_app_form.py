@@ -133,6 +133,8 @@ def test_queue_progress_names_step_eta_and_expert():
     assert progress_text(job) == "step 3/20 · high-noise expert · ETA 12 s"
     job.progress = JobProgress(step=5, total=20, expert="transformer", eta_s=3.0, elapsed_s=5.0)
     assert progress_text(job) == "step 5/20 · ETA 3 s"
+    job.progress = JobProgress(step=2, total=4, expert="transformer", eta_s=3.0, elapsed_s=5.0, window=2, windows=3)
+    assert progress_text(job) == "window 2/3 · step 2/4 · ETA 3 s"
     failed = Job(id="j2", session="s", request={}, label="x", status="failed", error="loras: 'a': no")
     assert progress_text(failed) == "loras: 'a': no"
 

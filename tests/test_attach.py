@@ -121,6 +121,7 @@ def test_every_experts_attention_notice_is_kept(engine):
         finally:
             attn.unregister_backend("flaky")
         assert len(calls) == 2
+        notices = [n for n in notices if not n.startswith("text encoder:")]  # the text cache may speak too
         assert len(notices) == 1 and "'flaky' is not usable here, using 'sdpa'" in notices[0]
 
 

@@ -53,7 +53,7 @@ def test_constant_without_switch_step_per_expert():
 
 
 @pytest.mark.parametrize("text,part", [
-    ("", "empty"), ("abc", "'abc'"), ("1,,2", "empty value"), ("1;2;3", "at most 2"),
+    ("", "empty"), ("abc", "'abc'"), ("1,,2", "empty value"), ("1;2;3;4", "at most 3"),
     ("nan", "'nan'"), ("inf", "'inf'"), ("1_0", "'1_0'"), ("1;", "empty value"), ("0.5x", "'0.5x'"),
 ])
 def test_bad_strings(text, part):

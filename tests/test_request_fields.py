@@ -16,7 +16,7 @@ WAN = Path(__file__).resolve().parent.parent / "wan"
 # ``profile_overrides``, --video_size sets width and height)
 NON_REQUEST_FLAGS = {"help", "video_size", "lora", "lora_weight", "lora_multiplier", "include_patterns",
                      "exclude_patterns", "lora_dir", "overrides", "from_file", "from_output", "interactive",
-                     "checkpoint_dir", "device", "quiet", "max_frames", "max_pixels", "max_steps",
+                     "checkpoint_dir", "device", "quiet", "max_frames", "max_pixels", "max_steps", "text_cache_mb",
                      "dit", "dit_high_noise", "vae", "t5", "clip", "tokenizer", "models_dir",
                      "ulysses_size", "ring_size", "cfg_parallel", "dit_fsdp", "t5_fsdp"}  # how, not which video
 

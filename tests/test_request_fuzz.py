@@ -31,6 +31,27 @@ lora = st.fixed_dictionaries({"path": value}, optional={"multiplier": value, "in
 field_value = {name: value for name in FIELDS}
 field_value["loras"] = st.lists(lora | value, max_size=3) | value
 field_value["model"] = st.sampled_from(["test-tiny-t2v", "test-tiny-vace", "test-tiny-t2v-a14b"]) | value
+# NAG: typical values beside the edges, so that accepted requests carry them too
+field_value["nag_scale"] = st.sampled_from([0, 1, 1.0, 1.5, 9, 50.0, 0.5, 50.5, -1]) | value
+field_value["nag_tau"] = st.sampled_from([1, 2.5, 10.0, 0.99, 10.01]) | value
+field_value["nag_alpha"] = st.sampled_from([0, 0.25, 1, 1.01, -0.01]) | value
+# sliding windows and continuation: typical values and edges
+field_value["sliding_window_size"] = st.sampled_from([0, 5, 9, 81, 129, 4, 10, -9]) | value
+field_value["sliding_window_overlap"] = st.sampled_from([1, 4, 5, 9, 0, 81]) | value
+field_value["sliding_window_discard_last_frames"] = st.sampled_from([0, 4, 8, -1, 200]) | value
+field_value["sliding_window_seam"] = st.sampled_from(["cut", "crossfade", "fade"]) | value
+field_value["sliding_window_color_correction"] = st.sampled_from(["off", "mean_std", "histogram", "lab"]) | value
+field_value["sliding_window_color_correction_strength"] = st.sampled_from([0, 0.5, 1, 1.01, -0.1]) | value
+field_value["continue_video"] = st.sampled_from(["/etc/passwd", "../../x.mp4", "x.mp4"]) | value
+# guidance phases and explicit timesteps: typical values and edges
+field_value["guidance_phases"] = st.sampled_from([1, 2, 3, 0, 4, 2.0]) | value
+field_value["guidance2_scale"] = st.sampled_from([1, 1.0, 3.5, 0, 100.5, -1]) | value
+field_value["guidance3_scale"] = st.sampled_from([1, 1.0, 3.5, 0, 100.5, -1]) | value
+field_value["switch_threshold"] = st.sampled_from([965, 875.0, 1000, 0, 1001, -1]) | value
+field_value["switch_threshold2"] = st.sampled_from([800, 500.0, 999, 0, 1001, -1]) | value
+field_value["model_switch_phase"] = st.sampled_from([1, 2, 3, 0]) | value
+field_value["timesteps"] = st.sampled_from([[1000, 757, 522], [1000.0, 500.0], [500, 1000], [0], [1001], []]) | value
+field_value["sampler"] = st.sampled_from(["euler", "lcm", "unipc"]) | value
 # a valid request with a few fields replaced (reaches the checks after the first), or any mapping
 BASE = {"model": "test-tiny-t2v", "prompt": "a fox", "steps": 4}
 change = st.sampled_from(FIELDS).flatmap(lambda name: st.tuples(st.just(name), field_value[name]))
@@ -67,6 +88,9 @@ def test_any_request_is_accepted_within_bounds_or_refused_by_field(state, data):
             assert any(is_inside(path, folder) for folder in allowed_paths(state.settings))
     assert resolved.frames <= limits.max_frames and resolved.steps <= limits.max_steps
     assert resolved.width * resolved.height <= limits.max_pixels
+    assert resolved.nag_scale in (0.0, 1.0) or 1.0 < resolved.nag_scale <= 50.0
+    assert 1.0 <= resolved.nag_tau <= 10.0 and 0.0 <= resolved.nag_alpha <= 1.0
+    assert all(type(getattr(resolved, n)) is float for n in ("nag_scale", "nag_tau", "nag_alpha"))
     stem = render_name(resolved.name_template, now=datetime(2026, 1, 1), seed=resolved.seed,
                        prompt=resolved.prompt, model=resolved.model, task=resolved.task)
     assert stem and "/" not in stem and "\\" not in stem and stem not in (".", "..")

@@ -207,7 +207,7 @@ def test_profile_attention_preference_falls_back_with_a_notice_on_cpu(engine):
                              write=False)
     assert any("sdpa" in n for n in result.notices)
     plain = engine.generate(GenerationRequest(model="test-tiny-t2v", prompt="x", steps=1), write=False)
-    assert plain.notices == []
+    assert [n for n in plain.notices if not n.startswith("text encoder:")] == []  # the text cache may speak
 
 
 def test_lowest_memory_profile_streams_and_gives_the_same_frames(engine):

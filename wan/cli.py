@@ -79,9 +79,29 @@ def _models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _download_lora(args: argparse.Namespace, entry) -> int:
+    """``download <LoRA id>``: a registry LoRA (an accelerator) into the LoRA folder, under the
+    name its profile uses, for each model it fits."""
+    from wan.loading.download import DownloadError, fetch_lora_entry
+    from wan.lora.library import family_for_model
+    from wan.registry import get_model
+    families = {family_for_model(get_model(m)) for m in entry.fits}
+    try:
+        for family in sorted(f for f in families if f):
+            for role, path in fetch_lora_entry(entry, args.lora_dir, family).items():
+                print(f"{role}: {path}")
+    except DownloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def _download(args: argparse.Namespace) -> int:
     from wan.loading.download import DownloadError, ensure_files
-    from wan.registry import RegistryError, get_model
+    from wan.registry import RegistryError, default_registry, get_model
+    entry = default_registry().loras.get(args.model)
+    if entry is not None:
+        return _download_lora(args, entry)
     from wan.loading.download import free_space_problem
     from wan.loading.readiness import readiness
     from wan.optim.planner import file_size_estimates
@@ -138,8 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--verbose", "-v", action="store_true", help="each component: where it comes from")
     models.set_defaults(func=_models)
 
-    dl = sub.add_parser("download", help="download a model's files into the checkpoints folder")
-    dl.add_argument("model", help="model id (see: wgp.py models)")
+    dl = sub.add_parser("download", help="download a model's files into the checkpoints folder, or a registry "
+                                          "LoRA (an accelerator) into the LoRA folder")
+    dl.add_argument("model", help="model id (see: wgp.py models), or the id of a registry LoRA "
+                                  "(wan/registry/models/accelerators.yaml)")
+    dl.add_argument("--lora_dir", default="loras", help="LoRA folder (for a registry LoRA)")
     dl.add_argument("--variant", default="bf16", help="weights variant: bf16 (default), fp16, fp32, fp8_e4m3fn, fp8_scaled")
     dl.add_argument("--checkpoint_dir", default=DEFAULT_CHECKPOINT_DIR)
     dl.set_defaults(func=_download)

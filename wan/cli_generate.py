@@ -39,6 +39,7 @@ from wan.engine.request import (
     request_default,
 )
 from wan.engine.request_checks import Limits
+from wan.engine.text_cache import DEFAULT_MB as TEXT_CACHE_MB
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -90,11 +91,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             a(f"--{flag}", type=int, default=1, metavar="N", help=words)
         else:
             a(f"--{flag}", action="store_true", help=words)
+    a("--text_cache_mb", type=_cache_mb, default=TEXT_CACHE_MB, metavar="MB",
+      help="keep the text encoder's outputs of this many MiB of prompts, so that a prompt (or negative prompt) "
+           "seen before in this run is not encoded again; 0 turns it off (default: %(default)s)")
     a("--quiet", action="store_true", help="no progress bar")
     for name, words in LIMIT_FLAGS.items():
         a(f"--{name}", type=int, default=getattr(Limits(), name), metavar="N",
           help=f"refuse a request over {words} (default: %(default)s; the web server's limit of the same name); "
                "raise it to allow more")
+
+
+def _cache_mb(text: str) -> float:
+    """``--text_cache_mb``: a number of MiB >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; a number of MiB >= 0 (0 turns the cache off)")
+    return value
 
 
 # Files given on the command line, as musubi-tuner spells them: flag -> (registry role, words).
@@ -317,17 +332,19 @@ def run(args: argparse.Namespace) -> int:
     def generate_one(req: GenerationRequest, label: str) -> int:
         nonlocal engine, session
         from wan.engine import Cancelled, Engine, resolve_request
+        from wan.engine.phases import phase_guidances
         try:
             resolved, spec = resolve_request(req, check_files=True, limits=limits)  # before any model loads
             files = {**folder_files(spec, found), **given_files(args, spec, recorded)}
             if parallel_on:  # before any model loads, with the model's heads and the request's guidance
                 check_parallel(parallel, num_heads=spec.arch.num_heads, launch=launch,
-                               guidance=(resolved.guidance, resolved.guidance_high_noise))
+                               guidance=phase_guidances(resolved, spec.is_two_expert))
                 if session is None:
                     session = stack.enter_context(parallel_session(parallel, launch=launch, device=args.device))
             if engine is None:
                 engine = Engine(checkpoint_dir=args.checkpoint_dir, lora_dir=args.lora_dir, limits=limits,
-                                device=session.device if session is not None else args.device)
+                                device=session.device if session is not None else args.device,
+                                text_cache_mb=getattr(args, "text_cache_mb", TEXT_CACHE_MB))
             result = engine.generate(req, progress=None if args.quiet or not main else _progress_bar(label),
                                      files=files, parallel=parallel if parallel_on else None)
         except (RequestError, ParallelConfigError) as e:
@@ -414,9 +431,15 @@ def _progress_bar(label: str):
     bar = {}
 
     def update(info) -> None:
-        if "bar" not in bar:
-            bar["bar"] = tqdm(total=info.total, desc=label.rstrip(": ") or "generating", file=sys.stderr,
-                              initial=info.step - 1, leave=False)
+        window = (getattr(info, "window", 1), getattr(info, "windows", 1))
+        if bar.get("window") != window:  # a new bar for each sliding window ("window 2/3")
+            if "bar" in bar:
+                bar["bar"].close()
+            desc = label.rstrip(": ") or "generating"
+            if window[1] > 1:
+                desc = f"{desc} · window {window[0]}/{window[1]}"
+            bar["bar"] = tqdm(total=info.total, desc=desc, file=sys.stderr, initial=info.step - 1, leave=False)
+            bar["window"] = window
         b = bar["bar"]
         b.set_postfix_str(f"t={info.timestep:.0f} {info.expert} cfg={info.guidance:g}")
         b.update(1)

@@ -61,10 +61,15 @@ PICKER_CHOICES = {
 }
 # request fields copied as they are (None or "" meaning "the model's default" where allowed)
 PLAIN_FIELDS = ("model", "task", "negative_prompt", "frames", "steps", "guidance", "guidance_high_noise", "boundary",
-                "shift", "sampler", "strength", "vace_scale", "fps", "quality", "profile")
+                "guidance_phases", "guidance2_scale", "guidance3_scale", "switch_threshold", "switch_threshold2",
+                "model_switch_phase", "shift", "sampler", "strength", "vace_scale", "fps", "quality", "profile")
+# sliding windows (wan.engine.windows): copied as they are, like the fields above
+WINDOW_FIELDS = ("sliding_window_size", "sliding_window_overlap", "sliding_window_discard_last_frames",
+                 "sliding_window_seam", "sliding_window_color_correction", "sliding_window_color_correction_strength")
+PLAIN_FIELDS = (*PLAIN_FIELDS, *WINDOW_FIELDS)
 # request fields the form has no control for: carried as they are in the hidden ``extra`` value, so
 # loading an output's settings and queueing them again reproduces it (cpu_noise changes the noise)
-EXTRA_FIELDS = ("cpu_noise", "trim_tail", "name_template", "save_latents")
+EXTRA_FIELDS = ("cpu_noise", "trim_tail", "name_template", "save_latents", "timesteps")
 # whole-number keys: the request's int fields and the one whole-number step-saver setting
 INT_FIELDS = (*(name for name, f in REQUEST_FIELDS.items() if f.type is int), "cfg_zero_init_steps")
 

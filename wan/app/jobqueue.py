@@ -443,7 +443,9 @@ class JobQueue:
                 old = job.progress.preview if job.progress is not None else None
                 job.progress = JobProgress(step=int(info.step), total=int(info.total), expert=str(info.expert),
                                            eta_s=float(info.eta), elapsed_s=float(info.elapsed),
-                                           preview=str(preview) if preview is not None else old)
+                                           preview=str(preview) if preview is not None else old,
+                                           window=int(getattr(info, "window", 1)),
+                                           windows=int(getattr(info, "windows", 1)))
         try:
             result = self._runner(given, progress, token)
             outcome = RunOutcome(files=[str(f) for f in (getattr(result, "files", None) or [])],

@@ -36,6 +36,8 @@ class JobProgress:
     eta_s: float
     elapsed_s: float
     preview: str | None = None  # path of a preview image of the current latent, when the runner makes one
+    window: int = 1    # sliding windows: the window this step belongs to (1-based) ...
+    windows: int = 1   # ... of how many (1: a plain run)
 
 
 @dataclass

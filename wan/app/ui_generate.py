@@ -17,6 +17,7 @@ from wan.app.form import (
     CUSTOM,
     KEEP,
     PICKER_CHOICES,
+    WINDOW_FIELDS,
     form_to_requests,
     request_to_form,
     resolution_choices,
@@ -26,12 +27,14 @@ from wan.app.form import (
 from wan.app.state import AppState
 from wan.app.words import literal
 from wan.engine.request import SAMPLERS, TASK_INPUTS, RequestError, request_default
+from wan.engine.window_plan import COLOR_CORRECTIONS, SEAMS, window_count
 
 # inputs of each task, in the order they are shown (request field names)
 TASK_INPUT_FIELDS = ("image", "end_image", "video", "strength", "control_video", "mask_video", "ref_images",
-                     "vace_scale")
+                     "vace_scale", "continue_video")
 INPUT_LABELS = {"image": "Start image", "end_image": "End image", "video": "Input video",
-                "control_video": "Control video", "mask_video": "Mask video", "ref_images": "Reference images"}
+                "control_video": "Control video", "mask_video": "Mask video", "ref_images": "Reference images",
+                "continue_video": "Video to continue"}
 # One line per step-saver control, in the page's words (shown under each control).
 SAVER_INFO = {
     "teacache": "Reuses the DiT's output on steps whose input barely changed: faster, slightly softer detail.",
@@ -51,7 +54,14 @@ SAVER_INFO = {
 }
 DEFAULT_PROFILE = "auto"  # what a newcomer gets: the numbered profile that fits this machine and model
 UPLOAD_KINDS = {"image": "image", "end_image": "image", "video": "video", "control_video": "video",
-                "mask_video": "video", "ref_images": "image"}
+                "mask_video": "video", "ref_images": "image", "continue_video": "video"}
+# what the duration under the frames depends on
+DURATION_INPUTS = ("frames", "fps", "sliding_window_size", "sliding_window_overlap",
+                   "sliding_window_discard_last_frames", "continue_video")
+WINDOWS_HELP = ("A clip longer than the window is made window by window into one file, each window starting from "
+                "the last frames of the one before (the overlap); one prompt per line, or separated by `[/window]`, "
+                "gives each window its own. A video to continue (an upload or an earlier output) is the start: "
+                "the new frames follow it in the output.")
 
 
 class BadUpload(str):
@@ -197,12 +207,44 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
                                   info="where the low-noise expert takes over, e.g. 0.875")
         c["shift"] = gr.Number(label="Shift", elem_id="shift")
         c["sampler"] = gr.Dropdown(list(SAMPLERS), label="Sampler", elem_id="sampler")
+    with gr.Row():  # guidance phases (Wan2GP's): the fields of phases 2 and 3 show when there are that many
+        c["guidance_phases"] = gr.Number(label="Guidance phases (1-3)", precision=0, elem_id="guidance-phases",
+                                         info=PHASE_INFO["guidance_phases"])
+        c["switch_threshold"] = gr.Number(label="Phase 2 starts below timestep", visible=False,
+                                          elem_id="switch-threshold", info=PHASE_INFO["switch_threshold"])
+        c["guidance2_scale"] = gr.Number(label="Guidance, phase 2", visible=False, elem_id="guidance2-scale",
+                                         info=PHASE_INFO["guidance2_scale"])
+        c["switch_threshold2"] = gr.Number(label="Phase 3 starts below timestep", visible=False,
+                                           elem_id="switch-threshold2", info=PHASE_INFO["switch_threshold2"])
+        c["guidance3_scale"] = gr.Number(label="Guidance, phase 3", visible=False, elem_id="guidance3-scale",
+                                         info=PHASE_INFO["guidance2_scale"])
+        c["model_switch_phase"] = gr.Number(label="Low-noise expert after phase", precision=0, visible=False,
+                                            elem_id="model-switch-phase", info=PHASE_INFO["model_switch_phase"])
     with gr.Row():
         c["seed"] = gr.Number(request_default("seed"), label="Seed (-1: random)", precision=0, elem_id="seed")
         random_seed = gr.Button("Random", elem_id="random-seed", scale=0, min_width=90)
         c["fps"] = gr.Number(label="FPS", precision=0, elem_id="fps")
         c["quality"] = gr.Slider(0, 10, request_default("quality"), step=1, label="Video quality", elem_id="quality")
     c["random_seed"] = random_seed
+    with gr.Accordion("Long videos: sliding windows, continuing a video", open=False, elem_id="windows"):
+        gr.Markdown(WINDOWS_HELP)
+        with gr.Row():
+            c["sliding_window_size"] = gr.Number(request_default("sliding_window_size"), precision=0,
+                                                 label="Window size (frames, 4k+1; 0: one run)",
+                                                 elem_id="sliding-window-size")
+            c["sliding_window_overlap"] = gr.Number(request_default("sliding_window_overlap"), precision=0,
+                                                    label="Overlap frames", elem_id="sliding-window-overlap")
+            c["sliding_window_discard_last_frames"] = gr.Number(request_default("sliding_window_discard_last_frames"),
+                                                                precision=0, label="Discard last frames")
+            c["sliding_window_seam"] = gr.Dropdown(list(SEAMS), value=request_default("sliding_window_seam"),
+                                                   label="Seams")
+            c["sliding_window_color_correction"] = gr.Dropdown(
+                list(COLOR_CORRECTIONS), value=request_default("sliding_window_color_correction"),
+                label="Colour correction")
+            c["sliding_window_color_correction_strength"] = gr.Slider(
+                0.0, 1.0, request_default("sliding_window_color_correction_strength"), step=0.05,
+                label="Colour correction strength (0: off)")
+        c["continue_video"] = gr.Video(label=INPUT_LABELS["continue_video"], elem_id="continue-video", visible=False)
     saver = saver_defaults()
     with gr.Accordion("Advanced: step savers and per-job profile overrides", open=False):
         gr.Markdown("Each choice left at **profile** keeps what the profile says. Step savers trade a little "
@@ -238,6 +280,64 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
         c["overrides"] = gr.Textbox(label="More profile overrides, one KEY=VALUE per line "
                                           "(e.g. memory.offload=blocks)", lines=2, elem_id="overrides")
     return c
+
+
+PHASE_INFO = {
+    "guidance_phases": "empty: 2 on Wan 2.2 A14B (its expert switch), else 1; a few-step profile may set 3",
+    "switch_threshold": "timestep 0-1000; on A14B leave the expert switch's threshold empty: the expert switch sets it",
+    "switch_threshold2": "timestep 0-1000, at most the phase 2 threshold",
+    "guidance2_scale": "empty: the guidance of the expert that runs the phase",
+    "model_switch_phase": "A14B with 3 phases: 1 or 2 (2: Lightning 3 phases)",
+}
+PHASE_FIELDS = ("switch_threshold", "guidance2_scale", "switch_threshold2", "guidance3_scale", "model_switch_phase")
+PHASE_THRESHOLDS = ("switch_threshold", "switch_threshold2")  # where phases 2 and 3 start
+
+
+def phase_updates(phases, model_id) -> dict:
+    """Which phase fields show for ``phases`` guidance phases on ``model_id``: those of phase 2 from
+    2 phases on, those of phase 3 with 3, the expert-switch phase on a two-expert model with 3."""
+    from wan.registry import RegistryError, get_model
+    try:
+        two = get_model(model_id).is_two_expert
+    except (RegistryError, TypeError):
+        two = False
+    n = int(phases) if isinstance(phases, (int, float)) and not isinstance(phases, bool) else (2 if two else 1)
+    shown = {"switch_threshold": n >= 2, "guidance2_scale": n >= 2, "switch_threshold2": n >= 3,
+             "guidance3_scale": n >= 3, "model_switch_phase": two and n >= 3}
+    return {k: gr.update(visible=v) for k, v in shown.items()}
+
+
+RECIPE_FIELDS = ("steps", "guidance", "guidance_high_noise", "boundary", "guidance_phases", *PHASE_FIELDS, "shift",
+                 "sampler")
+
+
+def recipe_updates(profile_name, model_id) -> dict:
+    """A profile with a few-step recipe (``sampling:``, e.g. lightning-4step) picked: the form's
+    settings become the recipe's, since a value in the form wins over the profile's (its LoRAs are
+    added to the job when it runs). Nothing changes for a profile without one."""
+    from wan.optim.profile_files import load_profiles
+    from wan.optim.profiles import ProfileError
+    from wan.registry import RegistryError, get_model
+    try:
+        sampling = load_profiles().get(profile_name).sampling
+        two = get_model(model_id).is_two_expert
+    except (ProfileError, RegistryError, TypeError, ValueError):
+        return {}
+    values = {k: getattr(sampling, k, None) for k in RECIPE_FIELDS if getattr(sampling, k, None) is not None}
+    if not values:
+        return {}
+    if not two:
+        values.pop("guidance_high_noise", None)
+        values.pop("model_switch_phase", None)
+    else:  # the expert switch is the recipe's threshold at its switch phase, if it gives one
+        expert_threshold = values.get(PHASE_THRESHOLDS[values.get("model_switch_phase", 1) - 1])
+        if expert_threshold is not None:
+            values["boundary"] = expert_threshold / 1000
+    updates = {k: gr.update(value=v) for k, v in values.items()}
+    if "guidance_phases" in values:
+        for k, u in phase_updates(values["guidance_phases"], model_id).items():
+            updates[k] = {**updates.get(k, gr.update()), **u}
+    return updates
 
 
 def form_keys(c: dict) -> list[str]:
@@ -299,6 +399,7 @@ def remembered_form(model_id: str, memory) -> dict:
     except (RegistryError, TypeError):
         return {}
     choices = {"task": spec.tasks, "resolution": resolution_choices(spec.sizes), "sampler": list(SAMPLERS),
+               "sliding_window_seam": SEAMS, "sliding_window_color_correction": COLOR_CORRECTIONS,
                "profile": [p.name for p in load_profiles()], **{k: v for k, v in PICKER_CHOICES.items()}}
     texts = ("prompt", "negative_prompt", "slg_layers", "overrides")
     out = {}
@@ -324,6 +425,8 @@ def form_for_model(state: AppState, model_id: str, task: str | None, memory) -> 
     for k, v in saved.items():
         u = updates.get(k)
         updates[k] = {**u, "value": v} if isinstance(u, dict) else gr.update(value=v)
+    for k, u in phase_updates(saved.get("guidance_phases"), model_id).items():  # the remembered phases show
+        updates[k] = {**updates.get(k, gr.update()), **u}
     custom = saved.get("resolution") == CUSTOM
     for k in ("width", "height"):
         if k in saved or custom:
@@ -339,6 +442,7 @@ def default_form(state: AppState, model_id: str) -> dict:
     updates.update(prompt="", negative_prompt="", one_per_line=False, seed=request_default("seed"),
                    quality=request_default("quality"), profile=state.settings.profile or DEFAULT_PROFILE,
                    overrides="", strength=request_default("strength"), vace_scale=request_default("vace_scale"),
+                   **{k: request_default(k) for k in WINDOW_FIELDS},
                    **{k: KEEP for k in PICKER_CHOICES}, **saver)
     return updates
 
@@ -365,7 +469,10 @@ def apply_model(state: AppState, model_id: str, task: str | None = None) -> dict
         "guidance_high_noise": gr.update(value=d.guidance_high_noise, visible=spec.is_two_expert),
         "boundary": gr.update(value=d.boundary, visible=spec.is_two_expert),
         "shift": d.shift_for((w, h)), "sampler": d.sampler, "fps": d.fps,
+        "guidance_phases": None, **{k: gr.update(value=None) for k in PHASE_FIELDS},
     }
+    for k, u in phase_updates(None, model_id).items():
+        updates[k] = gr.update(value=None, visible=u["visible"])
     updates.update(task_updates(task))
     return updates
 
@@ -385,11 +492,31 @@ def task_updates(task: str) -> dict:
     return {k: gr.update(visible=k in shown) for k in TASK_INPUT_FIELDS}
 
 
-def duration_text(frames, fps) -> str:
+def duration_text(frames, fps, size=0, overlap=None, discard=0, continued=None) -> str:
+    """The clip's length in words; with sliding windows, how many; with a video to continue, the
+    total duration of the output (that video's frames, then the new ones)."""
     try:
-        return f"{int(frames)} frames at {int(fps)} fps = {int(frames) / int(fps):.2f} s"
+        frames, fps = int(frames), int(fps)
+        text = f"{frames} frames at {fps} fps = {frames / fps:.2f} s"
     except (TypeError, ValueError, ZeroDivisionError):
         return ""
+    try:
+        size, discard = int(size or 0), int(discard or 0)
+        overlap = int(overlap if overlap is not None else request_default("sliding_window_overlap"))
+        if 0 < size < frames and size - overlap - discard > 0:
+            text += f" · {window_count(frames, size, overlap, discard)} windows of up to {size} frames"
+    except (TypeError, ValueError):
+        pass
+    if continued:
+        from wan.engine.media_probe import probe_video
+        try:
+            before = probe_video(str(continued))[2]
+        except (OSError, ValueError):
+            before = None
+        if before:
+            total = before + frames
+            text += f" · after the {before} frames continued: {total} frames = {total / fps:.2f} s in all"
+    return text
 
 
 def plan_text(state: AppState, model_id: str, profile_name: str) -> str:
@@ -481,7 +608,8 @@ def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
     ``on_added(session, shown)`` returns the queue view updates after jobs are added."""
     keys = form_keys(c)
     model_outputs = ["task", "resolution", "width", "height", "frames", "steps", "guidance",
-                     "guidance_high_noise", "boundary", "shift", "sampler", "fps", *TASK_INPUT_FIELDS]
+                     "guidance_high_noise", "boundary", "shift", "sampler", "fps", "guidance_phases", *PHASE_FIELDS,
+                     *TASK_INPUT_FIELDS]
 
     rkeys = remembered_keys(keys)
     switch_outputs = list(dict.fromkeys([*model_outputs, *rkeys]))
@@ -513,8 +641,15 @@ def listen(state: AppState, c: dict, on_added) -> SimpleNamespace:
         return [forget(memory, model_id), *(u.get(k, gr.update()) for k in switch_outputs)]
     c["reset"].click(reset, [c["memory"], c["model"]], [c["memory"], *(c[k] for k in switch_outputs)])
     c["resolution"].change(lambda r: [gr.update(visible=r == CUSTOM)] * 2, c["resolution"], [c["width"], c["height"]])
-    for k in ("frames", "fps"):
-        c[k].change(duration_text, [c["frames"], c["fps"]], c["duration"])
+    c["guidance_phases"].change(lambda n, m: list(phase_updates(n, m).values()), [c["guidance_phases"], c["model"]],
+                                [c[k] for k in PHASE_FIELDS])
+
+    def on_profile(profile_name, model_id):
+        u = recipe_updates(profile_name, model_id)
+        return [u.get(k, gr.update()) for k in RECIPE_FIELDS]
+    c["profile"].input(on_profile, [c["profile"], c["model"]], [c[k] for k in RECIPE_FIELDS])
+    for k in DURATION_INPUTS:
+        c[k].change(duration_text, [c[n] for n in DURATION_INPUTS], c["duration"])
     for k in ("model", "profile"):
         c[k].change(lambda m, p: plan_text(state, m, p), [c["model"], c["profile"]], c["plan"])
     c["model"].change(lambda m: readiness_updates(state, m), c["model"], [c["readiness"], c["download"]])
@@ -550,6 +685,7 @@ def load_into_form(state: AppState, c: dict, request) -> list:
     spec = get_model(request.model)
     values = request_to_form(request, spec.sizes)
     model_updates = apply_model(state, spec.id, request.task)
+    model_updates.update(phase_updates(request.guidance_phases, spec.id))  # the phases of that run show
     out = []
     for k in keys:
         u = model_updates.get(k)

@@ -92,7 +92,8 @@ def _running_progress(job) -> str:
     if p.expert == DOWNLOAD_KEY:  # a model download: megabytes
         return printable(f"{p.step / 1000:.2f} of {p.total / 1000:.2f} GB · ETA {p.eta_s:.0f} s", MAX_ERROR_CHARS)
     expert = f" · {p.expert.replace('_', '-')} expert" if p.expert not in ("", "transformer") else ""
-    return printable(f"step {p.step}/{p.total}{expert} · ETA {p.eta_s:.0f} s", MAX_ERROR_CHARS)
+    window = f"window {p.window}/{p.windows} · " if p.windows > 1 else ""
+    return printable(f"{window}step {p.step}/{p.total}{expert} · ETA {p.eta_s:.0f} s", MAX_ERROR_CHARS)
 
 
 def label_of(job, session: str | None = None, shared: bool = False, limit: int = MAX_LABEL_CHARS) -> str:

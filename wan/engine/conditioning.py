@@ -33,6 +33,7 @@ class Conditioning:
             ``fixed_mask`` [C, F', H', W'] is 0 where the latent is the clean image.
         init_latent: video-to-video: the clean latent of the input video (noised at the start step).
         drop_front: latent frames to remove before decoding (VACE reference images).
+        keep: latent frames known in advance (a sliding window's overlap), set again at every step.
     """
 
     noise_shape: tuple[int, int, int, int]
@@ -42,6 +43,7 @@ class Conditioning:
     fixed_mask: torch.Tensor | None = None
     init_latent: torch.Tensor | None = None
     drop_front: int = 0
+    keep: "KeptLatent | None" = None
 
     def token_timesteps(self, t: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
         """Timestep input of the DiT at ``t``: [1], or per token [1, L] in TI2V image mode where
@@ -50,6 +52,28 @@ class Conditioning:
             return t.reshape(1)
         m = self.fixed_mask[0, ::patch[0], ::patch[1], ::patch[2]]
         return (m * t).flatten()[None]
+
+
+@dataclass
+class KeptLatent:
+    """Latent frames known before sampling (the overlap of a sliding window, Wan2GP's "overlapped
+    latents"): before the first step and after every step the loop sets frames ``offset ..
+    offset + n`` of the latent to ``(1 - σ)·latent + σ·noise`` at that step's noise level σ, so
+    they end clean and the frames after them are made to continue them.
+
+    ``latent``, ``noise``: [C, n, h, w]; ``noise`` is the run's own noise of those frames.
+    """
+
+    latent: torch.Tensor
+    noise: torch.Tensor
+    offset: int = 0
+
+    def apply(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """``x`` [C, F, h, w] with the kept frames at noise level ``sigma`` (a new tensor)."""
+        n = self.latent.shape[1]
+        x = x.clone()
+        x[:, self.offset:self.offset + n] = ((1 - sigma) * self.latent + sigma * self.noise).to(x)
+        return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,11 +217,13 @@ class Inputs:
             raise RequestError(name, path, f"a readable video file ({e})") from None
 
 
-def build_conditioning(req: GenerationRequest, spec, nets, device) -> Conditioning:
-    """Dispatches to the recipe of ``req.task``. ``nets`` has ``vae``, ``clip`` (or None), ``dit``."""
+def build_conditioning(req: GenerationRequest, spec, nets, device, inputs: Inputs | None = None) -> Conditioning:
+    """Dispatches to the recipe of ``req.task``. ``nets`` has ``vae``, ``clip`` (or None), ``dit``.
+    ``inputs``: where the input images and videos come from (default: the request's files; a
+    sliding window gives its own part of them, ``wan.engine.windows.WindowInputs``)."""
     recipe = {"t2v": _text, "t2i": _text, "ti2v": _ti2v, "i2v": _i2v, "flf2v": _i2v, "fun_inp": _i2v,
               "v2v": _v2v, "fun_control": _fun_control, "vace": _vace}[req.task]
-    return recipe(req, spec, nets, device, Inputs(req))
+    return recipe(req, spec, nets, device, inputs or Inputs(req))
 
 
 def _encode(vae, video: torch.Tensor, device) -> torch.Tensor:

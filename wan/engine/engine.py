@@ -17,11 +17,15 @@ import torch
 
 from wan.engine.attach import AttentionKernel, SetOnNetworks, attach_job
 from wan.engine.conditioning import Conditioning, build_conditioning
-from wan.engine.loop import Cancelled, CancelToken, Denoising, ExpertPlan, StepInfo, denoise
+from wan.engine.loop import Cancelled, CancelToken, Denoising, StepInfo, denoise
+from wan.engine.phases import PhasePlan, phase_guidances
 from wan.engine.model_manager import ModelManager, ModelSet
 from wan.engine.model_manager import load_settings as _load_settings
 from wan.engine.request import GenerationRequest, RequestError, resolve_request
 from wan.engine.request_checks import Limits
+from wan.engine.window_plan import is_windowed
+from wan.engine.text_cache import DEFAULT_MB as DEFAULT_TEXT_CACHE_MB
+from wan.engine.text_cache import TextEncoderCache, cache_notice
 from wan.optim.guidance import StepGuidance
 from wan.optim.profiles import ProfileError
 from wan.optim.step_savers import StepSavers
@@ -85,7 +89,9 @@ class Engine:
     def __init__(self, checkpoint_dir: str | Path = "checkpoints", device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, registry: Registry | None = None, variant: str = "bf16",
                  lora_dir: str | Path | None = "loras", magcache_dir: str | Path | None = None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, text_cache_mb: float = DEFAULT_TEXT_CACHE_MB):
+        """``text_cache_mb``: the bound of the text-encoder cache in MiB (0: off); see
+        :mod:`wan.engine.text_cache`."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.limits = limits or Limits()  # what one request may ask (the server's, or the CLI's flags)
         self.lora_dir = lora_dir
@@ -96,6 +102,10 @@ class Engine:
                                                else Path(checkpoint_dir) / "magcache")
         self.registry = registry or default_registry()
         self.models = ModelManager(checkpoint_dir, device, dtype, variant)
+        # umT5 outputs of earlier jobs, by encoder and exact text (shared by every job of this engine)
+        if not isinstance(text_cache_mb, (int, float)) or isinstance(text_cache_mb, bool) or not text_cache_mb >= 0:
+            raise ValueError(f"text_cache_mb: {text_cache_mb!r} is not allowed; a number of MiB >= 0 (0: off)")
+        self.text_cache = TextEncoderCache(int(text_cache_mb * 2**20))
 
     @property
     def device(self) -> torch.device:
@@ -143,6 +153,10 @@ class Engine:
         profile, savers = self._profile_and_savers(req, spec, savers)
         sharding = None
         if ps is not None:
+            if is_windowed(req):
+                field = "continue_video" if req.continue_video else "sliding_window_size"
+                raise RequestError(field, getattr(req, field), "a single-process run: sliding windows and "
+                                                               "continuation do not run on several processes")
             self._refuse_in_parallel(req, spec, profile, savers, ps)
             sharding = self._fetch_on_rank0(spec, profile, files, ps)
         try:
@@ -156,6 +170,9 @@ class Engine:
         notices += loras.notices
         if ps is not None and ps.config.dit_fsdp:
             _refuse_merged_loras(loras, nets)
+        if is_windowed(req):  # sliding windows / continuation: window by window, one file (wan.engine.windows)
+            from wan.engine.windows import run_windows
+            return run_windows(self, req, spec, nets, profile, savers, loras, progress, cancel, write, notices)
         steps: list[StepInfo] = []
 
         def record(info: StepInfo) -> None:
@@ -220,7 +237,7 @@ class Engine:
         from wan.parallel import ParallelConfigError, check_parallel
         config = ps.config
         check_parallel(config, num_heads=spec.arch.num_heads, launch=ps.launch,
-                       guidance=(req.guidance, req.guidance_high_noise),
+                       guidance=phase_guidances(req, spec.is_two_expert),
                        skip_layer_guidance=savers.guidance.slg.mode != "none")
         if profile is None:
             return
@@ -290,16 +307,18 @@ class Engine:
         from wan.lora.job import prepare_loras
         try:
             return prepare_loras(req.loras, nets.dits, self.lora_dir, mode=profile.lora.mode if profile else "hooks",
-                                 names_only=self.lora_names_only)
+                                 names_only=self.lora_names_only, guidance_phases=req.guidance_phases or 1)
         except LoraError as e:
             raise RequestError("loras", e.value, e.allowed) from None
 
     def denoise(self, req: GenerationRequest, nets: ModelSet, *, noise: torch.Tensor | None = None,
                 progress=None, cancel=None, savers: StepSavers | None = None, loras=None,
                 attention: tuple[str, ...] | str = ("sdpa",),
-                notices: list[str] | None = None, parallel=None) -> tuple[torch.Tensor, Conditioning]:
+                notices: list[str] | None = None, parallel=None,
+                cond: Conditioning | None = None) -> tuple[torch.Tensor, Conditioning]:
         """Conditioning, text, noise and the sampling loop for a resolved request; returns the final
-        latent (VACE reference frames removed) and the conditioning.
+        latent (VACE reference frames removed) and the conditioning (``cond``: one built by the
+        caller, e.g. a sliding window's, instead of the request's own).
 
         The job (attention kernel, RIFLEx, the step savers' block runner, ``loras``: a prepared
         :class:`~wan.lora.job.JobLoras`) is attached to the networks for the loop only; what
@@ -311,14 +330,15 @@ class Engine:
         """
         from wan.engine.samplers import make_sampler
         device = self.device
-        cond = build_conditioning(req, nets.spec, nets, device)
+        if cond is None:
+            cond = build_conditioning(req, nets.spec, nets, device)
         _check_cancel(cancel, "after encoding the inputs")
-        context, context_neg = nets.text_encoder.encode_prompts([req.prompt, req.negative_prompt])
+        context, context_neg = self.encode_prompts(nets, req, notices, parallel)
         if noise is None:
             noise = draw_noise(cond.noise_shape, req.seed, device, req.cpu_noise)
         if parallel is not None:
             noise = parallel.broadcast_tensor(noise)  # whatever each device draws, rank 0's noise
-        sampler = make_sampler(req.sampler, req.steps, req.shift)
+        sampler = make_sampler(req.sampler, req.steps, req.shift, timesteps=req.timesteps or None, seed=req.seed)
         start, latent = 0, noise
         if cond.init_latent is not None:  # video-to-video: noise the input up to the start step
             start = sampler.start_index(req.strength)
@@ -331,20 +351,31 @@ class Engine:
             runner = savers.runner(nets.dits, sampler, start)
         else:
             runner = _parallel_runner(savers, nets.dits, sampler, start, parallel, notices)
+        nag = None
+        if req.nag_scale > 1:  # the negative prompt inside the prompt's pass (wan.optim.nag)
+            from wan.optim.nag import NagGuidance
+            nag = NagGuidance(context_neg[None].to(device), req.nag_scale, req.nag_tau, req.nag_alpha,
+                              reembed_each_step=bool(loras is not None and loras.runtimes))
+            if savers.batched_cfg and notices is not None:
+                notices.append("NAG: the prompt and negative-prompt passes run one after the other (not batched)")
         riflex = savers.riflex_setting(cond.noise_shape[1], req.frames, req.fps)
+        plan = PhasePlan.of_request(req, "high_noise" in nets.dits)  # guidance and expert of each step
+        if notices is not None and len(plan.experts) > len(set(plan.experts)):
+            notices.append("guidance " + plan.describe([float(t) for t in sampler.timesteps], start))
         cfg_parallel = None
         if parallel is not None and parallel.config.cfg_parallel:
             from wan.parallel import CfgParallel
             cfg_parallel = CfgParallel(parallel.cfg_group, parallel.counter)
         run = Denoising(nets.dits, sampler, {"context": context[None].to(device), **cond.dit_kwargs},
                         {"context": context_neg[None].to(device), **cond.dit_kwargs},
-                        ExpertPlan(req.boundary, req.guidance, req.guidance_high_noise), cond,
+                        plan, cond,
                         StepGuidance(savers.guidance, len(sampler.timesteps)), start=start, runner=runner,
-                        batched_cfg=savers.batched_cfg, on_step=loras.on_step if loras is not None else None,
-                        cfg_parallel=cfg_parallel)
+                        batched_cfg=savers.batched_cfg and nag is None,
+                        on_step=loras.on_step if loras is not None else None, cfg_parallel=cfg_parallel, nag=nag)
         parts = [AttentionKernel(attention, device),
                  SetOnNetworks("riflex", riflex) if riflex is not None else None,
                  SetOnNetworks("block_runner", runner) if runner is not None else None,
+                 nag,  # after the step savers' runner (it wraps it), before Ulysses (which wraps both)
                  loras]
         if parallel is not None:  # last: it wraps the block runner set above
             from wan.parallel import UlyssesParallel
@@ -354,6 +385,22 @@ class Engine:
                 notices += attached
             latent = denoise(run, latent, progress=progress, cancel=cancel)
         return latent[:, cond.drop_front:], cond
+
+    def encode_prompts(self, nets: ModelSet, req: GenerationRequest, notices: list[str] | None = None,
+                       parallel=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """umT5 states ``[L, dim]`` of the prompt and the negative prompt, through the engine's text
+        cache (:mod:`wan.engine.text_cache`); a notice says when the cache served them. Encoders that
+        cannot be named (``nets.text_encoder_key`` None) and encoders sharded over the processes of
+        a parallel run (which must run on every rank together) always encode."""
+        key = getattr(nets, "text_encoder_key", None)
+        if parallel is not None and parallel.config.t5_fsdp:
+            key = None
+        encoded = self.text_cache.encode(nets.text_encoder.encode_prompts, key, [req.prompt, req.negative_prompt])
+        notice = cache_notice(("prompt", "negative prompt"), encoded.cached)
+        if notice and notices is not None and notice not in notices:  # said once per job (windows encode again)
+            notices.append(notice)
+        context, context_neg = encoded.tensors
+        return context, context_neg
 
     @staticmethod
     def metadata(req: GenerationRequest, nets: ModelSet | None = None) -> dict:

@@ -198,6 +198,24 @@ def _ffmetadata(text: str) -> str:
     return f";FFMETADATA1\n{MP4_METADATA_TAG}={escaped}\n"
 
 
+def mp4_command(width: int, height: int, fps, dest: Path, quality: float, comment: str | None,
+                meta_dir: Path) -> list[str]:
+    """The ffmpeg command that reads raw rgb24 frames of ``width`` x ``height`` (even) on stdin and
+    writes the H.264 MP4 ``dest``, the comment tag from a file written into ``meta_dir`` (every MP4
+    of the engine is written with it: ``encode_mp4`` and the window-by-window writer)."""
+    import imageio_ffmpeg
+
+    rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y",
+           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(rate), "-i", "-"]
+    if comment is not None:
+        meta_file = meta_dir / "meta.txt"
+        meta_file.write_text(_ffmetadata(comment), encoding="utf-8")
+        cmd += ["-f", "ffmetadata", "-i", str(meta_file), "-map_metadata", "1"]
+    return cmd + ["-map", "0:v:0", "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                  "-crf", str(crf_for_quality(quality)), "-movflags", "+faststart", "-f", "mp4", str(dest)]
+
+
 def encode_mp4(frames: np.ndarray, fps: float, dest: Path, quality: float = request_default("quality"),
                comment: str | None = None) -> None:
     """Encodes frames [T, H, W, 3] uint8 (even H, W) to an H.264 MP4 at `dest` with the bundled ffmpeg.
@@ -205,19 +223,9 @@ def encode_mp4(frames: np.ndarray, fps: float, dest: Path, quality: float = requ
     The same path as the official code (imageio -> ffmpeg, libx264, yuv420p, CRF from `quality`), but
     ffmpeg's exit status is checked: a failed encode raises RuntimeError with ffmpeg's message.
     """
-    import imageio_ffmpeg
-
     _, h, w, _ = frames.shape
-    rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
     with tempfile.TemporaryDirectory(prefix="wan_ffmeta_") as meta_dir:
-        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y",
-               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(rate), "-i", "-"]
-        if comment is not None:
-            meta_file = Path(meta_dir) / "meta.txt"
-            meta_file.write_text(_ffmetadata(comment), encoding="utf-8")
-            cmd += ["-f", "ffmetadata", "-i", str(meta_file), "-map_metadata", "1"]
-        cmd += ["-map", "0:v:0", "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p",
-                "-crf", str(crf_for_quality(quality)), "-movflags", "+faststart", "-f", "mp4", str(dest)]
+        cmd = mp4_command(w, h, fps, dest, quality, comment, Path(meta_dir))
         with tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
             try:

@@ -39,6 +39,9 @@ class ModelSet:
     handles: list = field(default_factory=list)   # block-streaming handles, closed on release
     notes: list[str] = field(default_factory=list)  # what the profile changed at load, in words
     given: frozenset = frozenset()                  # roles whose file the user gave (not the registry's)
+    # what names the text encoder for the text cache (wan.engine.text_cache.encoder_identity);
+    # None: its outputs are not cached (a sharded encoder, or one that is not a loaded umT5)
+    text_encoder_key: tuple | None = None
 
     @property
     def dit(self):
@@ -194,8 +197,14 @@ class ModelManager:
             notes += _shard(sharding, dits, text_encoder)
         if files:
             notes.append("files given: " + ", ".join(f"{role} {path}" for role, path in sorted(files.items())))
+        te_key = None
+        if sharding is None or not sharding.text_encoder:  # a sharded encoder must run on every rank together
+            from wan.engine.text_cache import encoder_identity
+            te_key = encoder_identity(paths["text_encoder"], tokenizer=getattr(text_encoder, "tokenizer_path", None),
+                                      dtype=te_dtype, device=self.device, quantisation=quant_te,
+                                      runs=("mmgp",) if mmgp is not None else ())
         return ModelSet(spec, dits, vae, text_encoder, clip, dict(paths), handles=handles, notes=notes,
-                        given=frozenset(files))
+                        given=frozenset(files), text_encoder_key=te_key)
 
     def _mmgp_settings(self, spec: ModelSpec, profile):
         """mmgp settings when this machine can use it (CUDA and mmgp installed) and the profile

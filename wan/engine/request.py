@@ -26,7 +26,7 @@ from typing import Any
 from wan.registry import ModelSpec, Registry, RegistryError, default_registry
 
 TASKS = ("t2v", "t2i", "i2v", "flf2v", "v2v", "fun_inp", "fun_control", "vace", "ti2v")
-SAMPLERS = ("unipc", "dpm++", "euler")
+SAMPLERS = ("unipc", "dpm++", "euler", "lcm")  # wan.engine.samplers.SAMPLERS (this module imports no torch)
 MAX_SEED = 2**32 - 1
 # Inputs each task reads; anything else given for the task is an error, not silently ignored.
 TASK_INPUTS = {
@@ -38,7 +38,9 @@ TASK_INPUTS = {
 }
 REQUIRED_INPUTS = {"i2v": ("image",), "flf2v": ("image", "end_image"), "v2v": ("video",),
                    "fun_control": ("control_video",), "fun_inp": ("image",)}
-INPUT_FIELDS = ("image", "end_image", "video", "control_video", "mask_video", "ref_images")
+INPUT_FIELDS = ("image", "end_image", "video", "control_video", "mask_video", "ref_images", "continue_video")
+for _task in ("t2v", "i2v", "flf2v", "fun_inp", "fun_control", "vace", "ti2v"):  # window_plan.CONTINUE_TASKS
+    TASK_INPUTS[_task].add("continue_video")
 
 
 SHOWN_CHARS = 200  # a refused value is echoed at most this long
@@ -124,10 +126,40 @@ class GenerationRequest:
     boundary: float | None = option(
         None, "Wan 2.2 A14B: expert switch, a fraction of 1000 (musubi's value above 1 is read as a timestep)",
         aliases=("--timestep_boundary",))
+    guidance_phases: int | None = option(
+        None, "guidance phases, 1 to 3 (Wan2GP's): from 1000 down, a phase ends at the first step whose timestep "
+              "is below its threshold; each has its own guidance and, on Wan 2.2 A14B, its expert "
+              "(default: 2 on A14B, where the expert switch ends a phase, else 1)")
+    guidance2_scale: float | None = option(
+        None, "guidance of phase 2 (default: the guidance of the expert that runs it: --guidance, or "
+              "--guidance_high_noise)")
+    guidance3_scale: float | None = option(
+        None, "guidance of phase 3 (default: the guidance of the expert that runs it)")
+    switch_threshold: float | None = option(
+        None, "timestep 0-1000 where phase 2 starts (A14B: the expert switch when --model_switch_phase is 1, "
+              "the default: then it is --boundary x 1000, give either)")
+    switch_threshold2: float | None = option(
+        None, "timestep 0-1000 where phase 3 starts, at most --switch_threshold (A14B with --model_switch_phase 2: "
+              "the expert switch, --boundary x 1000)")
+    model_switch_phase: int | None = option(
+        None, "Wan 2.2 A14B: the phase after which the low-noise expert runs, 1 or 2 (2 with 3 phases: a guided and "
+              "an accelerated phase on the high-noise expert, Wan2GP's Lightning 3 phases; default 1)")
+    nag_scale: float = option(
+        1.0, "NAG (normalized attention guidance): how strongly the negative prompt steers inside the prompt's own "
+             "cross-attention, so that it works at guidance 1 (few-step and distilled models) and beside guidance "
+             "above 1; 1 is off, more is stronger (the reference's Wan example: 9); Wan2GP's NAG_scale")
+    nag_tau: float = option(2.5, "NAG: the most a token's guided attention may grow over the prompt's alone (ratio "
+                                 "of L1 norms), 1 to 10 (Wan2GP's NAG_tau; its default is 3.5)")
+    nag_alpha: float = option(0.25, "NAG: the share of the guided attention blended into the prompt's, 0 to 1 "
+                                    "(Wan2GP's NAG_alpha; its default is 0.5)")
     shift: float | None = option(None, "timestep shift of the flow schedule (default: the model's for the size)",
                                  aliases=("--flow_shift",))
     sampler: str | None = option(None, f"one of {', '.join(SAMPLERS)} (default: the model's)",
                                  aliases=("--sample_solver",))
+    timesteps: list[float] = option(
+        [], "the denoising timesteps themselves, 1000 down to above 0, one per step (FastVideo's "
+            "dmd_denoising_steps, e.g. 1000 757 522): the model gets them as given, at noise t/1000, and --shift "
+            "is not used; euler and lcm only (default: the sampler's grid from --steps and --shift)", metavar="T")
     seed: int = option(-1, "noise seed; -1 picks a random one and records it")
     # task inputs
     image: str | None = option(None, "start image (i2v, flf2v, fun_inp, ti2v; the reference of fun_control)",
@@ -141,6 +173,24 @@ class GenerationRequest:
     mask_video: str | None = option(None, "vace: mask video of the control video", aliases=("--mask_path",))
     ref_images: list[str] = option([], "vace: reference images", metavar="IMAGE")
     vace_scale: float = option(1.0, "vace: strength of the control")
+    # sliding windows and continuation (wan.engine.windows), with Wan2GP's flag names
+    sliding_window_size: int = option(
+        0, "frames per window, 4k+1: a longer clip (--frames) is made window by window, each one starting from "
+           "the last frames of the one before, into one file; 0: the whole clip in one run")
+    sliding_window_overlap: int = option(
+        5, "frames each window shares with the one before (conditioned on them; 4k+1 frames keep whole latents)")
+    sliding_window_discard_last_frames: int = option(
+        0, "frames dropped from the end of each window before the next one starts from it")
+    sliding_window_seam: str = option(
+        "cut", "how windows join: cut (the overlap keeps the earlier frames) or crossfade (blends them into the "
+               "new ones)")
+    sliding_window_color_correction: str = option(
+        "mean_std", "colour correction of each window towards the first (Lab): off, mean_std or histogram")
+    sliding_window_color_correction_strength: float = option(
+        0.0, "how much of the colour correction applies, 0 (off) to 1")
+    continue_video: str | None = option(
+        None, "a video to continue (an earlier output or an upload): its last frames start the --frames new "
+              "ones, and the output is that video followed by them")
     loras: list[LoraChoice] = option([], "LoRAs of this job (generate: --lora, --lora_weight ...)", flag=False)
     profile: str | None = option(None, "profile name or number (see: python wgp.py profiles), e.g. 4 or fast_preview")
     profile_overrides: dict[str, Any] = option(
@@ -277,6 +327,9 @@ def resolve_request(req: GenerationRequest, registry: Registry | None = None,
     task = req.task or spec.tasks[0]
     if task not in spec.tasks:
         raise RequestError("task", task, f"model {spec.id} supports: {', '.join(spec.tasks)}")
+    from wan.engine.accelerators import apply_profile_sampling
+    from wan.engine.phases import check_phase_steps, resolve_phases, resolve_timesteps
+    req = apply_profile_sampling(req, spec, registry)  # a profile's recipe fills what the request leaves unset
     d = spec.defaults
     width, height = _size(req, spec, task)
     frames = _frames(req, spec, task)
@@ -284,6 +337,8 @@ def resolve_request(req: GenerationRequest, registry: Registry | None = None,
     sampler = req.sampler or d.sampler
     if sampler not in SAMPLERS:
         raise RequestError("sampler", sampler, f"choose one of: {', '.join(SAMPLERS)}")
+    given_steps, timesteps = resolve_timesteps(req, sampler)
+    steps = given_steps or steps
     shift = req.shift if req.shift is not None else d.shift_for((width, height))
     _positive_float("shift", shift)
     guidance = _non_negative_float("guidance", req.guidance if req.guidance is not None else d.guidance)
@@ -299,6 +354,8 @@ def resolve_request(req: GenerationRequest, registry: Registry | None = None,
         for name in ("guidance_high_noise", "boundary"):
             if getattr(req, name) is not None:
                 raise RequestError(name, getattr(req, name), f"only for two-expert models (Wan 2.2 A14B); {spec.id} has one")
+    phases = resolve_phases(req, spec, boundary)  # guidance_phases, model_switch_phase; A14B: boundary
+    boundary = phases.pop("boundary", boundary)
     seed = req.seed
     if seed == -1:
         seed = random.randint(0, MAX_SEED)
@@ -316,10 +373,22 @@ def resolve_request(req: GenerationRequest, registry: Registry | None = None,
     negative = req.negative_prompt if req.negative_prompt is not None else d.negative_prompt.get(task, "")
     resolved = req.replace(task=task, width=width, height=height, frames=frames, steps=steps, sampler=sampler,
                            shift=float(shift), guidance=float(guidance), guidance_high_noise=guidance_high,
-                           boundary=boundary, seed=seed, negative_prompt=negative, fps=fps, model=spec.id)
+                           boundary=boundary, seed=seed, negative_prompt=negative, fps=fps, model=spec.id,
+                           timesteps=timesteps, **phases,
+                           nag_scale=float(req.nag_scale), nag_tau=float(req.nag_tau), nag_alpha=float(req.nag_alpha))
     check_ranges(resolved)
     check_limits(resolved, limits or Limits())
+    resolved = _check_windows(resolved, spec)
+    check_phase_steps(resolved, spec)
     return resolved, spec
+
+
+def _check_windows(req: GenerationRequest, spec: ModelSpec) -> GenerationRequest:
+    """The sliding-window and continuation settings (:mod:`wan.engine.window_plan`)."""
+    from wan.engine.window_plan import check_window_request
+    req = req.replace(sliding_window_color_correction_strength=float(req.sliding_window_color_correction_strength))
+    check_window_request(req, spec.vae.stride[0])
+    return req
 
 
 def _size(req: GenerationRequest, spec: ModelSpec, task: str) -> tuple[int, int]:
@@ -350,7 +419,7 @@ def _frames(req: GenerationRequest, spec: ModelSpec, task: str) -> int:
     return frames
 
 
-VIDEO_FIELDS = ("video", "control_video", "mask_video")
+VIDEO_FIELDS = ("video", "control_video", "mask_video", "continue_video")
 
 
 def _check_inputs(req: GenerationRequest, task: str, check_files: bool, limits, frames: int) -> None:
@@ -360,7 +429,7 @@ def _check_inputs(req: GenerationRequest, task: str, check_files: bool, limits, 
         if value and name not in allowed:
             raise RequestError(name, value, f"task {task} takes: {', '.join(sorted(allowed)) or 'no input files'}")
     for name in REQUIRED_INPUTS.get(task, ()):
-        if not getattr(req, name):
+        if not getattr(req, name) and not (name == "image" and req.continue_video):  # continued: its frames start
             raise RequestError(name, getattr(req, name), f"task {task} needs an input file here")
     if task == "vace" and not (req.control_video or req.ref_images):
         raise RequestError("control_video", None, "task vace needs a control video or reference images")
@@ -391,7 +460,7 @@ def _check_input_file(name: str, path: str, limits, frames: int) -> None:
                                        f"this one is {width}x{height}")
     if count is not None and count > limits.max_input_frames:
         raise RequestError(name, path, f"a video of at most {limits.max_input_frames} frames; this one has {count}")
-    if count is not None and count < frames:
+    if count is not None and count < frames and name != "continue_video":  # any length is continued
         raise RequestError(name, path, f"a video of at least {frames} frames (the clip's length); it has {count}")
 
 

@@ -24,6 +24,8 @@ MAX_GUIDANCE = 100.0       # far above any useful scale (Wan uses 1..10)
 MAX_SHIFT = 100.0
 MAX_VACE_SCALE = 10.0
 MAX_FPS = 120
+MAX_NAG_SCALE = 50.0       # the reference's Wan example uses 9; ComfyUI's NAG node stops at 50
+NAG_TAU_RANGE = (1.0, 10.0)  # tau < 1 would shrink even unguided tokens (the authors' ComfyUI node: 1..10)
 TEMPLATE_FIELDS = ("time", "seed", "prompt", "model", "task")  # the fields of an output name template
 
 
@@ -202,7 +204,8 @@ def check_ranges(req: GenerationRequest) -> None:
     problem = template_problem(req.name_template)
     if problem:
         raise RequestError("name_template", req.name_template, f"a valid output name template; this one {problem}")
-    for name, high in (("guidance", MAX_GUIDANCE), ("guidance_high_noise", MAX_GUIDANCE)):
+    for name, high in (("guidance", MAX_GUIDANCE), ("guidance_high_noise", MAX_GUIDANCE),
+                       ("guidance2_scale", MAX_GUIDANCE), ("guidance3_scale", MAX_GUIDANCE)):
         value = getattr(req, name)
         if value is not None and not 0 <= value <= high:
             raise RequestError(name, value, f"a number from 0 to {high:g}")
@@ -212,6 +215,14 @@ def check_ranges(req: GenerationRequest) -> None:
         raise RequestError("vace_scale", req.vace_scale, f"a number from 0 to {MAX_VACE_SCALE:g}")
     if not 1 <= req.fps <= MAX_FPS:
         raise RequestError("fps", req.fps, f"a whole number from 1 to {MAX_FPS}")
+    if not (req.nag_scale in (0, 1) or 1 < req.nag_scale <= MAX_NAG_SCALE):
+        raise RequestError("nag_scale", req.nag_scale, f"1 (off; 0 is off too) or a number above 1 up to "
+                                                       f"{MAX_NAG_SCALE:g}; between 0 and 1 it would pull the "
+                                                       "prompt toward the negative prompt")
+    if not NAG_TAU_RANGE[0] <= req.nag_tau <= NAG_TAU_RANGE[1]:
+        raise RequestError("nag_tau", req.nag_tau, f"a number from {NAG_TAU_RANGE[0]:g} to {NAG_TAU_RANGE[1]:g}")
+    if not 0 <= req.nag_alpha <= 1:
+        raise RequestError("nag_alpha", req.nag_alpha, "a number from 0 to 1")
 
 
 def check_limits(req: GenerationRequest, limits: Limits) -> None:

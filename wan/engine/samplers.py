@@ -25,6 +25,17 @@ float32 too, which we mirror):
   gets the trajectory they know. The UniPC grid's 0.999 start is an artefact of UniPC's
   training table, not a property of the flow; a first-order solver has no reason to skip it.
 
+- ``lcm``: the few-step sampler of consistency / DMD distillation (FastVideo's DMD denoising
+  stage, CausVid, LCM): at each step the model's flow gives the clean estimate
+  ``x0 = x - σ·v``, and the next latent is ``x0`` noised afresh to the next level,
+  ``(1 - σ')·x0 + σ'·ε`` with new noise ``ε``; the last step returns ``x0``. Same σ grid as euler.
+
+Explicit timesteps (the request's ``timesteps``; FastVideo's ``dmd_denoising_steps``): the model
+receives them as given and ``σ = t / 1000`` (no shift), then σ = 0. Only the first-order samplers
+(euler, lcm) take them: they step between any two noise levels. lightx2v's ``denoising_step_list``
+[1000, 750, 500, 250] at shift 5 is the euler grid of 4 steps at shift 5 (its entries index the
+unshifted grid), so it needs no explicit list.
+
 A sampler instance holds the multistep history of ONE generation; make a new one per
 generation (and per noise batch).
 """
@@ -35,7 +46,8 @@ import math
 import numpy as np
 import torch
 
-SAMPLERS = ("unipc", "dpm++", "euler")
+SAMPLERS = ("unipc", "dpm++", "euler", "lcm")
+EXPLICIT_TIMESTEP_SAMPLERS = ("euler", "lcm")  # the samplers that take the request's own timesteps
 
 NUM_TRAIN_TIMESTEPS = 1000
 # First σ of the schedulers' float32 training table 1 - linspace(1, 1/1000, 1000)[::-1],
@@ -83,6 +95,13 @@ def euler_grid(steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Same σ as dpm++; float timesteps σ·1000 computed from the float32 σ (as diffusers and musubi)."""
     sigmas = _with_final_zero(sampling_sigmas(steps, shift))
     return sigmas, sigmas[:-1] * NUM_TRAIN_TIMESTEPS
+
+
+def explicit_grid(timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given model timesteps t (descending, in (0, 1000]): σ = t/1000 then 0, as FastVideo's DMD
+    stage reads them."""
+    t = torch.tensor([float(x) for x in timesteps], dtype=torch.float32)
+    return torch.cat([t / NUM_TRAIN_TIMESTEPS, torch.zeros(1)]), t
 
 
 # ----------------------------------------------------------------------------- base
@@ -316,20 +335,68 @@ class EulerSampler(Sampler):
         return (sample.to(dtype) + dt * flow.to(dtype)).to(sample.dtype)
 
 
+# ----------------------------------------------------------------------------- LCM / DMD
+
+
+class LCMSampler(Sampler):
+    """Consistency sampling for flow models: ``x0 = x - σ·v``, then ``x0`` noised afresh to the next
+    level, ``(1 - σ')·x0 + σ'·ε``; the last step returns ``x0``.
+
+    The fresh noise comes from a CPU generator seeded with ``seed`` (the request's seed), one draw
+    of the sample's shape per step, in step order, then moved to the sample's device: the same on
+    every device and in every process of a parallel run.
+    """
+
+    name = "lcm"
+
+    def __init__(self, sigmas: torch.Tensor, timesteps: torch.Tensor, seed: int = 0):
+        super().__init__(sigmas, timesteps)
+        self._generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        self._next: int | None = None
+
+    def step(self, flow: torch.Tensor, index: int, sample: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(flow, index, sample)
+        if self._next is not None and index != self._next:
+            raise ValueError(f"lcm sampler: expected step index {self._next}, got {index}; its noise stream belongs "
+                             "to one generation, make a new sampler per generation")
+        self._next = index + 1
+        dtype = _compute_dtype(flow, sample)
+        x0 = sample.to(dtype) - self.sigmas[index] * flow.to(dtype)
+        if index == self.steps - 1:
+            return x0.to(sample.dtype)
+        noise = torch.randn(tuple(sample.shape), generator=self._generator, dtype=torch.float32)
+        sigma = self.sigmas[index + 1]
+        return ((1 - sigma) * x0 + sigma * noise.to(device=sample.device, dtype=dtype)).to(sample.dtype)
+
+
 # ----------------------------------------------------------------------------- factory
 
 _BUILDERS = {"unipc": (UniPCSampler, unipc_grid), "dpm++": (DPMSolverSampler, dpm_grid),
-             "euler": (EulerSampler, euler_grid)}
+             "euler": (EulerSampler, euler_grid), "lcm": (LCMSampler, euler_grid)}
 
 
-def make_sampler(name: str, steps: int, shift: float) -> Sampler:
-    """A fresh sampler ``name`` (one of SAMPLERS) with ``steps`` steps at time shift ``shift``."""
+def make_sampler(name: str, steps: int, shift: float, timesteps=None, seed: int = 0) -> Sampler:
+    """A fresh sampler ``name`` (one of SAMPLERS) with ``steps`` steps at time shift ``shift``, or on
+    the given ``timesteps`` (euler and lcm only; ``steps`` must then be their number). ``seed``
+    seeds the fresh noise of ``lcm``."""
     if name not in _BUILDERS:
         raise ValueError(f"sampler name must be one of {', '.join(map(repr, SAMPLERS))}; got {name!r}")
+    if timesteps is not None:
+        if name not in EXPLICIT_TIMESTEP_SAMPLERS:
+            raise ValueError(f"explicit timesteps work with the {' and '.join(EXPLICIT_TIMESTEP_SAMPLERS)} samplers, "
+                             f"not {name!r}")
+        ts = [float(t) for t in timesteps]
+        if not ts or len(ts) != steps or any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in ts) \
+                or any(a <= b for a, b in zip(ts, ts[1:])):
+            raise ValueError(f"timesteps must be {steps} values in (0, 1000], strictly decreasing; got {ts!r}")
+        cls = _BUILDERS[name][0]
+        return cls(*explicit_grid(ts), seed=seed) if cls is LCMSampler else cls(*explicit_grid(ts))
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if isinstance(shift, bool) or not isinstance(shift, (int, float, np.floating)) \
             or not math.isfinite(shift) or shift <= 0:
         raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
     cls, grid = _BUILDERS[name]
+    if cls is LCMSampler:
+        return cls(*grid(int(steps), float(shift)), seed=seed)
     return cls(*grid(int(steps), float(shift)))

@@ -192,6 +192,39 @@ def ensure_files(spec: ModelSpec, checkpoint_dir: str | os.PathLike,
     return local_paths(spec, checkpoint_dir, variant, components)
 
 
+def fetch_lora_entry(entry, lora_dir: str | os.PathLike, family: str, progress: bool = True) -> dict[str, Path]:
+    """Makes the files of a registry LoRA entry (``wan.registry.LoraEntry``, e.g. an accelerator
+    LoRA) present in the LoRA folder under the names its recipe's profile uses
+    (``entry.lora_name(role, family)``), fetching the missing ones from the Hub. Returns role ->
+    path; raises ``DownloadError`` naming each file still missing and where to put it."""
+    root = Path(lora_dir)
+    paths = {role: root / entry.lora_name(role, family) for role in entry.files}
+    todo = {role: p for role, p in paths.items() if not p.is_file()}
+    if not todo:
+        return paths
+    offline = is_offline() or hub_unreachable()
+    failures = []
+    for role, target in todo.items():
+        source = entry.files[role]
+        reason = ""
+        if not offline:
+            staging = target.parent / ".hub"
+            try:
+                got = Path(_hub_download(source.repo, source.files[0], staging, force_download=False,
+                                         progress=progress))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(got, target)
+            except Exception as exc:  # noqa: BLE001 - reported with the others
+                reason = f"download failed: {type(exc).__name__}: {exc}{_token_hint(exc)}"
+        if offline or reason:
+            failures.append(f"  - {entry.id} {role}: {source.files[0]} from {source.repo}\n    put it at: {target}"
+                            + (f"\n    reason: {reason}" if reason else ""))
+    if failures:
+        why = "offline (no network, or HF_HUB_OFFLINE=1)" if offline else "downloads failed"
+        raise DownloadError(f"LoRA {entry.id}: {len(failures)} file(s) missing, {why}:\n" + "\n".join(failures), [])
+    return paths
+
+
 def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 

@@ -107,11 +107,17 @@ class LoraRuntime:
         """Weight writes made by the merge mode so far in this attachment (merges and restores)."""
         return self._merge.writes if self._merge is not None else 0
 
-    def set_step(self, step: int, steps: int, expert: str = "transformer", switch_step: int | None = None) -> None:
+    def set_step(self, step: int, steps: int, expert: str = "transformer", switch_step: int | None = None,
+                 layout=None) -> None:
         """Multipliers in effect from now on: each LoRA's value at (step, expert); ``switch_step``
         is the first low-noise step of a Wan 2.2 A14B run (per-expert schedules spread over it).
-        Merged layers whose value changed are merged again from their kept originals."""
-        self._multipliers = [u.multiplier.at(step, steps, expert, switch_step) for u in self.uses]
+        ``layout`` (a :class:`wan.lora.schedule.PhaseLayout`), when given, places the step in the
+        run's guidance phases, for per-phase values ("0;1;0"). Merged layers whose value changed
+        are merged again from their kept originals."""
+        if layout is not None:
+            self._multipliers = [u.multiplier.at_step(step, layout) for u in self.uses]
+        else:
+            self._multipliers = [u.multiplier.at(step, steps, expert, switch_step) for u in self.uses]
         if self._merge is not None:
             self._merge.apply(self._multipliers)
 

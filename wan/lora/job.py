@@ -39,10 +39,12 @@ class JobLoras:
         for rt in self.runtimes.values():
             rt.detach()
 
-    def on_step(self, step: int, steps: int, expert: str, switch_step: int | None = None) -> None:
+    def on_step(self, step: int, steps: int, expert: str, switch_step: int | None = None, layout=None) -> None:
+        """Moves the multipliers of ``expert``'s LoRAs to ``step`` (``layout``: the run's guidance
+        phases, a :class:`wan.lora.schedule.PhaseLayout`, for per-phase values)."""
         rt = self.runtimes.get(expert)
         if rt is not None:
-            rt.set_step(step, steps, expert, switch_step)
+            rt.set_step(step, steps, expert, switch_step, layout)
 
 
 def resolve_lora_path(path: str, lora_dir: str | Path | None, names_only: bool = False) -> Path:
@@ -56,12 +58,19 @@ def resolve_lora_path(path: str, lora_dir: str | Path | None, names_only: bool =
         candidate = (Path(lora_dir) / p).resolve()
         if candidate.is_file() and Path(lora_dir).resolve() in candidate.parents:
             return candidate
-    raise LoraError(path, f"an existing LoRA file, or a name inside the LoRA folder {lora_dir}")
+    hint = ""
+    if "accelerators" in p.parts:  # a profile's accelerator LoRA (wan.engine.accelerators): say how to get it
+        entry_id = p.stem.removesuffix("-high_noise").removesuffix("-low_noise")
+        hint = f" (a registry accelerator LoRA: python wgp.py download {entry_id} --lora_dir {lora_dir})"
+    raise LoraError(path, f"an existing LoRA file, or a name inside the LoRA folder {lora_dir}{hint}")
 
 
 def prepare_loras(choices, dits: dict, lora_dir: str | Path | None = None, mode: str = "hooks",
-                  names_only: bool = False) -> JobLoras:
+                  names_only: bool = False, guidance_phases: int = 1) -> JobLoras:
     """Loads and checks the request's LoRAs (``LoraChoice`` list) for the job's networks.
+
+    ``guidance_phases``: the run's guidance phases (1 to 3); a multiplier with ';' must fit them
+    and the networks (``Multiplier.check_phases``).
 
     ``mode``: ``hooks`` | ``merge`` | ``auto`` (= hooks), see :mod:`wan.lora.merge`; the layers a
     merge cannot reach exactly (quantised ones) are listed in the notices. A bad mode is a
@@ -81,8 +90,9 @@ def prepare_loras(choices, dits: dict, lora_dir: str | Path | None = None, mode:
         try:
             multiplier = parse_multiplier(choice.multiplier)
             allow = include_exclude(choice.include, choice.exclude)
-            if "transformer" in dits:  # one network: a "high;low" string has nothing to apply to
-                multiplier.at(0, 1, "transformer")
+            # one network: a "high;low" string has nothing to apply to, unless it gives phases
+            multiplier.check_phases(max(guidance_phases, 2 if "transformer" not in dits else 1),
+                                    "transformer" not in dits)
         except ValueError as e:
             raise LoraError(f"{choice.path}:{choice.multiplier}", str(e)) from None
         path = resolve_lora_path(choice.path, lora_dir, names_only)

@@ -1,4 +1,4 @@
-"""LoRA strength: constant, per-step schedules, per-expert values, and module-name filters.
+"""LoRA strength: constant, per-step schedules, per-expert and per-phase values, and module-name filters.
 
 Multiplier syntax (one string per LoRA, whitespace around numbers is ignored):
 
@@ -10,14 +10,21 @@ Multiplier syntax (one string per LoRA, whitespace around numbers is ignored):
   may be a schedule: ``"1,0.5;0"``. As in Wan2GP, each expert's schedule is spread over the steps
   that expert runs, so ``at`` needs ``switch_step`` (the first step of the low-noise expert) as soon
   as a per-expert side has more than one value.
+* ``"0;1;0"``: per guidance phase (Wan2GP's phases, ``--guidance_phases 2|3``): one value (or
+  schedule) per phase, each spread over the steps of its phase. With 2 phases on A14B the phases
+  are the experts, so ``"1;0"`` means the same either way. Per-phase values are read with
+  :meth:`Multiplier.at_step` and a :class:`PhaseLayout` (which phase and expert run each step).
 
 Decisions:
 
-* A per-expert string (with ``;``) asked for on a single-expert model (``expert="transformer"``)
-  is an error: silently taking the first value would hide a preset written for another model.
+* A string with ``;`` must match the run: ``check_phases`` accepts one side; as many sides as
+  guidance phases; or, on a two-expert model, two sides, which stay per expert ("high;low") when
+  the run has 3 phases (Wan2GP pads such a string to 3 phases, which gives the same values for
+  constant sides; a schedule side here is spread over all the steps of its expert). Anything else
+  is an error, never a silent first value: a preset written for another model or another phase
+  count must not run quietly wrong.
 * A plain string (no ``;``) on A14B applies to both experts and is spread over all the steps.
-* Exactly two sides are accepted (Wan2GP's third "phase" is a CFG phase of the same low-noise model,
-  which this project does not have).
+* At most three sides (Wan2GP's three phases).
 * Values may be negative (slider LoRAs); they must be finite.
 """
 
@@ -28,8 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 EXPERTS = ("transformer", "high_noise", "low_noise")
-SYNTAX = ("a number ('0.8'), a per-step schedule of numbers separated by ',' ('1.0,0.8,0.6'), or "
-          "per expert 'high;low' for Wan 2.2 A14B where each side is a number or a schedule ('1,0.5;0')")
+SYNTAX = ("a number ('0.8'), a per-step schedule of numbers separated by ',' ('1.0,0.8,0.6'), "
+          "per expert 'high;low' for Wan 2.2 A14B where each side is a number or a schedule ('1,0.5;0'), or "
+          "per guidance phase 'p1;p2;p3' ('0;1;0')")
+MAX_PHASES = 3
 # A plain decimal number: float() alone would also accept 'nan', 'inf' and '1_0'.
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
@@ -40,12 +49,50 @@ def _spread(values: tuple[float, ...], index: int, count: int) -> float:
 
 
 @dataclass(frozen=True)
+class PhaseLayout:
+    """Which guidance phase and which expert run each step of one run (plain data, built by the
+    engine from its phase plan and the sampler's timesteps).
+
+    Attributes:
+        steps: steps of the whole run (a video-to-video run that starts late counts them all).
+        starts: first step of each phase, ascending, ``starts[0] == 0``; a phase whose start equals
+            the next one's runs no step.
+        experts: the expert of each phase ("transformer", or "high_noise" / "low_noise").
+    """
+
+    steps: int
+    starts: tuple[int, ...]
+    experts: tuple[str, ...]
+
+    def phase(self, step: int) -> int:
+        """0-based phase of ``step``."""
+        return max(k for k, s in enumerate(self.starts) if s <= step)
+
+    def span(self, phase: int) -> tuple[int, int]:
+        """(first step, number of steps) of ``phase``."""
+        end = self.starts[phase + 1] if phase + 1 < len(self.starts) else self.steps
+        return self.starts[phase], end - self.starts[phase]
+
+    def expert_span(self, expert: str) -> tuple[int, int]:
+        """(first step, number of steps) run by ``expert`` (its phases are consecutive)."""
+        ks = [k for k, e in enumerate(self.experts) if e == expert]
+        first, _ = self.span(ks[0])
+        last, count = self.span(ks[-1])
+        return first, last + count - first
+
+    @property
+    def two_expert(self) -> bool:
+        return "high_noise" in self.experts or "low_noise" in self.experts
+
+
+@dataclass(frozen=True)
 class Multiplier:
     """A parsed LoRA strength.
 
     Attributes:
         text: the string it was parsed from (kept for presets and messages).
-        phases: one schedule shared by every expert, or two: (high-noise, low-noise).
+        phases: one schedule shared by every step, or one per side of ';' (two: high-noise and
+            low-noise expert, or guidance phases; three: guidance phases).
     """
 
     text: str
@@ -68,8 +115,12 @@ class Multiplier:
         schedule, and checked against ``expert`` whenever it is given.
         """
         self._check_position(step, steps, expert, switch_step)
-        if not self.per_expert:
+        if len(self.phases) == 1:
             return _spread(self.phases[0], step, steps)
+        if len(self.phases) > 2:
+            raise ValueError(
+                f"LoRA multiplier {self.text!r} gives {len(self.phases)} per-phase values: they need the run's "
+                f"guidance phases (--guidance_phases {len(self.phases)}), read with at_step")
         if expert == "transformer":
             raise ValueError(
                 f"LoRA multiplier {self.text!r} gives per-expert values (high;low) but the model has a single "
@@ -93,6 +144,46 @@ class Multiplier:
                 return "transformer"
             return "high_noise" if i < switch_step else "low_noise"
         return [self.at(i, steps, expert(i), switch_step) for i in range(steps)]
+
+    def check_phases(self, phases: int, two_expert: bool) -> None:
+        """Raises ValueError unless the string fits a run of ``phases`` guidance phases (1 to 3) on
+        a model of one or two experts (see the module docstring)."""
+        sides = len(self.phases)
+        if sides == 1 or sides == phases or (sides == 2 and two_expert):
+            return
+        if sides == 2:
+            raise ValueError(
+                f"LoRA multiplier {self.text!r} gives two values separated by ';' (per expert high;low, or per "
+                f"guidance phase) but the model has a single transformer and the run has {phases} guidance "
+                f"phase{'s' if phases > 1 else ''}; use one value or schedule, e.g. "
+                f"{self.text.split(';')[0].strip()!r}, or --guidance_phases 2")
+        raise ValueError(
+            f"LoRA multiplier {self.text!r} gives {sides} per-phase values but the run has {phases} guidance "
+            f"phase{'s' if phases > 1 else ''}; give one value per phase (--guidance_phases {sides}) or one value")
+
+    def at_step(self, step: int, layout: PhaseLayout) -> float:
+        """The strength at ``step`` (0-based) of a run whose phases and experts ``layout`` gives.
+
+        One side: spread over every step. One side per phase: each spread over its phase's steps.
+        Two sides on a two-expert run of three phases: per expert, each spread over its expert's
+        steps."""
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < layout.steps:
+            raise ValueError(f"LoRA multiplier {self.text!r}: step must be in 0..{layout.steps - 1}, got {step!r}")
+        self.check_phases(len(layout.starts), layout.two_expert)
+        if len(self.phases) == 1:
+            return _spread(self.phases[0], step, layout.steps)
+        phase = layout.phase(step)
+        if len(self.phases) == len(layout.starts):
+            values, (first, count) = self.phases[phase], layout.span(phase)
+        else:  # "high;low" on a run of three phases
+            expert = layout.experts[phase]
+            values = self.phases[0] if expert == "high_noise" else self.phases[1]
+            first, count = layout.expert_span(expert)
+        return _spread(values, step - first, count)
+
+    def per_step_in(self, layout: PhaseLayout) -> list[float]:
+        """The strength at each step of a run with phases ``layout``."""
+        return [self.at_step(i, layout) for i in range(layout.steps)]
 
     def _check_position(self, step: int, steps: int, expert: str, switch_step: int | None) -> None:
         if expert not in EXPERTS:
@@ -131,10 +222,10 @@ def parse_multiplier(text: str | float) -> Multiplier:
     if not stripped:
         raise ValueError(f"LoRA multiplier {raw!r} is empty; expected {SYNTAX}")
     sides = stripped.split(";")
-    if len(sides) > 2:
+    if len(sides) > MAX_PHASES:
         raise ValueError(
-            f"LoRA multiplier {raw!r}: {len(sides)} per-expert parts separated by ';', at most 2 (high;low) "
-            f"are allowed; expected {SYNTAX}")
+            f"LoRA multiplier {raw!r}: {len(sides)} parts separated by ';', at most {MAX_PHASES} (per expert "
+            f"high;low, or one per guidance phase) are allowed; expected {SYNTAX}")
     phases = tuple(_parse_schedule(raw, side) for side in sides)
     return Multiplier(text=stripped, phases=phases)
 

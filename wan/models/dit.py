@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -139,6 +140,18 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
 # Text context
 
 
+class TextGuide(Protocol):
+    """Guidance in the text cross-attention's output space, set from outside for one pass (NAG,
+    :mod:`wan.optim.nag`): every cross-attention also attends to ``negative`` with the same
+    queries and hands both outputs to the guide, which returns the one the block uses."""
+
+    negative: "TextContext"
+
+    def __call__(self, z_pos: torch.Tensor, z_neg: torch.Tensor) -> torch.Tensor:
+        """z_pos, z_neg: text attention outputs [B, L, dim] (heads flattened, before the output
+        projection; image attention not included) -> [B, L, dim], same dtype."""
+
+
 @dataclass
 class TextContext:
     """Embedded text tokens, with the zero padding to ``text_len`` folded into one row.
@@ -147,10 +160,14 @@ class TextContext:
     padding row embeds to the same vector, so ``rows`` holds the real rows plus one padding row and
     ``log_counts`` gives that row the weight of all the padding rows it stands for (exact; see
     :func:`attention_with_key_counts`). ``log_counts`` is None when nothing was folded.
+
+    ``guide`` is None (plain attention) unless a block runner set one for the pass (see
+    :class:`TextGuide`); the network only calls it.
     """
 
     rows: torch.Tensor                 # [B, L_rows, dim]
     log_counts: torch.Tensor | None    # [L_rows] float32
+    guide: TextGuide | None = None
 
 
 def fold_padding(context: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -240,16 +257,22 @@ class CrossAttention(nn.Module):
         """x [B, L, dim]; context: embedded text rows; context_img [B, 257|514, dim] or None."""
         b = x.shape[0]
         q = self.norm_q(self.q(x)).view(b, -1, self.num_heads, x.shape[-1] // self.num_heads)
-        k = self.norm_k(self.k(context.rows)).view(b, -1, *q.shape[2:])
-        v = self.v(context.rows).view(b, -1, *q.shape[2:])
-        if context.log_counts is None:
-            out = attention(q, k, v)
-        else:
-            out = attention_with_key_counts(q, k, v, context.log_counts)
+        out = self._attend_text(q, context, attention)
+        if context.guide is not None:  # guidance on the text attention alone, before the image's is added
+            z_neg = self._attend_text(q, context.guide.negative, attention)
+            out = context.guide(out.flatten(2), z_neg.flatten(2)).view_as(out)
         if context_img is not None:
             k_img = self.norm_k_img(self.k_img(context_img)).view(b, -1, *q.shape[2:])
             out = out + attention(q, k_img, self.v_img(context_img).view(b, -1, *q.shape[2:]))
         return self.o(out.flatten(2))
+
+    def _attend_text(self, q: torch.Tensor, context: "TextContext", attention: AttentionFn) -> torch.Tensor:
+        """q [B, L, heads, head_dim] attending to the text rows -> [B, L, heads, head_dim]."""
+        k = self.norm_k(self.k(context.rows)).view(q.shape[0], -1, *q.shape[2:])
+        v = self.v(context.rows).view(q.shape[0], -1, *q.shape[2:])
+        if context.log_counts is None:
+            return attention(q, k, v)
+        return attention_with_key_counts(q, k, v, context.log_counts)
 
 
 class Block(nn.Module):
@@ -463,12 +486,17 @@ class WanDiT(nn.Module):
         e0 = _linear_in(self.time_projection[1], F.silu(e)).float().unflatten(-1, (6, self.config.dim))
         return e, e0
 
+    def embed_text(self, context: torch.Tensor) -> TextContext:
+        """Text encoder states [B, L <= text_len, text_dim] -> the embedded rows every block attends
+        to (zero padding to text_len folded), in the blocks' compute dtype."""
+        rows, log_counts = fold_padding(context, self.config.text_len)
+        rows = self.text_embedding(rows.to(compute_dtype(self.text_embedding[0])))
+        return TextContext(rows.to(compute_dtype(self.blocks[0].ffn[0])), log_counts)
+
     def _context(self, context: torch.Tensor, clip_fea, cdt):
         """Text states padded with zeros to text_len and embedded; CLIP features embedded."""
         cfg = self.config
-        rows, log_counts = fold_padding(context, cfg.text_len)
-        rows = self.text_embedding(rows.to(compute_dtype(self.text_embedding[0]))).to(cdt)
-        context = TextContext(rows, log_counts)
+        context = self.embed_text(context)
         context_img = None
         if clip_fea is not None:
             if not cfg.image_dim:

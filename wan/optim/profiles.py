@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from wan.config import (Bool, ConfigError, Text, choice, integer, is_int, merge, number, rule,
+from wan.config import (Bool, ConfigError, Text, choice, integer, is_int, is_number, merge, number, rule,
                         section, validate)
 
 OFFLOAD_MODES = ("auto", "none", "model", "blocks")
@@ -169,6 +169,40 @@ class LoraSettings:
     mode: choice(LORA_MODES) = "hooks"
 
 
+SAMPLERS = ("unipc", "dpm++", "euler", "lcm")  # wan.engine.samplers.SAMPLERS (optim imports no engine)
+LORA_ROLES = ("transformer", "high_noise", "low_noise")
+Multiplier = rule("a LoRA multiplier string such as '1', '1;0' or '0;1;0'",
+                  lambda v: isinstance(v, str) and v.strip() != "" or (is_number(v) and not isinstance(v, bool)),
+                  str)
+Timesteps = rule("a list of timesteps in (0, 1000], strictly decreasing",
+                 lambda v: isinstance(v, (list, tuple)) and all(is_number(t) and 0 < t <= 1000 for t in v)
+                 and all(a > b for a, b in zip(v, v[1:])), lambda v: tuple(float(t) for t in v))
+
+
+@section
+class SamplingSettings:
+    """Generation settings of a recipe (few-step accelerator LoRAs): each fills the request field of
+    the same name when the request leaves it to the model's default (null: the profile says
+    nothing). ``accelerator`` adds the registry's LoRA of that recipe made for the job's model
+    (``loras:`` of the model registry) with ``lora_multipliers`` per file (``transformer``, or
+    ``high_noise`` / ``low_noise`` for the two files of a Wan 2.2 A14B pair)."""
+
+    steps: integer(1, optional=True) = None
+    guidance: number(0.0, optional=True) = None
+    guidance_high_noise: number(0.0, optional=True) = None
+    guidance_phases: integer(1, 3, optional=True) = None
+    guidance2_scale: number(0.0, optional=True) = None
+    guidance3_scale: number(0.0, optional=True) = None
+    switch_threshold: number(0.0, 1000.0, optional=True) = None
+    switch_threshold2: number(0.0, 1000.0, optional=True) = None
+    model_switch_phase: integer(1, 2, optional=True) = None
+    shift: number(0.0, open=True, optional=True) = None
+    sampler: choice(SAMPLERS, optional=True) = None
+    timesteps: Timesteps = ()
+    accelerator: Text | None = None
+    lora_multipliers: dict[choice(LORA_ROLES), Multiplier] = field(default_factory=dict)
+
+
 @section
 class Profile:
     """One named profile. ``source`` is the file it was read from: set by the loader, not a key."""
@@ -185,6 +219,7 @@ class Profile:
     vae: VaeSettings = field(default_factory=VaeSettings)
     step_savers: StepSaverSettings = field(default_factory=StepSaverSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
     source: str = field(default="", init=False, compare=False)
 
     @property

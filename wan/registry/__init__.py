@@ -15,9 +15,10 @@ finetune is a few lines::
             variants:
               bf16: {repo: me/my-finetune, file: my_finetune_bf16.safetensors}
 
-A YAML file holds up to three top-level keys: ``family`` (the default family of its models),
-``components`` (shared file tables, e.g. the VAE, referenced by name from a model's ``files``) and
-``models`` (id -> spec). Keys starting with ``x-`` are ignored: they hold YAML anchors. Unknown keys,
+A YAML file holds up to four top-level keys: ``family`` (the default family of its models),
+``components`` (shared file tables, e.g. the VAE, referenced by name from a model's ``files``),
+``models`` (id -> spec) and ``loras`` (id -> a public LoRA: its file(s), the models it fits and
+the accelerator recipe it belongs to; see ``models/accelerators.yaml``). Keys starting with ``x-`` are ignored: they hold YAML anchors. Unknown keys,
 wrong types and inconsistent values are errors naming the file, the key, the value and what is
 allowed (:mod:`wan.config`). A ``source: generated`` file may only name one of the project's test
 generators (``specs.GENERATORS``): a spec from a user never makes the app run code of its choosing.
@@ -31,10 +32,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from wan.registry.parse import _component, _model, _read_folder, _resolve_inheritance
+from wan.registry.parse import _component, _lora_entry, _model, _read_folder, _resolve_inheritance
 from wan.registry.specs import (BUILTIN_DIR, EXPERTS, MODEL_TYPES, REPO_ROOT, SAMPLERS, TASKS, USER_DIR,  # noqa: F401
                                 VAE_SHAPES, VARIANT_FALLBACK, VARIANTS, Arch, Component, Defaults, FileSource,
-                                ModelSpec, Registry, RegistryError, UnknownModelError, VaeSpec)
+                                LoraEntry, ModelSpec, Registry, RegistryError, UnknownModelError, VaeSpec)
 
 # ----------------------------------------------------------------------------- public lookup
 
@@ -67,20 +68,21 @@ def load_registry(extra_dirs: Iterable[str | Path] = (), include_builtin: bool =
     dirs = ([BUILTIN_DIR] if include_builtin else []) + [Path(d) for d in extra_dirs]
     models: dict[str, tuple[dict, str]] = {}
     components: dict[str, tuple[Any, str]] = {}
+    loras: dict[str, tuple[Any, str]] = {}
     for folder in dirs:
         if not folder.is_dir():
             raise RegistryError(f"spec folder {folder}: no such folder")
-        layer_models, layer_components = _read_folder(folder)
+        layer_models, layer_components = _read_folder(folder, loras)
         models.update(_resolve_inheritance(layer_models, models))
         components.update(layer_components)
     shared = {name: _component(name, raw, file, f"components.{name}")
               for name, (raw, file) in components.items()}
     specs = {mid: _model(mid, raw, file, shared) for mid, (raw, file) in models.items()}
-    return Registry(specs)
+    return Registry(specs, {lid: _lora_entry(lid, raw, file, specs) for lid, (raw, file) in loras.items()})
 
 
 __all__ = [
-    "Arch", "Component", "Defaults", "FileSource", "ModelSpec", "Registry", "RegistryError",
+    "Arch", "Component", "Defaults", "FileSource", "LoraEntry", "ModelSpec", "Registry", "RegistryError",
     "UnknownModelError", "VaeSpec", "TASKS", "VARIANTS", "VARIANT_FALLBACK", "default_registry",
     "families", "get_model", "list_models", "load_registry",
 ]

@@ -14,7 +14,8 @@ from pydantic import model_validator
 
 from wan.config import (Bool, ConfigModel, Name, Text, choice, fail, is_number, items, merge, number, read_yaml,
                         reject, rule, validate)
-from wan.registry.specs import (_REPO_RE, _SIZE_RE, EXPERTS, GENERATORS, SAMPLERS, TASKS, VAE_SHAPES, VARIANTS, Arch,
+from wan.registry.specs import (_REPO_RE, _SIZE_RE, EXPERTS, GENERATORS, LORA_LAYOUTS, LORA_ROLES, SAMPLERS, TASKS,
+                                VAE_SHAPES, VARIANTS, Arch, LoraEntry,
                                 Component, Count, Defaults, FileSource, ModelSpec, Positive, RegistryError, VaeSpec,
                                 Version)
 
@@ -27,13 +28,16 @@ class _SpecFile(ConfigModel):
     family: Name = None
     components: dict[str, Any] = {}
     models: dict[str, dict] = {}
+    loras: dict[str, Any] = {}
 
 
-def _read_folder(folder: Path) -> tuple[dict, dict]:
+def _read_folder(folder: Path, loras: dict | None = None) -> tuple[dict, dict]:
     """Raw models and components of every ``*.yaml``/``*.yml`` in a folder; an id defined twice
-    in one folder is an error (which one wins would depend on file names)."""
+    in one folder is an error (which one wins would depend on file names). The raw ``loras:``
+    entries are added to ``loras`` (id -> (raw, file)) when it is given."""
     models: dict[str, tuple[dict, str]] = {}
     components: dict[str, tuple[Any, str]] = {}
+    seen_loras: dict[str, str] = {}
     for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
         raw = read_yaml(path, RegistryError)
         data = validate(_SpecFile, {k: v for k, v in raw.items() if not str(k).startswith("x-")}, str(path),
@@ -48,6 +52,13 @@ def _read_folder(folder: Path) -> tuple[dict, dict]:
                 raise RegistryError.say(str(path), f"models.{mid}",
                                         f"model id defined twice in this folder (also in {models[mid][1]})")
             models[mid] = ({"family": data.family, **value} if data.family else value, str(path))
+        for lid, value in data.loras.items():
+            if lid in seen_loras:
+                raise RegistryError.say(str(path), f"loras.{lid}",
+                                        f"LoRA id defined twice in this folder (also in {seen_loras[lid]})")
+            seen_loras[lid] = str(path)
+            if loras is not None:
+                loras[lid] = (value, str(path))
     return models, components
 
 
@@ -316,6 +327,49 @@ def _check_defaults(d: _Defaults, experts: bool, tasks: tuple[str, ...], t_strid
             reject(task, "one of the model's tasks: " + ", ".join(tasks), f"defaults.negative_prompt.{task}")
         if task not in d.negative_prompt:
             fail("every task of the model needs a negative prompt", f"defaults.negative_prompt.{task}")
+
+
+class _LoraEntry(ConfigModel):
+    """One LoRA of the registry (``loras:`` of a spec file): where its file(s) come from, the
+    models it is made for and the accelerator recipe it belongs to."""
+
+    display_name: Name
+    description: Name = ""
+    accelerator: Name
+    fits: items(Name)
+    files: dict[choice(LORA_ROLES), _Source]
+    rank: Count
+    layout: choice(LORA_LAYOUTS)
+    dtype: choice(VARIANTS) = "bf16"
+    source: Name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "_LoraEntry":
+        roles = set(self.files)
+        if roles not in ({"transformer"}, {"high_noise", "low_noise"}):
+            fail("give 'transformer' (one network) or 'high_noise' and 'low_noise' (the two experts of Wan 2.2 "
+                 f"A14B); got {', '.join(sorted(roles)) or 'none'}", "files")
+        for role, source in self.files.items():
+            if source.source != "hf" or source.repo is None or len(source.paths) != 1:
+                fail("a LoRA file is one file of a Hugging Face repo: give repo and file", f"files.{role}")
+        return self
+
+
+def _lora_entry(lid: str, raw: Any, file: str, models: dict[str, ModelSpec]) -> LoraEntry:
+    at = f"loras.{lid}"
+    e = validate(_LoraEntry, raw, file, RegistryError, at)
+    two = "high_noise" in e.files
+    for i, mid in enumerate(e.fits):
+        if mid not in models:
+            raise RegistryError.say(file, f"{at}.fits.{i}",
+                                    f"unknown model {mid!r}; known ids: {', '.join(sorted(models))}")
+        if models[mid].is_two_expert != two:
+            needs = "two experts: give high_noise and low_noise" if not two else "one network: give transformer"
+            raise RegistryError.say(file, f"{at}.files", f"model {mid} has {needs}")
+    files = {role: source.build(e.dtype, Path(file).parent) for role, source in e.files.items()}
+    return LoraEntry(id=lid, display_name=e.display_name, accelerator=e.accelerator, fits=e.fits,
+                     files=MappingProxyType(files), rank=e.rank, layout=e.layout, source=e.source,
+                     description=e.description, dtype=e.dtype, source_file=file)
 
 
 # ----------------------------------------------------------------------------- specs

@@ -263,11 +263,61 @@ class ModelSpec:
         return hash((self.id, self.source_file))
 
 
-class Registry:
-    """Models by id (ids compare case-insensitively on lookup)."""
+# What the roles of a LoRA entry's files are: one file for a model of one network, a pair for the
+# two experts of Wan 2.2 A14B.
+LORA_ROLES = ("transformer", "high_noise", "low_noise")
+# Key layouts of published LoRA files, named after who writes them (see the ``loras:`` section of
+# wan/registry/models/accelerators.yaml and tests/test_guidance_phases.py, which rebuilds them).
+LORA_LAYOUTS = ("lightx2v", "lightning", "kijai")
 
-    def __init__(self, models: Mapping[str, ModelSpec]):
+
+@dataclass(frozen=True)
+class LoraEntry:
+    """A public LoRA the registry knows, e.g. a step-distillation ("accelerator") LoRA.
+
+    Attributes:
+        id: the entry's id.
+        accelerator: the recipe it belongs to; a profile's ``sampling.accelerator`` names it, and
+            the entry whose ``fits`` holds the job's model is the one added to the job.
+        fits: the model ids it is made for.
+        files: role -> where it comes from (``transformer``, or ``high_noise`` and ``low_noise``).
+        rank: its LoRA rank, as published.
+        layout: the key layout of the published file (one of ``LORA_LAYOUTS``).
+        source: the authors' page (and recipe) it was taken from.
+    """
+
+    id: str
+    display_name: str
+    accelerator: str
+    fits: tuple[str, ...]
+    files: Mapping[str, FileSource]
+    rank: int
+    layout: str
+    source: str
+    description: str = ""
+    dtype: str = "bf16"
+    source_file: str = ""
+
+    def lora_name(self, role: str, family: str) -> str:
+        """Where the file of ``role`` goes in the LoRA folder (a name inside it):
+        ``<family folder>/accelerators/<id>[-<role>].safetensors``."""
+        suffix = "" if role == "transformer" else f"-{role}"
+        return f"{family}/accelerators/{self.id}{suffix}.safetensors"
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.source_file))
+
+
+class Registry:
+    """Models by id (ids compare case-insensitively on lookup), and the LoRAs the registry knows."""
+
+    def __init__(self, models: Mapping[str, ModelSpec], loras: Mapping[str, LoraEntry] | None = None):
         self._models = dict(models)
+        self.loras: dict[str, LoraEntry] = dict(loras or {})
+
+    def accelerator(self, name: str, model_id: str) -> LoraEntry | None:
+        """The LoRA entry of recipe ``name`` made for model ``model_id``, or None."""
+        return next((e for e in self.loras.values() if e.accelerator == name and model_id in e.fits), None)
 
     def get(self, model_id: str) -> ModelSpec:
         if model_id in self._models:
