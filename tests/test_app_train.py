@@ -75,8 +75,10 @@ def test_bad_input_is_refused_naming_the_field(state, tmp_path):
     assert refusal(state, learning_rate=-1).startswith("Learning rate (learning_rate): -1 is not allowed")
     assert refusal(state, output_name="../x").startswith("LoRA name (output_name): ")
     assert refusal(state, model="wan2.1-t2v-14B").startswith("Model (model): ")
-    assert refusal(state, advanced="--blocks_to_swap 4").startswith("Advanced flags: --blocks_to_swap: is set by the "
-                                                                    "server: block swap is not available")
+    assert refusal(state, advanced="--device cpu").startswith("Advanced flags: --device: is set by the "
+                                                              "server: the server picks its device")
+    assert refusal(state, advanced="--blocks_to_swap 1").startswith(  # the trainer's own rule, before anything runs
+        "Advanced flags: --blocks_to_swap: needs --gradient_checkpointing")
     assert "does not support" in refusal(state, advanced="--flash_attn")
     assert "did you mean" in refusal(state, advanced="--lr_schedulr cosine").lower()
     assert refusal(state, advanced="--lr_warmup_steps 10").startswith("Advanced flags: --lr_warmup_steps: ")

@@ -50,7 +50,6 @@ SERVER_FLAGS: dict[str, str] = {
     "log_prefix": "TensorBoard logs are not written by the server; the run's JSONL log is always written",
     "network_weights": "starting from another LoRA file is not offered by the server",
     "show_timesteps": "showing the timestep distribution is a command-line tool: wgp.py train --show_timesteps",
-    "blocks_to_swap": "block swap is not available in training yet; use the memory presets",
 }
 
 
