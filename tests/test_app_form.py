@@ -53,7 +53,8 @@ def test_a_request_goes_back_into_the_form_and_out_again_unchanged():
     req = GenerationRequest(model="test-tiny-t2v", prompt="round trip", task="t2v", width=64, height=64, frames=9,
                             steps=3, guidance=4.0, shift=3.0, sampler="euler", seed=77, negative_prompt="blurry",
                             fps=16, quality=7, profile="fast_preview", cpu_noise=True, trim_tail=2,
-                            name_template="{seed}_{prompt}", save_latents=True,
+                            name_template="{seed}_{prompt}", save_latents=True, nag_scale=9.0, nag_tau=3.5,
+                            nag_alpha=0.5,
                             loras=[LoraChoice("test/a.safetensors", "1,0.5", include=["^blocks\\.0\\."]),
                                    LoraChoice("test/b.safetensors", "0.3")],
                             profile_overrides={"step_savers.teacache.enabled": True, "step_savers.teacache.speedup": 2.0,
@@ -61,6 +62,7 @@ def test_a_request_goes_back_into_the_form_and_out_again_unchanged():
                                                "step_savers.slg.layers": [9, 10]})
     values = request_to_form(req, sizes=((64, 64), (96, 64)))
     assert values["resolution"] == "64x64" and values["teacache"] == "on" and values["slg_layers"] == "9 10"
+    assert (values["nag_scale"], values["nag_tau"], values["nag_alpha"]) == (9.0, 3.5, 0.5)  # NAG has controls
     (again,) = form_to_requests(values)
     assert again == req  # every field, those without a control too (carried in "extra")
     two = GenerationRequest(model="test-tiny-t2v-a14b", prompt="experts", guidance_high_noise=4.0, boundary=0.9)

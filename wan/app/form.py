@@ -66,7 +66,9 @@ PLAIN_FIELDS = ("model", "task", "negative_prompt", "frames", "steps", "guidance
 # sliding windows (wan.engine.windows): copied as they are, like the fields above
 WINDOW_FIELDS = ("sliding_window_size", "sliding_window_overlap", "sliding_window_discard_last_frames",
                  "sliding_window_seam", "sliding_window_color_correction", "sliding_window_color_correction_strength")
-PLAIN_FIELDS = (*PLAIN_FIELDS, *WINDOW_FIELDS)
+# NAG (wan.optim.nag): a negative prompt that still works at guidance 1
+NAG_FIELDS = ("nag_scale", "nag_tau", "nag_alpha")
+PLAIN_FIELDS = (*PLAIN_FIELDS, *WINDOW_FIELDS, *NAG_FIELDS)
 # request fields the form has no control for: carried as they are in the hidden ``extra`` value, so
 # loading an output's settings and queueing them again reproduces it (cpu_noise changes the noise)
 EXTRA_FIELDS = ("cpu_noise", "trim_tail", "name_template", "save_latents", "timesteps")

@@ -17,6 +17,7 @@ from wan.app.form import (
     CUSTOM,
     KEEP,
     PICKER_CHOICES,
+    NAG_FIELDS,
     WINDOW_FIELDS,
     form_to_requests,
     request_to_form,
@@ -220,6 +221,13 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
                                          info=PHASE_INFO["guidance2_scale"])
         c["model_switch_phase"] = gr.Number(label="Low-noise expert after phase", precision=0, visible=False,
                                             elem_id="model-switch-phase", info=PHASE_INFO["model_switch_phase"])
+    with gr.Row():  # NAG: the negative prompt steers inside the prompt's own pass (guidance 1 has no other)
+        c["nag_scale"] = gr.Number(request_default("nag_scale"), label="NAG scale (1: off)", elem_id="nag-scale",
+                                   info="a negative prompt that works at guidance 1 (few-step profiles); e.g. 9")
+        c["nag_tau"] = gr.Number(request_default("nag_tau"), label="NAG tau", elem_id="nag-tau",
+                                 info="the most a token's guided attention may grow (1 to 10)")
+        c["nag_alpha"] = gr.Number(request_default("nag_alpha"), label="NAG alpha", elem_id="nag-alpha",
+                                   info="how much of the guided attention is blended in (0 to 1)")
     with gr.Row():
         c["seed"] = gr.Number(request_default("seed"), label="Seed (-1: random)", precision=0, elem_id="seed")
         random_seed = gr.Button("Random", elem_id="random-seed", scale=0, min_width=90)
@@ -442,7 +450,7 @@ def default_form(state: AppState, model_id: str) -> dict:
     updates.update(prompt="", negative_prompt="", one_per_line=False, seed=request_default("seed"),
                    quality=request_default("quality"), profile=state.settings.profile or DEFAULT_PROFILE,
                    overrides="", strength=request_default("strength"), vace_scale=request_default("vace_scale"),
-                   **{k: request_default(k) for k in WINDOW_FIELDS},
+                   **{k: request_default(k) for k in (*WINDOW_FIELDS, *NAG_FIELDS)},
                    **{k: KEEP for k in PICKER_CHOICES}, **saver)
     return updates
 
