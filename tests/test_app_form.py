@@ -54,7 +54,7 @@ def test_a_request_goes_back_into_the_form_and_out_again_unchanged():
                             steps=3, guidance=4.0, shift=3.0, sampler="euler", seed=77, negative_prompt="blurry",
                             fps=16, quality=7, profile="fast_preview", cpu_noise=True, trim_tail=2,
                             name_template="{seed}_{prompt}", save_latents=True, nag_scale=9.0, nag_tau=3.5,
-                            nag_alpha=0.5,
+                            nag_alpha=0.5, nag2_scale=1.0,
                             loras=[LoraChoice("test/a.safetensors", "1,0.5", include=["^blocks\\.0\\."]),
                                    LoraChoice("test/b.safetensors", "0.3")],
                             profile_overrides={"step_savers.teacache.enabled": True, "step_savers.teacache.speedup": 2.0,

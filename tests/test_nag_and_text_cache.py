@@ -311,7 +311,30 @@ def test_nag_at_guidance_1_steers_and_composes_with_cfg(engine, plain, monkeypat
     assert (both.latent - cfg.latent).abs().max() > 1e-3 and (both.latent - nag.latent).abs().max() > 1e-3
 
 
+def test_nag_per_guidance_phase(engine, plain, monkeypatch):
+    """``nag2_scale``: NAG only in phase 2 (the accelerated phase of a recipe); the scale read at each step
+    follows the phase of its timestep, and only the steps of phase 2 are guided."""
+    made = []
+    real_init = NagGuidance.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+    monkeypatch.setattr(NagGuidance, "__init__", spy)
+    ts = [s.timestep for s in plain.steps]
+    threshold = (ts[0] + ts[1]) / 2  # phase 2 is the second step
+    run = engine.generate(GenerationRequest(**BASE, guidance_phases=2, switch_threshold=threshold, nag2_scale=9),
+                          write=False)
+    (nag,) = made
+    phase2 = [s.timestep < threshold for s in run.steps]
+    assert [nag.scale_at(i) for i in range(len(run.steps))] == [9.0 if p else 1.0 for p in phase2]
+    assert 0 < sum(phase2) < len(phase2) and nag.guided_passes == sum(phase2)
+    assert run.request.nag2_scale == 9.0 and run.request.nag3_scale is None
+
+
 @pytest.mark.parametrize("changes, field, words", [
+    (dict(nag2_scale=9), "nag2_scale", "only with --guidance_phases 2 or 3"),
+    (dict(guidance_phases=2, switch_threshold=500, nag2_scale=0.5), "nag2_scale", "between 0 and 1"),
     (dict(nag_scale=0.5), "nag_scale", "between 0 and 1"),
     (dict(nag_scale=51), "nag_scale", "up to 50"),
     (dict(nag_scale=-2), "nag_scale", "1 (off"),

@@ -33,6 +33,8 @@ field_value["loras"] = st.lists(lora | value, max_size=3) | value
 field_value["model"] = st.sampled_from(["test-tiny-t2v", "test-tiny-vace", "test-tiny-t2v-a14b"]) | value
 # NAG: typical values beside the edges, so that accepted requests carry them too
 field_value["nag_scale"] = st.sampled_from([0, 1, 1.0, 1.5, 9, 50.0, 0.5, 50.5, -1]) | value
+field_value["nag2_scale"] = st.sampled_from([1, 9, 0.5, 51]) | value
+field_value["nag3_scale"] = st.sampled_from([1, 9, 0.5, 51]) | value
 field_value["nag_tau"] = st.sampled_from([1, 2.5, 10.0, 0.99, 10.01]) | value
 field_value["nag_alpha"] = st.sampled_from([0, 0.25, 1, 1.01, -0.01]) | value
 # sliding windows and continuation: typical values and edges
@@ -91,6 +93,10 @@ def test_any_request_is_accepted_within_bounds_or_refused_by_field(state, data):
     assert resolved.nag_scale in (0.0, 1.0) or 1.0 < resolved.nag_scale <= 50.0
     assert 1.0 <= resolved.nag_tau <= 10.0 and 0.0 <= resolved.nag_alpha <= 1.0
     assert all(type(getattr(resolved, n)) is float for n in ("nag_scale", "nag_tau", "nag_alpha"))
+    for name, need in (("nag2_scale", 2), ("nag3_scale", 3)):  # per phase: only with that many phases, in range
+        v = getattr(resolved, name)
+        assert v is None or (type(v) is float and resolved.guidance_phases >= need
+                             and (v in (0.0, 1.0) or 1.0 < v <= 50.0))
     stem = render_name(resolved.name_template, now=datetime(2026, 1, 1), seed=resolved.seed,
                        prompt=resolved.prompt, model=resolved.model, task=resolved.task)
     assert stem and "/" not in stem and "\\" not in stem and stem not in (".", "..")

@@ -71,7 +71,7 @@ NAG_FIELDS = ("nag_scale", "nag_tau", "nag_alpha")
 PLAIN_FIELDS = (*PLAIN_FIELDS, *WINDOW_FIELDS, *NAG_FIELDS)
 # request fields the form has no control for: carried as they are in the hidden ``extra`` value, so
 # loading an output's settings and queueing them again reproduces it (cpu_noise changes the noise)
-EXTRA_FIELDS = ("cpu_noise", "trim_tail", "name_template", "save_latents", "timesteps")
+EXTRA_FIELDS = ("cpu_noise", "trim_tail", "name_template", "save_latents", "timesteps", "nag2_scale", "nag3_scale")
 # whole-number keys: the request's int fields and the one whole-number step-saver setting
 INT_FIELDS = (*(name for name, f in REQUEST_FIELDS.items() if f.type is int), "cfg_zero_init_steps")
 

@@ -18,7 +18,7 @@ import torch
 from wan.engine.attach import AttentionKernel, SetOnNetworks, attach_job
 from wan.engine.conditioning import Conditioning, build_conditioning
 from wan.engine.loop import Cancelled, CancelToken, Denoising, StepInfo, denoise
-from wan.engine.phases import PhasePlan, phase_guidances
+from wan.engine.phases import PhasePlan, nag_scales, phase_guidances
 from wan.engine.model_manager import ModelManager, ModelSet
 from wan.engine.model_manager import load_settings as _load_settings
 from wan.engine.request import GenerationRequest, RequestError, resolve_request
@@ -352,14 +352,18 @@ class Engine:
         else:
             runner = _parallel_runner(savers, nets.dits, sampler, start, parallel, notices)
         nag = None
-        if req.nag_scale > 1:  # the negative prompt inside the prompt's pass (wan.optim.nag)
+        plan = PhasePlan.of_request(req, "high_noise" in nets.dits)  # guidance and expert of each step
+        nag_by_phase = nag_scales(req)[:len(plan.experts)]
+        if max(nag_by_phase) > 1:  # the negative prompt inside the prompt's pass (wan.optim.nag)
             from wan.optim.nag import NagGuidance
-            nag = NagGuidance(context_neg[None].to(device), req.nag_scale, req.nag_tau, req.nag_alpha,
+            timesteps = [float(t) for t in sampler.timesteps]
+            scale = (nag_by_phase[0] if len(set(nag_by_phase)) == 1
+                     else (lambda step: nag_by_phase[plan.phase_at(timesteps[step])]))  # per guidance phase
+            nag = NagGuidance(context_neg[None].to(device), scale, req.nag_tau, req.nag_alpha,
                               reembed_each_step=bool(loras is not None and loras.runtimes))
             if savers.batched_cfg and notices is not None:
                 notices.append("NAG: the prompt and negative-prompt passes run one after the other (not batched)")
         riflex = savers.riflex_setting(cond.noise_shape[1], req.frames, req.fps)
-        plan = PhasePlan.of_request(req, "high_noise" in nets.dits)  # guidance and expert of each step
         if notices is not None and len(plan.experts) > len(set(plan.experts)):
             notices.append("guidance " + plan.describe([float(t) for t in sampler.timesteps], start))
         cfg_parallel = None

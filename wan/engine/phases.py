@@ -102,6 +102,12 @@ class PhasePlan:
         return cls(experts, guidance, tuple(float(t) for t in thresholds))
 
 
+def nag_scales(req) -> tuple[float, float, float]:
+    """NAG's scale in phases 1, 2 and 3: ``nag_scale``, then ``nag2_scale`` / ``nag3_scale`` where given."""
+    first = float(req.nag_scale)
+    return (first, *(first if v is None else float(v) for v in (req.nag2_scale, req.nag3_scale)))
+
+
 def expert_plan(boundary: float | None, guidance: float, guidance_high_noise: float | None = None) -> PhasePlan:
     """The plan of a run without guidance phases: one network, or the two experts of Wan 2.2 A14B
     switching at ``boundary * 1000`` with their own guidance."""
@@ -140,8 +146,8 @@ def resolve_phases(req, spec, boundary: float | None) -> dict[str, Any]:
     if two and n == 1:
         raise _error("guidance_phases", n, f"2 or 3 for a two-expert model ({spec.id}): the switch to the "
                                            "low-noise expert is the end of a phase")
-    for name, need in (("guidance2_scale", 2), ("switch_threshold", 2), ("guidance3_scale", 3),
-                       ("switch_threshold2", 3)):
+    for name, need in (("guidance2_scale", 2), ("switch_threshold", 2), ("nag2_scale", 2), ("guidance3_scale", 3),
+                       ("switch_threshold2", 3), ("nag3_scale", 3)):
         value = getattr(req, name)
         if value is not None and n < need:
             more = "2 or 3" if need == 2 else "3"

@@ -148,6 +148,10 @@ class GenerationRequest:
         1.0, "NAG (normalized attention guidance): how strongly the negative prompt steers inside the prompt's own "
              "cross-attention, so that it works at guidance 1 (few-step and distilled models) and beside guidance "
              "above 1; 1 is off, more is stronger (the reference's Wan example: 9); Wan2GP's NAG_scale")
+    nag2_scale: float | None = option(
+        None, "NAG scale in guidance phase 2 (default: --nag_scale; 1 turns NAG off there), e.g. NAG only in the "
+              "accelerated phases of a 3-phase recipe")
+    nag3_scale: float | None = option(None, "NAG scale in guidance phase 3 (default: --nag_scale; 1 is off)")
     nag_tau: float = option(2.5, "NAG: the most a token's guided attention may grow over the prompt's alone (ratio "
                                  "of L1 norms), 1 to 10 (Wan2GP's NAG_tau; its default is 3.5)")
     nag_alpha: float = option(0.25, "NAG: the share of the guided attention blended into the prompt's, 0 to 1 "
@@ -375,7 +379,9 @@ def resolve_request(req: GenerationRequest, registry: Registry | None = None,
                            shift=float(shift), guidance=float(guidance), guidance_high_noise=guidance_high,
                            boundary=boundary, seed=seed, negative_prompt=negative, fps=fps, model=spec.id,
                            timesteps=timesteps, **phases,
-                           nag_scale=float(req.nag_scale), nag_tau=float(req.nag_tau), nag_alpha=float(req.nag_alpha))
+                           nag_scale=float(req.nag_scale), nag_tau=float(req.nag_tau), nag_alpha=float(req.nag_alpha),
+                           **{k: None if getattr(req, k) is None else float(getattr(req, k))
+                              for k in ("nag2_scale", "nag3_scale")})
     check_ranges(resolved)
     check_limits(resolved, limits or Limits())
     resolved = _check_windows(resolved, spec)

@@ -215,10 +215,11 @@ def check_ranges(req: GenerationRequest) -> None:
         raise RequestError("vace_scale", req.vace_scale, f"a number from 0 to {MAX_VACE_SCALE:g}")
     if not 1 <= req.fps <= MAX_FPS:
         raise RequestError("fps", req.fps, f"a whole number from 1 to {MAX_FPS}")
-    if not (req.nag_scale in (0, 1) or 1 < req.nag_scale <= MAX_NAG_SCALE):
-        raise RequestError("nag_scale", req.nag_scale, f"1 (off; 0 is off too) or a number above 1 up to "
-                                                       f"{MAX_NAG_SCALE:g}; between 0 and 1 it would pull the "
-                                                       "prompt toward the negative prompt")
+    for name in ("nag_scale", "nag2_scale", "nag3_scale"):
+        value = getattr(req, name)
+        if value is not None and not (value in (0, 1) or 1 < value <= MAX_NAG_SCALE):
+            raise RequestError(name, value, f"1 (off; 0 is off too) or a number above 1 up to {MAX_NAG_SCALE:g}; "
+                                            "between 0 and 1 it would pull the prompt toward the negative prompt")
     if not NAG_TAU_RANGE[0] <= req.nag_tau <= NAG_TAU_RANGE[1]:
         raise RequestError("nag_tau", req.nag_tau, f"a number from {NAG_TAU_RANGE[0]:g} to {NAG_TAU_RANGE[1]:g}")
     if not 0 <= req.nag_alpha <= 1:
