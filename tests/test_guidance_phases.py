@@ -510,7 +510,7 @@ def test_download_puts_an_accelerator_lora_where_its_profile_reads_it(tmp_path, 
 
 def test_form_shows_the_phase_fields_that_apply_and_a_recipe_fills_them():
     from wan.app.form import form_to_requests, request_to_form
-    from wan.app.ui_generate import PHASE_FIELDS, RECIPE_FIELDS, phase_updates, recipe_updates
+    from wan.app.ui_phases import PHASE_FIELDS, RECIPE_FIELDS, phase_updates, recipe_updates
 
     def shown(n, model):
         return {k for k, u in phase_updates(n, model).items() if u["visible"]}
