@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from bench_dit import checkpoint_path, write_checkpoint  # noqa: E402
+from bench_dit import denoising_setup  # noqa: E402
 from bench_lora import lora_path, prepare, write_lora  # noqa: E402
 
 REFERENCE_MODEL = "wan2.1-t2v-1.3B"
@@ -41,13 +41,14 @@ REFERENCE_MODEL = "wan2.1-t2v-1.3B"
 def run_recipe(dit, steps: int, guidance: float, shift: float, sampler_name: str, noise, cond, uncond, size):
     """One denoising run: (final latent, seconds, DiT passes)."""
     from wan.engine.conditioning import Conditioning
-    from wan.engine.loop import Denoising, ExpertPlan, denoise
+    from wan.engine.loop import Denoising, denoise
+    from wan.engine.phases import expert_plan
     from wan.engine.samplers import make_sampler
     from wan.optim.guidance import GuidanceSettings, StepGuidance
 
     sampler = make_sampler(sampler_name, steps, shift)
     passes: list[int] = []
-    run = Denoising({"transformer": dit}, sampler, cond, uncond, ExpertPlan(None, guidance),
+    run = Denoising({"transformer": dit}, sampler, cond, uncond, expert_plan(None, guidance),
                     Conditioning(tuple(noise.shape), (size, size)), StepGuidance(GuidanceSettings(), steps))
     t0 = time.perf_counter()
     out = denoise(run, noise.clone(), progress=lambda s: passes.append(len(s.passes)))
@@ -66,7 +67,6 @@ def one_pass(dit, noise, cond, repeats: int = 3) -> float:
 
 
 def main() -> None:
-    import wan
     from wan.optim.profile_files import get_profile
     from wan.registry import get_model
 
@@ -77,18 +77,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs of the accelerated recipe (median)")
     args = ap.parse_args()
 
-    path = checkpoint_path()
-    if not path.exists():
-        write_checkpoint(path)
     lora = lora_path(64, "accelerator")
     if not lora.exists():
         write_lora(lora, 64, seed=3)
-    dit = wan.load_transformer(path, dtype=torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
+    dit, noise, cond, uncond = denoising_setup(args.frames, args.size)
     lat = args.size // 8
-    noise = torch.randn(16, args.frames, lat, lat, generator=g)
-    cond = {"context": torch.randn(1, 24, 4096, generator=g)}
-    uncond = {"context": torch.randn(1, 40, 4096, generator=g)}
 
     d = get_model(REFERENCE_MODEL).defaults
     fast = get_profile(args.profile).sampling

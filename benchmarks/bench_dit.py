@@ -83,6 +83,23 @@ def make_inputs(frames: int, size: int):
     return x, torch.tensor([757.0]), ctx
 
 
+def denoising_setup(frames: int, size: int):
+    """The 1.3B-shape DiT loaded in bf16 (the checkpoint written on first use), with a latent noise
+    [16, frames, size/8, size/8] and random text embeddings for a denoising run: 24 prompt tokens,
+    40 negative-prompt tokens. Returns (dit, noise, cond, uncond); one seed for all."""
+    import wan
+    path = checkpoint_path()
+    if not path.exists():
+        write_checkpoint(path)
+    dit = wan.load_transformer(path, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    lat = size // 8
+    noise = torch.randn(16, frames, lat, lat, generator=g)
+    cond = {"context": torch.randn(1, TEXT_TOKENS, 4096, generator=g)}
+    uncond = {"context": torch.randn(1, 40, 4096, generator=g)}
+    return dit, noise, cond, uncond
+
+
 def run_ours(model, inputs):
     x, t, ctx = inputs
     return model(x, t, ctx)

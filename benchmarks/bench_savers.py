@@ -21,14 +21,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from bench_dit import checkpoint_path, write_checkpoint  # noqa: E402
+from bench_dit import denoising_setup  # noqa: E402
 
 
 def main() -> None:
-    import wan
     from wan.engine.conditioning import Conditioning
     from wan.engine.attach import SetOnNetworks, attach_job
-    from wan.engine.loop import Denoising, ExpertPlan, denoise
+    from wan.engine.loop import Denoising, denoise
+    from wan.engine.phases import expert_plan
     from wan.optim.step_savers import StepSavers
     from wan.engine.samplers import make_sampler
     from wan.optim.guidance import GuidanceSettings, SkipLayerGuidance, StepGuidance
@@ -39,17 +39,10 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=3, help="latent frames")
     ap.add_argument("--size", type=int, default=96, help="pixels (latent = size / 8)")
     args = ap.parse_args()
-    path = checkpoint_path()
-    if not path.exists():
-        write_checkpoint(path)
-    dit = wan.load_transformer(path, dtype=torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
+    dit, noise, cond, uncond = denoising_setup(args.frames, args.size)
     lat = args.size // 8
-    noise = torch.randn(16, args.frames, lat, lat, generator=g)
-    cond = {"context": torch.randn(1, 24, 4096, generator=g)}
-    uncond = {"context": torch.randn(1, 40, 4096, generator=g)}
     shape = tuple(noise.shape)
-    plan = ExpertPlan(None, 5.0)
+    plan = expert_plan(None, 5.0)
 
     def run(savers: StepSavers, runner_override=None):
         sampler = make_sampler("unipc", args.steps, 5.0)

@@ -11,7 +11,7 @@ import importlib
 
 _EXPORTS = {
     "Engine": "engine", "GenerationResult": "engine", "draw_noise": "engine", "request_from_metadata": "engine",
-    "Cancelled": "loop", "CancelToken": "loop", "ExpertPlan": "loop", "StepInfo": "loop", "PhasePlan": "phases",
+    "Cancelled": "loop", "CancelToken": "loop", "StepInfo": "loop", "PhasePlan": "phases", "expert_plan": "phases",
     "GenerationRequest": "request", "LoraChoice": "request", "RequestError": "request", "resolve_request": "request",
 }
 __all__ = sorted(_EXPORTS)

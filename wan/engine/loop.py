@@ -20,11 +20,9 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from wan.engine.phases import PhasePlan, expert_plan
+from wan.engine.phases import PhasePlan
 from wan.optim.guidance import StepGuidance
 
-# The plan of a run without guidance phases (one network, or A14B's two experts), as before phases.
-ExpertPlan = expert_plan
 
 
 class Cancelled(Exception):

@@ -281,7 +281,7 @@ class MagCacheJob:
     def expert_at(self, t: float) -> str:
         if self.boundary is None:
             return "transformer"
-        return "high_noise" if t >= self.boundary * 1000 else "low_noise"  # as ExpertPlan.at
+        return "high_noise" if t >= self.boundary * 1000 else "low_noise"  # as the expert plan's choice
 
     def ratios(self, sampler, start: int = 0) -> tuple[dict[str, list[float]], dict[str, set[int]]] | None:
         """({"cond": ratios, "uncond": ratios} [steps], {pass: forced steps}) for this job's
