@@ -26,7 +26,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -79,11 +79,16 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class Launch:
-    """Where this process stands in a torchrun launch (read from its environment)."""
+    """Where this process stands in a torchrun launch (read from its environment).
+
+    A subclass may name its own error class and launchers (training also takes accelerate's)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    ERROR: ClassVar[type[Exception]] = ValueError
+    LAUNCHERS: ClassVar[str] = "torchrun --nproc_per_node {world}"
+    SETS_IT: ClassVar[str] = "torchrun sets it"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Launch:
@@ -96,18 +101,18 @@ class Launch:
             try:
                 return int(text)
             except ValueError:
-                raise ValueError(f"{key}={text!r}: not an integer (torchrun sets it)") from None
+                raise cls.ERROR(f"{key}={text!r}: not an integer ({cls.SETS_IT})") from None
 
         world, rank = read("WORLD_SIZE", 1), read("RANK", 0)
         local = read("LOCAL_RANK", rank)
         if world < 1 or not 0 <= rank < world or local < 0:
-            raise ValueError(f"RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world}: not a valid launch "
-                             "(expected 0 <= RANK < WORLD_SIZE)")
+            raise cls.ERROR(f"RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world}: not a valid launch "
+                            "(expected 0 <= RANK < WORLD_SIZE)")
         if world > 1:
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
             if missing:
-                raise ValueError(f"WORLD_SIZE={world} without {' and '.join(missing)}: start the processes with "
-                                 f"torchrun --nproc_per_node {world}")
+                raise cls.ERROR(f"WORLD_SIZE={world} without {' and '.join(missing)}: start the processes with "
+                                + cls.LAUNCHERS.format(world=world))
         return cls(rank, world, local)
 
 
@@ -186,7 +191,8 @@ def check_parallel(config: ParallelConfig, *, num_heads: int | None = None, laun
             raise ParallelConfigError(
                 flag, value, "--ulysses_size 1 without --cfg_parallel, --dit_fsdp, --t5_fsdp in a single process",
                 f"needs {max(needs, 2)} processes started by torchrun (torchrun --nproc_per_node {max(needs, 2)} "
-                "wgp.py generate ...), but this process was started alone (WORLD_SIZE is not set)")
+                "wgp.py generate ...), but this process runs alone (WORLD_SIZE is "
+                f"{'1' if os.environ.get('WORLD_SIZE') else 'not set'})")
         return
     if launch.world_size != needs:
         flag, value = ("ulysses_size", u)

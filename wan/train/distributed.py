@@ -36,15 +36,15 @@ What each process does (the trainer calls this module for the collective parts):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Mapping
+from typing import Any, ClassVar, Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from wan.parallel.groups import Launch as ParallelLaunch
 from wan.train.errors import TrainingError
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -53,38 +53,13 @@ TIMEOUT = timedelta(minutes=30)  # accelerate's default: rank 0 may save or samp
 
 
 @dataclass(frozen=True)
-class Launch:
-    """Where this process stands in a launch, read from the launcher's environment variables."""
+class Launch(ParallelLaunch):
+    """Where this process stands in a launch, read from the launcher's environment variables; the
+    launcher's mistakes are :class:`TrainingError` s."""
 
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Launch:
-        env = os.environ if env is None else env
-
-        def read(key: str, default: int) -> int:
-            text = env.get(key, "")
-            if text == "":
-                return default
-            try:
-                return int(text)
-            except ValueError:
-                raise TrainingError(f"{key}={text!r}: not an integer (torchrun and accelerate launch set it)") from None
-
-        world = read("WORLD_SIZE", 1)
-        rank = read("RANK", 0)
-        local = read("LOCAL_RANK", rank)
-        if world < 1 or not 0 <= rank < world or local < 0:
-            raise TrainingError(f"RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world}: not a valid launch "
-                                "(expected 0 <= RANK < WORLD_SIZE)")
-        if world > 1:
-            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
-            if missing:
-                raise TrainingError(f"WORLD_SIZE={world} without {' and '.join(missing)}: start several processes "
-                                    "with torchrun --nproc_per_node N or accelerate launch --multi_gpu")
-        return cls(rank, world, local)
+    ERROR: ClassVar[type[Exception]] = TrainingError
+    LAUNCHERS: ClassVar[str] = "torchrun --nproc_per_node {world} or accelerate launch --multi_gpu"
+    SETS_IT: ClassVar[str] = "torchrun and accelerate launch set it"
 
 
 def pick_device(request: str | None, local_rank: int = 0, world_size: int = 1) -> torch.device:

@@ -27,13 +27,15 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
-from PIL import Image, ImageDraw
 
 from wan.train.timestep_settings import (NUM_TRAIN_TIMESTEPS, SAMPLINGS, WEIGHTINGS, TimestepSettings,  # noqa: F401
                                         TimestepSettingsError)
+
+if TYPE_CHECKING:
+    from PIL import ImageDraw
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +346,7 @@ def timestep_histogram(settings: TimestepSettings, n: int, path: str | Path,
     counts = timestep_counts(settings, n, generator, latent_shape).float()
     title = f"sampled timesteps: {settings.timestep_sampling}, n={n}"
     panels = [(title, counts), (f"loss weighting: {settings.weighting_scheme}", weighting_curve(settings))]
+    from PIL import Image, ImageDraw  # only here: the trainer imports this module without pillow
     image = Image.new("RGB", (2 * _PANEL_W, _PANEL_H), "white")
     draw = ImageDraw.Draw(image)
     for i, (name, values) in enumerate(panels):

@@ -409,6 +409,8 @@ class Trainer:
             record["expert"] = expert
         if norm is not None:
             record["grad_norm"] = norm
+        if self.device.type == "cuda":  # the peak since the run began, as musubi-tuner's logs show it
+            record["vram_peak_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         self.report.step(record)
         every = cfg.save_every_n_steps
         if every and p.step % every == 0:
