@@ -3,10 +3,16 @@
 One model set (DiT or experts, VAE, text encoder, CLIP) is held at a time; choosing another model
 releases the previous set first, so two large models never sit in memory together. Files come
 from the checkpoints folder (downloaded on first use, or generated for the TEST family).
+
+How a set loads is the profile's memory plan for this machine (``wan.optim.apply.execution_settings``):
+``auto`` becomes the numbered profile the planner picks, and each DiT loads whole or streams block
+by block with the plan's resident blocks (or mmgp gets the plan's budgets). On the CPU the plan is
+moot: the profile applies as written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -17,6 +23,8 @@ from pathlib import Path
 import torch
 
 import wan
+from wan.optim.apply import LoadSettings, load_settings  # noqa: F401 (load_settings: for callers of this module)
+from wan.optim.planner import Machine
 from wan.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -72,14 +80,18 @@ class ModelManager:
         device: where the networks run.
         dtype: weights dtype of the DiT; None picks bfloat16 on CUDA and float32 on CPU.
         variant: which weights to fetch (bf16, fp16, fp8_scaled ...); TEST models always use fp32.
+        machine: the memory the plan is made for; None: detected on a CUDA device (no plan on the
+            CPU). Given, it is planned for whatever the device (tests simulate a GPU this way).
     """
 
     def __init__(self, checkpoint_dir: str | Path = "checkpoints", device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, variant: str = "bf16"):
+                 dtype: torch.dtype | None = None, variant: str = "bf16", machine=None):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = torch.device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.variant = variant
+        self.machine = machine
+        self._machine_notes: tuple[str, ...] = ()
         self._current: ModelSet | None = None
         self._lock = threading.Lock()
 
@@ -111,7 +123,8 @@ class ModelManager:
         if unknown:
             raise ValueError(f"files for {unknown[0]!r}: model {spec.id} has no such component; "
                              f"it has {', '.join(spec.files)}")
-        key = (spec.id, *load_settings(profile), self._dit_dtype(profile), tuple(sorted(files.items())))
+        settings = self.settings(spec, profile, sharding)
+        key = (spec.id, *settings.key, self._dit_dtype(settings.profile), tuple(sorted(files.items())))
         return key + (sharding.key,) if sharding is not None and (sharding.dit or sharding.text_encoder) else key
 
     def fetch(self, spec: ModelSpec, profile=None, files: Mapping[str, str] | None = None,
@@ -124,9 +137,46 @@ class ModelManager:
             return
         self._paths(spec, profile, files)
 
-    def _paths(self, spec: ModelSpec, profile, files: dict) -> dict:
+    def settings(self, spec: ModelSpec, profile, sharding: Sharding | None = None) -> LoadSettings:
+        """How ``spec`` loads under ``profile`` here: the profile's memory plan for this machine
+        (``auto`` resolved), or the profile as written on the CPU."""
+        from wan.optim.apply import execution_settings
+        machine = self._planned_machine() if profile is not None else None
+        if machine is None:
+            return execution_settings(profile, spec, _NO_GPU)
+        settings = execution_settings(profile, spec, machine, mmgp=self._mmgp_available())
+        settings = dataclasses.replace(settings, notes=self._machine_notes + settings.notes)
+        if sharding is not None and sharding.dit and settings.resident_blocks is not None:
+            # FSDP shards the DiTs over the ranks: it owns their parameters, the plan's streaming cannot
+            settings = dataclasses.replace(settings, stream=False, resident_blocks=None,
+                                           notes=settings.notes + ("DiTs sharded (FSDP): the plan's block "
+                                                                   "streaming is not applied",))
+        return settings
+
+    def _planned_machine(self):
+        """The machine plans are made for: the given one, the detected one on CUDA, else None."""
+        if self.machine is not None or self.device.type != "cuda":
+            return self.machine
+        from wan.optim.machine import detect_machine, detect_ram_bytes
+        try:
+            self.machine = detect_machine(self.device.index if self.device.index is not None else 0)
+        except Exception as e:  # an unreadable GPU: the profile applies as written, and says why
+            log.warning("could not read the GPU's memory for the memory plan: %s", e)
+            self.machine = Machine(ram_bytes=detect_ram_bytes())
+            self._machine_notes = (f"no memory plan: the GPU's memory could not be read ({type(e).__name__}: {e})",)
+        return self.machine
+
+    def _mmgp_available(self) -> bool:
+        """mmgp executes plans here: a CUDA device and mmgp installed."""
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            return False
+        import importlib.util
+        return importlib.util.find_spec("mmgp") is not None
+
+    def _paths(self, spec: ModelSpec, profile, files: dict, settings: LoadSettings | None = None) -> dict:
         from wan.loading.download import ensure_files
-        quant_dit = load_settings(profile)[3]
+        settings = settings or self.settings(spec, profile)
+        profile, quant_dit = settings.profile, settings.quant_transformer
         variant = "fp32" if spec.test_model else self.variant
         if quant_dit in ("fp8", "fp8_scaled") and profile.quantize.prefer_prequantized and not spec.test_model:
             # a pre-quantised file of the registry, kept in fp8, rather than quantising at load
@@ -150,20 +200,24 @@ class ModelManager:
 
     def _load(self, spec: ModelSpec, profile=None, files: Mapping[str, str] | None = None,
               sharding: Sharding | None = None) -> ModelSet:
-        stream, prefetch, swap, quant_dit, quant_te, compile_blocks = load_settings(profile)
+        settings = self.settings(spec, profile, sharding)
+        profile = settings.profile  # for auto: the numbered profile it stands for
+        stream, prefetch, swap, resident = (settings.stream, settings.prefetch, settings.blocks_to_swap,
+                                            settings.resident_blocks)
+        quant_dit, quant_te, compile_blocks = settings.quant_transformer, settings.quant_text_encoder, settings.compile
         files = dict(files or {})
-        paths = self._paths(spec, profile, files)
+        paths = self._paths(spec, profile, files, settings)
         log.info("loading model %s", spec.id)
-        mmgp = self._mmgp_settings(spec, profile)
+        mmgp = settings.mmgp
         if mmgp is not None:  # on CUDA with mmgp: models load into RAM, mmgp moves them to the GPU
             stream = compile_blocks = False
         device = torch.device("cpu") if mmgp is not None else self.device
         dtype = self._dit_dtype(profile)
-        dits, handles, notes = {}, [], []
+        dits, handles, notes = {}, [], list(settings.notes)
         for role in spec.transformer_roles:
             expert = role.removeprefix("transformer_") if role != "transformer" else role
             dits[expert], handle = self._load_dit(paths[role], dtype, stream, prefetch, swap, quant_dit, notes,
-                                                  device=device)
+                                                  device=device, resident=resident, name=expert)
             if handle is not None:
                 handles.append(handle)
             if compile_blocks:
@@ -181,7 +235,7 @@ class ModelManager:
                                              tokenizer=paths.get("tokenizer"))
         if quant_te != "none":
             from wan.optim.quant import keep_from_traits, quantize_
-            notes.append(f"text encoder: {quantize_(text_encoder, quant_te, keep=keep_from_traits(text_encoder)).summary}")
+            notes.append(f"text encoder: {quantize_(text_encoder, quant_te, keep=keep_from_traits(text_encoder)).summary()}")
         vae = wan.load_vae(paths["vae"], device=device, dtype=torch.float32)
         clip = None
         if spec.needs_clip:
@@ -207,16 +261,11 @@ class ModelManager:
                         given=frozenset(files), text_encoder_key=te_key)
 
     def _mmgp_settings(self, spec: ModelSpec, profile):
-        """mmgp settings when this machine can use it (CUDA and mmgp installed) and the profile
-        offloads; None otherwise (then the project's own block streaming executes the plan)."""
-        if profile is None or self.device.type != "cuda" or not torch.cuda.is_available():
+        """mmgp settings when this machine can use it (CUDA and mmgp installed) and the profile's
+        plan offloads; None otherwise (then the project's own block streaming executes the plan)."""
+        if profile is None or not self._mmgp_available():
             return None
-        import importlib.util
-        if importlib.util.find_spec("mmgp") is None:
-            return None
-        from wan.optim.apply import mmgp_settings_from_profile
-        ids = [*spec.transformer_roles, "text_encoder", "vae", *(["clip"] if spec.needs_clip else [])]
-        return mmgp_settings_from_profile(profile, ids)
+        return self.settings(spec, profile).mmgp
 
     def _dit_dtype(self, profile) -> torch.dtype:
         """The DiT's weights dtype: the profile's precision, or the manager's default ("auto")."""
@@ -224,17 +273,26 @@ class ModelManager:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, self.dtype)
 
     def _load_dit(self, path, dtype, stream: bool, prefetch: int, swap: int | None, quant: str, notes: list[str],
-                  device: torch.device | None = None):
-        """One DiT, streamed block by block from its checkpoint or loaded whole, then quantised."""
+                  device: torch.device | None = None, resident: int | None = None, name: str = "transformer"):
+        """One DiT, streamed block by block from its checkpoint or loaded whole, then quantised.
+
+        Streamed, it keeps ``resident`` blocks (the plan's count; at most all of them) on the device
+        for good, or with ``resident`` None all but ``swap`` of its main blocks (``blocks_to_swap``),
+        or none."""
         device = device or self.device
         if stream:
             from wan.optim.offload import load_transformer_streamed
             from wan.loading.transformer import open_transformer
-            layers = open_transformer(path)[0].num_layers
-            budget = max(0, layers - swap) if swap is not None else None
+            cfg = open_transformer(path)[0]
+            layers = cfg.num_layers
+            if resident is not None:  # the plan counts VACE blocks too, as the streaming does
+                layers += len(cfg.vace_layers)
+                budget = min(resident, layers)
+            else:
+                budget = max(0, layers - swap) if swap is not None else None
             dit, handle = load_transformer_streamed(path, device=device, dtype=dtype, prefetch=prefetch,
                                                     budget_blocks=budget)
-            notes.append(f"transformer: streamed block by block from {Path(path).name}, prefetch {prefetch}"
+            notes.append(f"{name}: streamed block by block from {Path(path).name}, prefetch {prefetch}"
                          + (f", {budget} of {layers} blocks resident" if budget else ""))
             return dit, handle
         keep_fp8 = quant in ("fp8", "fp8_scaled")
@@ -245,7 +303,7 @@ class ModelManager:
         elif quant != "none":
             from wan.optim.quant import quantize_
             from wan.models.dit import WanDiT
-            notes.append(f"transformer: {quantize_(dit, quant, keep=WanDiT.keep_in_fp32).summary}")
+            notes.append(f"transformer: {quantize_(dit, quant, keep=WanDiT.keep_in_fp32).summary()}")
         return dit, None
 
 
@@ -263,20 +321,4 @@ def _shard(sharding: Sharding, dits: dict, text_encoder) -> list[str]:
     return notes
 
 
-def load_settings(profile) -> tuple[bool, int, int | None, str, str, bool]:
-    """(stream blocks, prefetch, blocks_to_swap, transformer quantisation, text encoder quantisation,
-    compile) of a profile: the part of it that decides how models are loaded."""
-    if profile is None:
-        return (False, 1, None, "none", "none", False)
-    mem, quant = profile.memory, profile.quantize
-    stream = mem.offload == "blocks" or mem.blocks_to_swap is not None
-    if stream and quant.transformer != "none":
-        from wan.optim.profiles import ProfileError
-        raise ProfileError(f"profile {profile.name}: quantize.transformer={quant.transformer} with block streaming "
-                           "is not supported yet (streamed blocks are re-read from the checkpoint each step); "
-                           "use a pre-quantised fp8 file, or memory.offload none/model")
-    if stream and profile.compile:
-        from wan.optim.profiles import ProfileError
-        raise ProfileError(f"profile {profile.name}: compile with block streaming is not supported yet (the "
-                           "streaming hooks around each block break the compiled graph); choose one")
-    return (stream, mem.prefetch_blocks, mem.blocks_to_swap, quant.transformer, quant.text_encoder, profile.compile)
+_NO_GPU = Machine(ram_bytes=0)  # a run on the CPU: the plan is moot, the profile applies as written

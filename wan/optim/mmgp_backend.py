@@ -74,6 +74,7 @@ def mmgp_arguments(settings: MmgpSettings, model_ids: list[str]) -> dict:
 
 def apply_mmgp(models: Mapping[str, torch.nn.Module], settings: MmgpSettings, *, verbose: int = -1):
     """Hands ``models`` (model id -> module, e.g. {"transformer": dit, "text_encoder": te}) to mmgp.
+    The default device torch creates tensors on is the same after the call as before it.
 
     Raises:
         RuntimeError: CUDA or mmgp is missing (use ``wan.optim.offload`` there).
@@ -94,4 +95,8 @@ def apply_mmgp(models: Mapping[str, torch.nn.Module], settings: MmgpSettings, *,
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     if "verboseLevel" in accepted:
         kwargs["verboseLevel"] = verbose
-    return offload.all(dict(models), **kwargs)
+    previous = torch.get_default_device()
+    try:
+        return offload.all(dict(models), **kwargs)
+    finally:  # mmgp ends with torch.set_default_device("cuda"): every later tensor would land there
+        torch.set_default_device(None if previous == torch.device("cpu") else previous)

@@ -1,0 +1,247 @@
+"""The engine executes the memory plan the planner shows: ``auto`` becomes the numbered profile the
+planner picks, ``offload: auto`` and budgets become whole loads or block streaming with the plan's
+resident blocks (or mmgp budgets), explicit settings load as written, and mmgp leaves torch's
+default device as it found it.
+
+Machines are simulated (:class:`wan.optim.planner.Machine`), so the plans of real 14B models are
+checked on the CPU; the TEST family loads and generates through the same path.
+"""
+
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+from wan.engine import Engine, GenerationRequest
+from wan.engine.model_manager import ModelManager
+from wan.optim import mmgp_backend, planner
+from wan.optim.apply import execution_settings, load_settings
+from wan.optim.planner import Machine, MiB, model_sizes, plan, resolve_auto, run_precision
+from wan.optim.profile_files import load_profiles
+from wan.optim.profiles import ProfileError, apply_overrides
+from wan.registry import get_model
+from wan.testing.tiny_encoders import TINY_T5
+from wan.testing.tiny_family import ensure_tiny_checkpoints
+
+DESKTOP = Machine.from_gb(64, 24)   # 64 GB of RAM, a 24 GB card
+BIG = Machine.from_gb(128, 80)
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    return load_profiles()
+
+
+@pytest.fixture(scope="module")
+def t2v_14b():
+    return get_model("wan2.1-t2v-14B")
+
+
+def planned(profile, spec, machine, profiles):
+    return plan(profile, model_sizes(spec, run_precision(profile, machine)), machine, profiles)
+
+
+# -- auto and offload auto, on the real 14B spec -----------------------------------------------------
+
+
+def test_auto_runs_the_numbered_profile_the_planner_picks(profiles, t2v_14b):
+    auto = profiles.get("auto")
+    sizes = model_sizes(t2v_14b, run_precision(auto, DESKTOP))
+    resolved, chosen, why = resolve_auto(auto, sizes, DESKTOP, profiles)
+    placement = planned(auto, t2v_14b, DESKTOP, profiles).placement("transformer")
+    assert placement.mode != planner.GPU and chosen.memory.offload == "blocks"  # a 27 GB DiT on 24 GB streams
+
+    s = execution_settings(auto, t2v_14b, DESKTOP, profiles)
+    assert s.profile == resolved and s.profile.memory == chosen.memory and s.profile.quantize == chosen.quantize
+    assert s.stream and s.resident_blocks == placement.resident_blocks and s.blocks_to_swap is None
+    assert any(f"auto -> {chosen.label}" in n and why in n for n in s.notes)
+    # the manager loads with the same settings (and names them in its key)
+    manager = ModelManager(device="cpu", machine=DESKTOP)
+    assert manager.settings(t2v_14b, auto) == s
+    assert manager._key(t2v_14b, auto, {}, None) != ModelManager(device="cpu")._key(t2v_14b, auto, {}, None)
+
+
+def test_auto_keeps_its_own_overrides(profiles, t2v_14b):
+    auto = apply_overrides(profiles.get("auto"), {"memory.prefetch_blocks": 2})
+    s = execution_settings(auto, t2v_14b, DESKTOP, profiles)
+    assert s.prefetch == 2 and s.profile.memory.prefetch_blocks == 2 and s.stream
+
+
+def test_offload_auto_with_a_budget_streams_with_the_plans_resident_blocks(profiles, t2v_14b):
+    default = apply_overrides(profiles.get("default"), {"memory.transformer_budget_mb": 4096})
+    placement = planned(default, t2v_14b, DESKTOP, profiles).placement("transformer")
+    assert placement.mode == planner.STREAMED and 0 < placement.resident_blocks < placement.blocks
+    s = execution_settings(default, t2v_14b, DESKTOP, profiles)
+    assert s.stream and s.resident_blocks == placement.resident_blocks
+    assert any(n.startswith("offload auto: blocks") for n in s.notes)
+
+
+def test_offload_auto_as_many_blocks_as_fit_beside_the_models_this_path_keeps(profiles, t2v_14b):
+    """Null budget: the plan keeps as many blocks as the free VRAM allows; without mmgp the text
+    encoder and VAE stay on the GPU whole, so fewer fit, and a note says so."""
+    default = profiles.get("default")
+    result = planned(default, t2v_14b, DESKTOP, profiles)
+    dit = result.placement("transformer")
+    assert dit.budget_source == "free VRAM" and dit.resident_blocks > 0
+    s = execution_settings(default, t2v_14b, DESKTOP, profiles)
+    assert s.stream and 0 < s.resident_blocks < dit.resident_blocks
+    beside = sum(p.bytes for p in result.placements if p.model != "transformer")
+    rest = model_sizes(t2v_14b, "bf16")[0].rest_bytes
+    held = beside + rest + (s.resident_blocks + 2) * dit.block_bytes  # + prefetch 1 and the current block
+    assert held + default.memory.vram_reserve_mb * MiB <= DESKTOP.vram_bytes
+    assert any("stay on the GPU whole" in n for n in s.notes)
+
+
+@pytest.mark.parametrize("model_id, machine", [("wan2.1-t2v-1.3B", DESKTOP), ("wan2.1-t2v-14B", BIG)])
+@pytest.mark.parametrize("mmgp", [False, True])
+def test_offload_auto_keeps_a_dit_that_fits_resident(profiles, model_id, machine, mmgp):
+    spec = get_model(model_id)
+    default = profiles.get("default")
+    assert planned(default, spec, machine, profiles).placement("transformer").mode == planner.GPU
+    s = execution_settings(default, spec, machine, profiles, mmgp=mmgp)
+    assert not s.stream and s.resident_blocks is None and s.mmgp is None
+    assert "offload auto: none" in s.notes
+
+
+def test_explicit_settings_load_as_written(profiles, t2v_14b):
+    default = profiles.get("default")
+    swap = apply_overrides(default, {"memory.blocks_to_swap": 10})
+    for machine in (DESKTOP, Machine.from_gb(64)):
+        s = execution_settings(swap, t2v_14b, machine, profiles)
+        assert (s.stream, s.blocks_to_swap, s.resident_blocks) == (True, 10, None)
+    none = apply_overrides(default, {"memory.offload": "none"})
+    s = execution_settings(none, t2v_14b, DESKTOP, profiles)  # does not fit: loads whole all the same
+    assert not s.stream and s.resident_blocks is None and any("does not fit" in n for n in s.notes)
+    with pytest.raises(ProfileError, match="quantize.transformer=fp8 with block streaming"):
+        execution_settings(apply_overrides(default, {"memory.offload": "blocks", "quantize.transformer": "fp8"}),
+                           t2v_14b, DESKTOP, profiles)
+
+
+def test_without_a_gpu_the_profile_applies_as_written(profiles, t2v_14b):
+    cpu = Machine.from_gb(64)
+    for name in ("auto", "default", "4"):
+        s = execution_settings(profiles.get(name), t2v_14b, cpu, profiles)
+        assert s.profile == profiles.get(name) and s.notes == ()
+        assert (s.stream, s.prefetch, s.blocks_to_swap, s.quant_transformer, s.quant_text_encoder,
+                s.compile) == load_settings(profiles.get(name))
+        assert s.resident_blocks is None
+    assert not ModelManager(device="cpu").settings(t2v_14b, profiles.get("auto")).stream
+
+
+def test_mmgp_gets_the_plans_budgets(profiles, t2v_14b):
+    auto = profiles.get("auto")
+    result = planned(auto, t2v_14b, DESKTOP, profiles)
+    s = execution_settings(auto, t2v_14b, DESKTOP, profiles, mmgp=True)
+    assert not s.stream and s.mmgp is not None
+    for p in result.placements:
+        expected = 0 if p.mode == planner.MOVED else p.budget_bytes // MiB
+        assert s.mmgp.budgets_mb[p.model] == expected
+    assert s.mmgp.budgets_mb["transformer"] == 100  # profile 2's transformer budget
+    # a budget from the free VRAM, in MB; offload auto that needs no offload needs no mmgp
+    default = profiles.get("default")
+    dit = planned(default, t2v_14b, DESKTOP, profiles).placement("transformer")
+    assert execution_settings(default, t2v_14b, DESKTOP, profiles, mmgp=True).mmgp.budgets_mb["transformer"] == \
+        dit.budget_bytes // MiB > 100
+    assert execution_settings(default, t2v_14b, BIG, profiles, mmgp=True).mmgp is None
+
+
+# -- mmgp leaves the default device as it was ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("before", [None, "meta"])
+@pytest.mark.parametrize("fails", [False, True])
+def test_apply_mmgp_restores_the_default_device(monkeypatch, before, fails):
+    def fake_all(pipe, pinnedMemory=False, budgets=0, verboseLevel=-1):
+        torch.set_default_device("cuda")  # as mmgp.offload.all ends
+        if fails:
+            raise RuntimeError("mmgp failed")
+        return "offloaded"
+
+    monkeypatch.setitem(sys.modules, "mmgp", types.SimpleNamespace(offload=types.SimpleNamespace(all=fake_all)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = torch.nn.Linear(2, 2)
+    torch.set_default_device(before)
+    try:
+        if fails:
+            with pytest.raises(RuntimeError, match="mmgp failed"):
+                mmgp_backend.apply_mmgp({"transformer": model}, mmgp_backend.MmgpSettings())
+        else:
+            assert mmgp_backend.apply_mmgp({"transformer": model}, mmgp_backend.MmgpSettings()) == "offloaded"
+        assert torch.get_default_device() == torch.device(before or "cpu")
+        if before is None:
+            assert torch.zeros(1).device.type == "cpu"
+    finally:
+        torch.set_default_device(None)
+
+
+# -- the TEST family through the manager and the engine -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    ensure_tiny_checkpoints(root)
+    return root
+
+
+@pytest.fixture
+def tiny_sizes(monkeypatch):
+    """Gives the planner the tiny text encoder's and VAE's sizes (the TEST family has none)."""
+    monkeypatch.setitem(planner.TEXT_ENCODER_DIMS, "tiny-umt5",
+                        tuple(TINY_T5[k] for k in ("vocab", "dim", "dim_attn", "ffn", "heads", "layers", "buckets")))
+    monkeypatch.setitem(planner.VAE_PARAMS, "2.1", 100_000)
+
+
+def test_auto_resolves_when_the_models_load(tiny_root, tiny_sizes, profiles):
+    """With too little VRAM for any numbered profile, auto takes 5: the DiT streams with no block
+    resident (none fit beside the others) and the text encoder is quantised to int8, as 5 says."""
+    machine = Machine(ram_bytes=64 << 30, vram_bytes=(2 << 30) + (1 << 20), gpu_name="simulated")
+    manager = ModelManager(tiny_root, device="cpu", dtype=torch.float32, machine=machine)
+    nets = manager._load(get_model("test-tiny-t2v"), profiles.get("auto"))
+    try:
+        assert any("auto -> 5 VeryLowRAM_LowVRAM" in n for n in nets.notes)
+        assert len(nets.handles) == 1 and nets.handles[0].resident == []
+        assert any(n.startswith("text encoder: int8") for n in nets.notes)
+    finally:
+        for h in nets.handles:
+            h.close()
+
+
+def test_mmgp_gets_the_plans_budgets_when_the_models_load(tiny_root, tiny_sizes, profiles, monkeypatch):
+    handed = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "mmgp" else real_find_spec(n, *a))
+    monkeypatch.setattr(mmgp_backend, "apply_mmgp", lambda models, settings: handed.update(models=models, s=settings))
+    machine = Machine(ram_bytes=64 << 30, vram_bytes=(2 << 30) + (1 << 20), gpu_name="simulated")
+    manager = ModelManager(tiny_root, device="cpu", machine=machine)
+    manager.device = torch.device("cuda")  # as on a GPU machine; nothing below touches CUDA
+    nets = manager._load(get_model("test-tiny-t2v"), profiles.get("auto"))
+    assert handed["s"].budgets_mb == {"transformer": 100, "text_encoder": 1000, "vae": 0}  # profile 5's
+    assert handed["s"].pinned == () and not nets.handles
+
+
+def test_streaming_from_the_plan_generates_what_the_resident_load_does(tiny_root, tiny_sizes, profiles):
+    """Profile 2 with a 2 MB DiT budget on a simulated 24 GB card: the plan keeps one of the two
+    blocks resident; the engine streams the other and computes the same latents."""
+    spec = get_model("test-tiny-t2v")
+    two = apply_overrides(profiles.get("2"), {"memory.transformer_budget_mb": 2})
+    assert planned(two, spec, DESKTOP, profiles).placement("transformer").resident_blocks == 1
+
+    resident = Engine(checkpoint_dir=tiny_root, device="cpu", dtype=torch.float32)
+    streamed = Engine(checkpoint_dir=tiny_root, device="cpu", dtype=torch.float32)
+    streamed.models.machine = DESKTOP
+    req = GenerationRequest(model="test-tiny-t2v", prompt="a fox", seed=5, steps=3)
+    expected = resident.generate(req, write=False)
+    got = streamed.generate(req.replace(profile="2", profile_overrides={"memory.transformer_budget_mb": 2}),
+                            write=False)
+    try:
+        assert not resident.models.current.handles
+        handles = streamed.models.current.handles
+        assert len(handles) == 1 and len(handles[0].resident) == 1 and len(handles[0].units) == 2
+        assert any("1 of 2 blocks resident" in n for n in got.notices)
+        assert torch.equal(expected.latent, got.latent)
+    finally:
+        streamed.models.release()
