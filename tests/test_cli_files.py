@@ -43,22 +43,32 @@ def wgp(*args):
                           env=env, cwd=ROOT, timeout=300)
 
 
+COMMON = ["--prompt", "a fox", "--seed", "3", "--steps", "3", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def plain(setup, tmp_path_factory):
+    """The frames of the TEST t2v model on the registry's files (COMMON settings), made once."""
+    ckpts, _ = setup
+    run = wgp("generate", "--model", "test-tiny-t2v", *COMMON, "--checkpoint_dir", ckpts,
+              "--output_dir", tmp_path_factory.mktemp("plain"))
+    assert run.returncode == 0, run.stderr
+    return frames_of(run.stdout.split()[0])
+
+
 def frames_of(path) -> np.ndarray:
     with av.open(str(path)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
 
 
-def test_given_files_give_the_frames_of_the_registry_files(setup, tmp_path):
-    ckpts, files = setup
-    common = ["--model", "test-tiny-t2v", "--prompt", "a fox", "--seed", "3", "--steps", "3", "--quiet"]
-    plain = wgp("generate", *common, "--checkpoint_dir", ckpts, "--output_dir", tmp_path / "a")
-    assert plain.returncode == 0, plain.stderr
-    given = wgp("generate", *common, "--checkpoint_dir", tmp_path / "empty", "--output_dir", tmp_path / "b",
-                "--dit", files["transformer"], "--vae", files["vae"], "--t5", files["text_encoder"],
-                "--tokenizer", files["tokenizer"])
+def test_given_files_give_the_frames_of_the_registry_files(setup, plain, tmp_path):
+    _, files = setup
+    given = wgp("generate", "--model", "test-tiny-t2v", *COMMON, "--checkpoint_dir", tmp_path / "empty",
+                "--output_dir", tmp_path / "b", "--dit", files["transformer"], "--vae", files["vae"],
+                "--t5", files["text_encoder"], "--tokenizer", files["tokenizer"])
     assert given.returncode == 0, given.stderr
-    a, b = plain.stdout.split()[0], given.stdout.split()[0]
-    assert np.array_equal(frames_of(a), frames_of(b))
+    b = given.stdout.split()[0]
+    assert np.array_equal(plain, frames_of(b))
     assert not (tmp_path / "empty").exists()  # nothing was fetched or generated for the given roles
     meta = json.loads(Path(b).with_suffix(".json").read_text())
     recorded = meta["files"]
@@ -96,19 +106,18 @@ def test_a_file_for_a_component_the_model_lacks_is_refused(setup, tmp_path):
     assert r.returncode == 2 and "dit" in r.stderr and "an existing file" in r.stderr
 
 
-def test_a_models_folder_serves_a_registry_model_and_a_dit_names_its_model(setup, tmp_path):
+def test_a_models_folder_serves_a_registry_model_and_a_dit_names_its_model(setup, plain, tmp_path):
     """--models_dir pointing at a ComfyUI-style tree (misleading file names): the model's DiT, VAE
     and umT5 are taken from it, recognised by their tensors, with the frames of the registry files;
     --dit alone names the model."""
     ckpts, files = setup
     tree = Path(files["transformer"]).parent.parent
-    common = ["--prompt", "a fox", "--seed", "3", "--steps", "3", "--quiet"]
-    plain = wgp("generate", "--model", "test-tiny-t2v", *common, "--checkpoint_dir", ckpts, "--output_dir", tmp_path / "a")
+    common = COMMON
     found = wgp("generate", "--model", "test-tiny-t2v", *common, "--models_dir", tree,
                 "--checkpoint_dir", tmp_path / "fresh", "--output_dir", tmp_path / "b")
-    assert plain.returncode == 0 and found.returncode == 0, found.stderr
-    a, b = plain.stdout.split()[0], found.stdout.split()[0]
-    assert np.array_equal(frames_of(a), frames_of(b))
+    assert found.returncode == 0, found.stderr
+    b = found.stdout.split()[0]
+    assert np.array_equal(plain, frames_of(b))
     used = json.loads(Path(b).with_suffix(".json").read_text())["files"]
     assert {role: used[role]["path"] for role in ("transformer", "vae", "text_encoder")} == {
         "transformer": str(files["transformer"]), "vae": str(files["vae"]), "text_encoder": str(files["text_encoder"])}
