@@ -240,6 +240,20 @@ def test_profile_compile_compiles_the_blocks_and_keeps_the_output(engine):
     assert ((compiled.latent - plain.latent).abs().max() / plain.latent.abs().max()).item() <= 1e-4
 
 
+def test_compile_is_left_off_for_bf16_blocks_on_the_cpu(engine):
+    """Inductor's CPU code gave NaN in every output of compiled bf16 blocks: the engine says so and
+    runs them eagerly (float32 blocks compile: the test above)."""
+    from wan.optim.compile import compile_refusal
+    assert compile_refusal("cpu", torch.float32) is None and compile_refusal("cuda", torch.bfloat16) is None
+    req = GenerationRequest(model="test-tiny-t2v", prompt="a fox", steps=2, seed=10,
+                            profile="quality", profile_overrides={"precision": "bf16"})
+    eager = engine.generate(req, write=False)
+    refused = engine.generate(req.replace(profile_overrides={"precision": "bf16", "compile": True}), write=False)
+    assert any("torch.compile left off: on the CPU its bfloat16 code gave NaN" in n for n in refused.notices)
+    assert not any("blocks compiled" in n for n in refused.notices)
+    assert torch.equal(refused.latent, eager.latent)
+
+
 def test_profile_precision_and_vae_tiling_take_effect(engine):
     req = GenerationRequest(model="test-tiny-t2v", prompt="a fox", steps=2, seed=11)
     plain = engine.generate(req, write=False)

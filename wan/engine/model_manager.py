@@ -221,8 +221,10 @@ class ModelManager:
             if handle is not None:
                 handles.append(handle)
             if compile_blocks:
-                from wan.optim.compile import compile_blocks_
-                notes.append(f"{expert}: {compile_blocks_(dits[expert])} blocks compiled with torch.compile "
+                from wan.optim.compile import compile_blocks_, compile_refusal
+                refusal = compile_refusal(device, dtype)
+                notes.append(f"{expert}: {refusal}" if refusal else
+                             f"{expert}: {compile_blocks_(dits[expert])} blocks compiled with torch.compile "
                              "(the first step pays the compile time)")
         for role in set(spec.transformer_roles) & set(files):
             from wan.loading.identify import size_notice

@@ -7,7 +7,21 @@ time; shapes that change (another resolution or frame count) recompile once each
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+
+
+def compile_refusal(device: str | torch.device, dtype: torch.dtype) -> str | None:
+    """Why compiling a DiT's blocks for ``device`` and ``dtype`` would give wrong outputs, or None.
+
+    Inductor's C++ code for the CPU gave NaN in every output of a compiled Wan block in bfloat16
+    (torch 2.13; its vectorised path: ``torch._inductor.config.cpp.simdlen = 1`` avoids it, slowly),
+    while eager and float32 are right. So on the CPU only float32 blocks are compiled; CUDA
+    (Triton code) is another path."""
+    if torch.device(device).type == "cpu" and dtype != torch.float32:
+        return (f"torch.compile left off: on the CPU its {str(dtype).removeprefix('torch.')} code gave NaN in the "
+                f"DiT's blocks (torch {torch.__version__}); the CPU compiles float32 blocks only")
+    return None
 
 
 def compile_blocks_(model: nn.Module, **options) -> int:
