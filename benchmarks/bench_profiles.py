@@ -29,7 +29,8 @@ from memory import peak_bytes, reset_peak  # noqa: E402
 
 
 def case(name: str, frames: int, size: int) -> dict:
-    from wan.engine.model_manager import ModelManager, load_settings
+    from wan.engine.model_manager import ModelManager
+    from wan.optim.apply import load_settings
     from wan.optim.apply import resolve_profile
     profile = resolve_profile(name)
     stream, prefetch, swap, quant, _te, _compile = load_settings(profile)

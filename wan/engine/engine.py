@@ -20,7 +20,7 @@ from wan.engine.conditioning import Conditioning, build_conditioning
 from wan.engine.loop import Cancelled, CancelToken, Denoising, StepInfo, denoise
 from wan.engine.phases import PhasePlan, nag_scales, phase_guidances
 from wan.engine.model_manager import ModelManager, ModelSet
-from wan.engine.model_manager import load_settings as _load_settings
+from wan.optim.apply import load_settings as _load_settings
 from wan.engine.request import GenerationRequest, RequestError, resolve_request
 from wan.engine.request_checks import Limits
 from wan.engine.window_plan import is_windowed

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import wan
-from wan.optim.apply import LoadSettings, load_settings  # noqa: F401 (load_settings: for callers of this module)
+from wan.optim.apply import LoadSettings
 from wan.optim.planner import Machine
 from wan.registry import ModelSpec
 
