@@ -79,19 +79,37 @@ def test_offload_auto_with_a_budget_streams_with_the_plans_resident_blocks(profi
 
 
 def test_offload_auto_as_many_blocks_as_fit_beside_the_models_this_path_keeps(profiles, t2v_14b):
-    """Null budget: the plan keeps as many blocks as the free VRAM allows; without mmgp the text
-    encoder and VAE stay on the GPU whole, so fewer fit, and a note says so."""
+    """Null budget: the plan keeps as many blocks as the free VRAM allows. Without mmgp the text
+    encoder, which the plan keeps off the GPU, runs on the CPU; the VAE stays on the GPU whole, so
+    at most as many blocks fit as the plan says, and a note says when fewer do."""
     default = profiles.get("default")
     result = planned(default, t2v_14b, DESKTOP, profiles)
     dit = result.placement("transformer")
     assert dit.budget_source == "free VRAM" and dit.resident_blocks > 0
+    assert result.placement("text_encoder").mode != planner.GPU
     s = execution_settings(default, t2v_14b, DESKTOP, profiles)
-    assert s.stream and 0 < s.resident_blocks < dit.resident_blocks
-    beside = sum(p.bytes for p in result.placements if p.model != "transformer")
+    assert s.text_encoder_on_cpu and any("text encoder: runs on the CPU" in n for n in s.notes)
+    assert s.stream and 0 < s.resident_blocks <= dit.resident_blocks
+    beside = sum(p.bytes for p in result.placements if p.model not in ("transformer", "text_encoder"))
     rest = model_sizes(t2v_14b, "bf16")[0].rest_bytes
     held = beside + rest + (s.resident_blocks + 2) * dit.block_bytes  # + prefetch 1 and the current block
     assert held + default.memory.vram_reserve_mb * MiB <= DESKTOP.vram_bytes
-    assert any("stay on the GPU whole" in n for n in s.notes)
+    assert (s.resident_blocks < dit.resident_blocks) == any("stay on the GPU whole" in n for n in s.notes)
+
+
+def test_without_mmgp_a_text_encoder_the_plan_keeps_off_the_gpu_runs_on_the_cpu(profiles):
+    """umT5-XXL (~11 GB in bf16) beside the 1.3B DiT on a 12 GB card: the plan keeps the encoder off
+    the GPU, so without mmgp (which moves models between phases) it runs on the CPU and the DiT gets
+    the card. On a 24 GB card with profile 1 it only moves when used, and everything fits at once:
+    it stays on the GPU. With mmgp, mmgp places it."""
+    spec = get_model("wan2.1-t2v-1.3B")
+    small = Machine.from_gb(64, 12)
+    s = execution_settings(profiles.get("default"), spec, small, profiles)
+    assert s.text_encoder_on_cpu and planned(profiles.get("default"), spec, small, profiles).placement(
+        "text_encoder").mode != planner.GPU
+    assert not execution_settings(profiles.get("1"), spec, DESKTOP, profiles).text_encoder_on_cpu
+    assert not execution_settings(profiles.get("default"), spec, small, profiles, mmgp=True).text_encoder_on_cpu
+    assert not execution_settings(profiles.get("default"), spec, Machine.from_gb(64, 0), profiles).text_encoder_on_cpu
 
 
 @pytest.mark.parametrize("model_id, machine", [("wan2.1-t2v-1.3B", DESKTOP), ("wan2.1-t2v-14B", BIG)])
@@ -204,6 +222,7 @@ def test_auto_resolves_when_the_models_load(tiny_root, tiny_sizes, profiles):
         assert any("auto -> 5 VeryLowRAM_LowVRAM" in n for n in nets.notes)
         assert len(nets.handles) == 1 and nets.handles[0].resident == []
         assert any(n.startswith("text encoder: int8") for n in nets.notes)
+        assert any(n.startswith("text encoder: runs on the CPU") for n in nets.notes)
     finally:
         for h in nets.handles:
             h.close()

@@ -403,8 +403,8 @@ class Engine:
         notice = cache_notice(("prompt", "negative prompt"), encoded.cached)
         if notice and notices is not None and notice not in notices:  # said once per job (windows encode again)
             notices.append(notice)
-        context, context_neg = encoded.tensors
-        return context, context_neg
+        context, context_neg = encoded.tensors  # from an encoder that may run on the CPU (LoadSettings)
+        return context.to(self.device), context_neg.to(self.device)
 
     @staticmethod
     def metadata(req: GenerationRequest, nets: ModelSet | None = None) -> dict:

@@ -146,6 +146,9 @@ class ModelManager:
             return execution_settings(profile, spec, _NO_GPU)
         settings = execution_settings(profile, spec, machine, mmgp=self._mmgp_available())
         settings = dataclasses.replace(settings, notes=self._machine_notes + settings.notes)
+        if sharding is not None and sharding.text_encoder and settings.text_encoder_on_cpu:
+            # FSDP shards the encoder over the ranks' devices: it runs there
+            settings = dataclasses.replace(settings, text_encoder_on_cpu=False)
         if sharding is not None and sharding.dit and settings.resident_blocks is not None:
             # FSDP shards the DiTs over the ranks: it owns their parameters, the plan's streaming cannot
             settings = dataclasses.replace(settings, stream=False, resident_blocks=None,
@@ -233,7 +236,8 @@ class ModelManager:
             if notice:
                 notes.append(f"{expert}: {notice}")
         te_dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        text_encoder = wan.load_text_encoder(paths["text_encoder"], device=device, dtype=te_dtype,
+        te_device = torch.device("cpu") if settings.text_encoder_on_cpu and mmgp is None else device
+        text_encoder = wan.load_text_encoder(paths["text_encoder"], device=te_device, dtype=te_dtype,
                                              tokenizer=paths.get("tokenizer"))
         if quant_te != "none":
             from wan.optim.quant import keep_from_traits, quantize_
@@ -257,7 +261,7 @@ class ModelManager:
         if sharding is None or not sharding.text_encoder:  # a sharded encoder must run on every rank together
             from wan.engine.text_cache import encoder_identity
             te_key = encoder_identity(paths["text_encoder"], tokenizer=getattr(text_encoder, "tokenizer_path", None),
-                                      dtype=te_dtype, device=self.device, quantisation=quant_te,
+                                      dtype=te_dtype, device=te_device, quantisation=quant_te,
                                       runs=("mmgp",) if mmgp is not None else ())
         return ModelSet(spec, dits, vae, text_encoder, clip, dict(paths), handles=handles, notes=notes,
                         given=frozenset(files), text_encoder_key=te_key)

@@ -116,6 +116,9 @@ class LoadSettings:
         resident_blocks: blocks each streamed DiT keeps on the device for good, from the plan;
             None: ``blocks_to_swap`` decides, or none stays (no plan).
         quant_transformer, quant_text_encoder, compile: what the profile asks.
+        text_encoder_on_cpu: the text encoder loads and runs on the CPU (its states then move to the
+            device): the own path's choice when the plan does not keep it on the GPU, since that
+            path moves no model between phases (umT5-XXL is ~11 GB in bf16).
         mmgp: mmgp's settings when mmgp executes the plan (CUDA with mmgp installed), else None.
         notes: what was decided, in words (they reach the job's notes).
     """
@@ -129,6 +132,7 @@ class LoadSettings:
     quant_text_encoder: str = "none"
     compile: bool = False
     mmgp: MmgpSettings | None = None
+    text_encoder_on_cpu: bool = False
     notes: tuple[str, ...] = ()
 
     @property
@@ -136,7 +140,7 @@ class LoadSettings:
         """What makes a loaded set reusable under other settings: everything but the notes."""
         prequantized = self.profile.quantize.prefer_prequantized if self.profile is not None else True
         return (self.stream, self.prefetch, self.blocks_to_swap, self.resident_blocks, self.quant_transformer,
-                self.quant_text_encoder, self.compile, self.mmgp, prequantized)
+                self.quant_text_encoder, self.compile, self.text_encoder_on_cpu, self.mmgp, prequantized)
 
 
 def load_settings(profile: Profile | None) -> tuple[bool, int, int | None, str, str, bool]:
@@ -189,8 +193,9 @@ def execution_settings(profile: Profile | None, spec, machine: Machine, profiles
     """
     stream, prefetch, swap, quant_dit, quant_te, compile_ = load_settings(profile)
     ids = model_ids(spec)
-    written = LoadSettings(profile, stream, prefetch, swap, None, quant_dit, quant_te, compile_,
-                           mmgp_settings_from_profile(profile, ids) if mmgp and profile is not None else None)
+    written = LoadSettings(profile, stream=stream, prefetch=prefetch, blocks_to_swap=swap, quant_transformer=quant_dit,
+                           quant_text_encoder=quant_te, compile=compile_,
+                           mmgp=mmgp_settings_from_profile(profile, ids) if mmgp and profile is not None else None)
     if profile is None or not machine.has_gpu:
         return written
     try:
@@ -207,14 +212,24 @@ def execution_settings(profile: Profile | None, spec, machine: Machine, profiles
     notes += [n for n in result.notes if n.startswith("offload auto")]
     notes += [f"the memory plan does not fit: {s}" for s in result.shortfalls]
     mem, quant = executed.memory, executed.quantize
-    settings = LoadSettings(executed, False, mem.prefetch_blocks, mem.blocks_to_swap, None, quant.transformer,
-                            quant.text_encoder, executed.compile)
+    settings = LoadSettings(executed, prefetch=mem.prefetch_blocks, blocks_to_swap=mem.blocks_to_swap,
+                            quant_transformer=quant.transformer, quant_text_encoder=quant.text_encoder,
+                            compile=executed.compile)
     if mmgp:  # models load into RAM; mmgp moves them (and compiles) as the plan says
         return dataclasses.replace(settings, mmgp=mmgp_settings_from_profile(executed, ids, result),
                                    notes=tuple(notes))
+    # off the GPU as the plan says, unless it only moves there when used and everything fits at once
+    te = result.placement("text_encoder")
+    fits_all = sum(p.bytes for p in result.placements) + mem.vram_reserve_mb * MiB <= machine.vram_bytes
+    te_on_cpu = te.mode != GPU and not (te.mode == MOVED and fits_all)
+    if te_on_cpu:
+        settings = dataclasses.replace(settings, text_encoder_on_cpu=True)
+        notes.append("text encoder: runs on the CPU (the plan keeps it off the GPU, and without mmgp no model is "
+                     "moved between phases); its states move to the GPU")
     if mem.blocks_to_swap is not None:
         return dataclasses.replace(settings, stream=True, notes=tuple(notes))
-    resident, own_notes = _own_path_resident(result, sizes, spec.transformer_roles, machine, mem)
+    off_gpu = ("text_encoder",) if te_on_cpu else ()
+    resident, own_notes = _own_path_resident(result, sizes, spec.transformer_roles, machine, mem, off_gpu)
     notes += own_notes
     if resident is None:
         return dataclasses.replace(settings, notes=tuple(notes))
@@ -228,15 +243,16 @@ def execution_settings(profile: Profile | None, spec, machine: Machine, profiles
 
 
 def _own_path_resident(result: MemoryPlan, sizes: list[ModelSize], dit_roles, machine: Machine,
-                       mem) -> tuple[int | None, list[str]]:
+                       mem, off_gpu: tuple[str, ...] = ()) -> tuple[int | None, list[str]]:
     """Blocks each DiT keeps on the GPU under the project's own streaming, or None: loaded whole.
 
-    That path keeps every other model on the GPU whole for the whole job and the resident blocks
-    of every expert at once, with ``prefetch_blocks + 1`` blocks in flight for the active one."""
+    That path keeps every other model (but those in ``off_gpu``, run on the CPU) on the GPU whole
+    for the whole job and the resident blocks of every expert at once, with ``prefetch_blocks + 1``
+    blocks in flight for the active one."""
     dits = [p for p in result.placements if p.model in dit_roles]
     if not dits or all(p.mode == GPU for p in dits):
         return None, []
-    others = [p for p in result.placements if p.model not in dit_roles]
+    others = [p for p in result.placements if p.model not in dit_roles and p.model not in off_gpu]
     on_gpu = sum(p.bytes for p in others)
     reserve = mem.vram_reserve_mb * MiB
     if all(p.mode in (GPU, MOVED) for p in dits) and on_gpu + sum(p.bytes for p in dits) + reserve <= machine.vram_bytes:
