@@ -109,21 +109,23 @@ class ModelManager:
         ``sharding``: FSDP for a parallel generation (every rank calls this together).
         """
         files = dict(files or {})
-        key = self._key(spec, profile, files, sharding)
+        settings = self.settings(spec, profile, sharding)  # planned once for the key and the load
+        key = self._key(spec, profile, files, sharding, settings)
         with self._lock:
             if self._current is not None and self._current.load_key == key:
                 return self._current
             self.release()
-            self._current = self._load(spec, profile, files, sharding)
+            self._current = self._load(spec, profile, files, sharding, settings)
             self._current.load_key = key
             return self._current
 
-    def _key(self, spec: ModelSpec, profile, files: dict, sharding: Sharding | None) -> tuple:
+    def _key(self, spec: ModelSpec, profile, files: dict, sharding: Sharding | None,
+             settings: LoadSettings | None = None) -> tuple:
         unknown = sorted(set(files) - set(spec.files))
         if unknown:
             raise ValueError(f"files for {unknown[0]!r}: model {spec.id} has no such component; "
                              f"it has {', '.join(spec.files)}")
-        settings = self.settings(spec, profile, sharding)
+        settings = settings or self.settings(spec, profile, sharding)
         key = (spec.id, *settings.key, self._dit_dtype(settings.profile), tuple(sorted(files.items())))
         return key + (sharding.key,) if sharding is not None and (sharding.dit or sharding.text_encoder) else key
 
@@ -133,9 +135,10 @@ class ModelManager:
         loaded already. A parallel generation runs this on rank 0 before every rank loads, so that
         the ranks do not all download the same files at once."""
         files = dict(files or {})
-        if self._current is not None and self._current.load_key == self._key(spec, profile, files, sharding):
+        settings = self.settings(spec, profile, sharding)
+        if self._current is not None and self._current.load_key == self._key(spec, profile, files, sharding, settings):
             return
-        self._paths(spec, profile, files)
+        self._paths(spec, profile, files, settings)
 
     def settings(self, spec: ModelSpec, profile, sharding: Sharding | None = None) -> LoadSettings:
         """How ``spec`` loads under ``profile`` here: the profile's memory plan for this machine
@@ -202,8 +205,8 @@ class ModelManager:
             torch.cuda.empty_cache()
 
     def _load(self, spec: ModelSpec, profile=None, files: Mapping[str, str] | None = None,
-              sharding: Sharding | None = None) -> ModelSet:
-        settings = self.settings(spec, profile, sharding)
+              sharding: Sharding | None = None, settings: LoadSettings | None = None) -> ModelSet:
+        settings = settings or self.settings(spec, profile, sharding)
         profile = settings.profile  # for auto: the numbered profile it stands for
         stream, prefetch, swap, resident = (settings.stream, settings.prefetch, settings.blocks_to_swap,
                                             settings.resident_blocks)
