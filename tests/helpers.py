@@ -1,4 +1,6 @@
 """Small helpers shared by the tests."""
+import time
+
 import torch
 
 
@@ -35,3 +37,15 @@ def run_lora_probe(model: torch.nn.Module) -> torch.Tensor:
     x, t, ctx = torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([300.0]), torch.randn(1, 5, 24, generator=g)
     with torch.no_grad():
         return model(x, t, ctx)
+
+
+def wait_until(check, timeout: float, what: str = "the condition", interval: float = 0.05):
+    """Polls ``check`` until it returns something true, and returns that; past ``timeout`` seconds
+    the test fails, naming ``what`` it waited for."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")

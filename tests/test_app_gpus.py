@@ -20,7 +20,6 @@ import json
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import pytest
 
 from app_harness import StudioServer, api_client
 from gpu_worker_harness import broken_engine, held_engine
+from helpers import wait_until
 from test_app_server import wait_job
 from test_parallel_generate import read_video
 from wan.app import ui_queue
@@ -54,16 +54,6 @@ def make_state(base: Path, ckpts: Path, gpus: str, mode: str, factory):
                      worker_engine=factory)
     state.queue.start()
     return state
-
-
-def wait_until(check, timeout: float = TIMEOUT, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or check}")
 
 
 def stepping(state, job_id: str) -> bool:
@@ -210,12 +200,12 @@ def test_the_app_with_split_workers_finishes_a_job_equal_to_the_single_process_o
 
 def test_a_worker_killed_mid_job_is_restarted_and_the_job_completes(split):
     server, client = split
-    before = [int(p) for p in wait_until(lambda: READY.findall(server.log()), what="the workers")[-1]]
+    before = [int(p) for p in wait_until(lambda: READY.findall(server.log()), TIMEOUT, what="the workers")[-1]]
     server.gate.touch()  # a "[hold]" job waits on rank 0 after each step: it is caught running
     job_id = client.predict(json.dumps(request(prompt="cut short [hold]", steps=3)), api_name="/queue_job")
     wait_job(client, job_id, ("running",))
     os.kill(before[1], signal.SIGKILL)  # rank 1, in its job
-    wait_until(lambda: saved_job(server, job_id)["restarts"] == 1, what="the job to be queued again")
+    wait_until(lambda: saved_job(server, job_id)["restarts"] == 1, TIMEOUT, what="the job to be queued again")
     server.gate.unlink()
     job = wait_job(client, job_id)
     assert job["status"] == "done", job["error"]
@@ -236,7 +226,7 @@ def test_per_job_workers_run_two_jobs_at_once_and_the_queue_shows_where(ckpts, t
     state = make_state(tmp_path, ckpts, "cpu:2", "per_job", functools.partial(held_engine, gate))
     try:
         ids = [state.queue.add(request(seed=s), "me").id for s in (1, 2)]
-        wait_until(lambda: all(stepping(state, i) for i in ids), what="both jobs running")  # at once
+        wait_until(lambda: all(stepping(state, i) for i in ids), TIMEOUT, what="both jobs running")  # at once
         jobs = [state.queue.get(i) for i in ids]
         assert sorted(j.gpus[0] for j in jobs) == ["cpu0", "cpu1"] and all(len(j.gpus) == 1 for j in jobs)
         status, _, table, _, _ = ui_queue.views(state, "me", None)

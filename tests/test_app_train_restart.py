@@ -11,7 +11,6 @@ its script endpoints (``/queue_train``, ``/queue_job``, ``/job``):
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.app_harness import api_client
+from tests.helpers import wait_until
 from wan.app.settings import ServerSettings
 from wan.app.state import AppState
 from wan.app.train_jobs import queue_resume, queue_training, resume_offer
@@ -36,14 +36,8 @@ def _one_thread():  # as the server's worker (OMP_NUM_THREADS=1): the same arith
     torch.set_num_threads(threads)
 
 
-def wait_for(condition, timeout: float = 90.0, what: str = "the condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+def wait_for(condition, what: str = "the condition"):
+    return wait_until(condition, 90.0, what, interval=0.1)
 
 
 def logged_steps(run) -> int:
