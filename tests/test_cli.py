@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -25,6 +27,25 @@ def test_download_offline_names_every_missing_file(tmp_path):
     assert "Traceback" not in r.stderr
     assert "wan2.1_t2v_1.3B_bf16.safetensors" in r.stderr and "Wan2.1_VAE.pth" in r.stderr
     assert str(tmp_path / "Wan-AI" / "Wan2.1-T2V-1.3B" / "Wan2.1_VAE.pth") in r.stderr
+
+
+def test_download_refuses_a_full_disk_online_and_notes_it_offline(tmp_path, monkeypatch, capsys):
+    """Online, a disk too small is refused before any byte is fetched; offline nothing is fetched, so
+    the missing files are named and the disk space follows as a note."""
+    from wan import cli
+    from wan.loading import download
+    monkeypatch.setattr(download, "free_bytes", lambda folder: 2 * 10**9)
+    monkeypatch.setattr(download, "ensure_files", lambda *a, **k: pytest.fail("nothing may be fetched"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert cli.main(["download", "wan2.1-t2v-1.3B", "--checkpoint-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "error: not enough free disk space" in err and "14.7 GB needed, 2.0 GB free" in err
+    monkeypatch.undo()
+    monkeypatch.setattr(download, "free_bytes", lambda folder: 2 * 10**9)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["download", "wan2.1-t2v-1.3B", "--checkpoint-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Wan2.1_VAE.pth" in err and "note: not enough free disk space" in err
 
 
 def test_download_generates_the_test_family(tmp_path):

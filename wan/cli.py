@@ -102,15 +102,16 @@ def _download(args: argparse.Namespace) -> int:
     entry = default_registry().loras.get(args.model)
     if entry is not None:
         return _download_lora(args, entry)
-    from wan.loading.download import free_space_problem
+    from wan.loading.download import free_space_problem, is_offline
     from wan.loading.readiness import readiness
     from wan.optim.planner import file_size_estimates
+    problem = None
     try:
         spec = get_model(args.model)
         needed = readiness(spec, args.checkpoint_dir, variant=args.variant,
                            estimates=file_size_estimates(spec, args.variant)).missing_bytes
         problem = free_space_problem(args.checkpoint_dir, needed)
-        if problem:
+        if problem and not is_offline():  # offline nothing is downloaded: the missing files matter more
             print(f"error: {problem}", file=sys.stderr)
             return EXIT_FAILED
         paths = ensure_files(spec, args.checkpoint_dir, variant=args.variant)
@@ -119,6 +120,8 @@ def _download(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
+        if problem:
+            print(f"note: {problem}", file=sys.stderr)
         return EXIT_FAILED
     for name, path in paths.items():
         print(f"{name}: {path}")
