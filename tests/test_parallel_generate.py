@@ -124,7 +124,14 @@ def test_torchrun_generate_cfg_parallel_equals_the_single_process_file(ranks, si
 # The engine's parallel path, in one launch of this file
 
 
-MODELS = {"vace": "test-tiny-vace", "ti2v": "test-tiny-ti2v", "a14b": "test-tiny-t2v-a14b", "fsdp": "test-tiny-t2v"}
+MODELS = {"vace": "test-tiny-vace", "ti2v": "test-tiny-ti2v", "a14b": "test-tiny-t2v-a14b", "fsdp": "test-tiny-t2v",
+          "nag_cfg": "test-tiny-t2v", "nag_ulysses": "test-tiny-t2v-a14b"}
+# NAG across processes: beside CFG 5 with the passes split over two ranks (the prompt's pass, which
+# NAG guides, on rank 0 alone); and at guidance 1 under Ulysses (tokens split: NAG's norms are per
+# token) on the two-expert model, with a scale per guidance phase
+NAG = {"nag_cfg": dict(nag_scale=4.0, guidance=5.0, negative_prompt="blurry, grey"),
+       "nag_ulysses": dict(nag_scale=4.0, nag2_scale=2.0, guidance=1.0, guidance_high_noise=1.0,
+                           negative_prompt="blurry, grey")}
 
 
 def _inputs(folder: Path, write: bool = True) -> dict:
@@ -137,7 +144,8 @@ def _inputs(folder: Path, write: bool = True) -> dict:
                      ref_images=[str(folder / "ref.png")]),
         "ti2v": dict(image=str(folder / "start.png")),
         "a14b": {},
-        "fsdp": dict(loras=[LoraChoice(str(folder / "lora.safetensors"), "0.8")])}.items()}
+        "fsdp": dict(loras=[LoraChoice(str(folder / "lora.safetensors"), "0.8")]),
+        **NAG}.items()}
 
 
 def _write_inputs(folder: Path) -> None:
@@ -226,7 +234,9 @@ def engine_scenarios(out: Path, ckpts: Path) -> None:
         runs = {"vace": (ParallelConfig(ulysses_size=2), dict(seed=-1)),
                 "ti2v": (ParallelConfig(cfg_parallel=True), dict(seed=7)),
                 "a14b": (ParallelConfig(ulysses_size=2), dict(seed=8)),
-                "fsdp": (ParallelConfig(ulysses_size=2, dit_fsdp=True, t5_fsdp=True), dict(seed=11))}
+                "fsdp": (ParallelConfig(ulysses_size=2, dit_fsdp=True, t5_fsdp=True), dict(seed=11)),
+                "nag_cfg": (ParallelConfig(cfg_parallel=True), dict(seed=12)),
+                "nag_ulysses": (ParallelConfig(ulysses_size=2), dict(seed=13))}
         for name, (config, extra) in runs.items():
             begin = time.perf_counter()
             req = GenerationRequest(prompt=PROMPT, steps=2, frames=FRAMES, **inputs[name], **extra)
@@ -279,6 +289,20 @@ def test_engine_tasks_in_parallel_equal_single_process(name, ranks, engine):
         plain = reference_latent(engine, GenerationRequest(prompt=PROMPT, steps=2, frames=FRAMES, seed=main["seed"],
                                                            model=MODELS[name]))
         assert not close(plain, ref, 1e-2)  # the LoRA changed the output
+
+
+@pytest.mark.parametrize("name", ["nag_cfg", "nag_ulysses"])
+def test_nag_in_parallel_equals_single_process(name, ranks, engine):
+    """NAG's guided cross-attention under CFG parallel (the guided pass on one rank) and Ulysses (a
+    scale per phase, tokens split) gives the single-process latent; without NAG it would differ."""
+    from wan.engine import GenerationRequest
+    results, _ = ranks
+    req = GenerationRequest(prompt=PROMPT, steps=2, frames=FRAMES, model=MODELS[name], seed=results[0][name]["seed"],
+                            **NAG[name])
+    ref = reference_latent(engine, req)
+    assert close(results[0][name]["latent"], ref) and close(results[1][name]["latent"], ref)
+    assert any(n.startswith("NAG on the prompt's cross-attention: scale 4") for n in results[0][name]["notices"])
+    assert not close(reference_latent(engine, req.replace(nag_scale=1.0, nag2_scale=None)), ref, 1e-2)
 
 
 @pytest.mark.parametrize("name", ["a14b", "ti2v"])
