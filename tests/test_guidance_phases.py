@@ -21,6 +21,8 @@
 """
 
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -506,6 +508,73 @@ def test_download_puts_an_accelerator_lora_where_its_profile_reads_it(tmp_path, 
     assert fetched == [("lightx2v/Wan2.2-Lightning", f"{folder}/{e}_noise_model.safetensors") for e in ("high", "low")]
     assert [resolve_lora_path(lo.path, tmp_path, names_only=True) for lo in req.loras] == \
         [p.resolve() for p in paths.values()]
+
+
+def test_a_missing_accelerator_lora_is_downloaded_on_first_use(setup, tmp_path, monkeypatch):
+    """A profile's LoRA missing from the LoRA folder is fetched before any model loads, into the name
+    the recipe reads, and the job runs with it as with the file put there by hand; offline the job
+    fails before loading, naming the file, its repo and where to put it."""
+    import wan.loading.download as dl
+    engine, registry = setup
+    req = GenerationRequest(model="test-tiny-ti2v", prompt="a fox", seed=1, frames=5, steps=2,
+                            profile="fastwan-3step")
+    expected = engine.generate(req, write=False).latent
+    loras = tmp_path / "loras"
+    name = "test/accelerators/fastwan-test-ti2v.safetensors"
+    fresh = Engine(checkpoint_dir=engine.models.checkpoint_dir, device="cpu", dtype=torch.float32,
+                   registry=registry, lora_dir=loras)
+    fresh.lora_names_only = True  # as in the web app: the fetched file is a name inside the folder
+    monkeypatch.setattr(fresh.models, "get", lambda *a, **k: pytest.fail("a model loaded before the LoRA"))
+    monkeypatch.setattr(dl, "is_offline", lambda: True)
+    with pytest.raises(dl.DownloadError, match=r"fastwan-test-ti2v transformer: fastwan.safetensors from "
+                                               r"test/none\n    put it at: " + re.escape(str(loras / name))):
+        fresh.generate(req, write=False)
+    fetched = []
+
+    def hub(repo, filename, local_dir, force_download, progress, tqdm_class=None):
+        fetched.append((repo, filename))
+        path = Path(local_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(engine.lora_dir / name, path)  # the file the Hub would serve
+        return str(path)
+    monkeypatch.undo()
+    monkeypatch.setattr(dl, "is_offline", lambda: False)
+    monkeypatch.setattr(dl, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(dl, "_hub_download", hub)
+    result = fresh.generate(req, write=False)
+    assert fetched == [("test/none", "fastwan.safetensors")] and (loras / name).is_file()
+    assert torch.equal(result.latent, expected)
+    assert f"accelerator LoRA fastwan-test-ti2v: downloaded into the LoRA folder ({loras / name})" in result.notices
+    fresh.generate(req, write=False)
+    assert len(fetched) == 1  # present now: not fetched again
+
+
+def test_the_app_refuses_a_job_whose_accelerator_lora_cannot_come_offline(setup, tmp_path, monkeypatch):
+    import wan.registry
+    from wan.app.security import accept_request
+    from wan.app.settings import ServerSettings
+    from wan.app.state import AppState
+    engine, registry = setup
+    monkeypatch.setattr(wan.registry, "_default", registry)
+    loras = tmp_path / "loras"
+    state = AppState(ServerSettings(output_dir=str(tmp_path / "out"), state_dir=str(tmp_path / "state"),
+                                    checkpoint_dir=str(engine.models.checkpoint_dir), lora_dir=str(loras)),
+                     engine_factory=lambda: None)
+    data = {"model": "test-tiny-t2v-a14b", "prompt": "a fox", "profile": "lightning-4step"}
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert accept_request(dict(data), state).profile == "lightning-4step"  # online: fetched on first use
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RequestError) as e:
+        accept_request(dict(data), state)
+    assert e.value.field == "loras" and "HF_HUB_OFFLINE is set" in str(e.value)
+    assert (f"put high_noise_model.safetensors from test/none at "
+            f"{loras / 'test/accelerators/lightning-test-a14b-high_noise.safetensors'}; and low_noise_model.safetensors"
+            in str(e.value))
+    for role in ("high_noise", "low_noise"):  # present: accepted offline
+        (loras / "test/accelerators").mkdir(parents=True, exist_ok=True)
+        shutil.copy(engine.lora_dir / f"test/accelerators/lightning-test-a14b-{role}.safetensors",
+                    loras / f"test/accelerators/lightning-test-a14b-{role}.safetensors")
+    assert accept_request(dict(data), state).profile == "lightning-4step"
 
 
 def test_form_shows_the_phase_fields_that_apply_and_a_recipe_fills_them():

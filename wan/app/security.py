@@ -227,12 +227,34 @@ def accept_request(data, state) -> GenerationRequest:
         raise RequestError("output_dir", request.output_dir,
                            f"the server's output folder {state.output_dir} or a folder inside it")
     prepared = state.prepare(request)
-    _, spec = resolve_request(prepared, limits=limits_of(state.settings))
+    resolved, spec = resolve_request(prepared, limits=limits_of(state.settings))
     ready = state.readiness(spec, estimate=True)
     if not ready.ready:  # refused now, not after a failed download in the worker
         raise RequestError("model", spec.id, "a model that is ready on this machine. " + ready.refusal(
             spec.id, ways="the Download button under the model picker"))
+    _refuse_offline_accelerators(resolved, spec, state)
     return prepared
+
+
+def _refuse_offline_accelerators(resolved: GenerationRequest, spec, state) -> None:
+    """A registry accelerator LoRA the job would download on first use cannot come while
+    HF_HUB_OFFLINE is set: refused when added, with where its file goes."""
+    from wan.engine.accelerators import missing_accelerator_loras
+    from wan.engine.request import RequestError
+    from wan.loading.download import is_offline
+    from wan.lora.library import family_for_model
+    from wan.registry import default_registry
+    if not is_offline():
+        return
+    folder = Path(state.settings.lora_dir)
+    for entry in missing_accelerator_loras(resolved, spec, default_registry(), folder):
+        names = {role: entry.lora_name(role, family_for_model(spec)) for role in entry.files}
+        missing = [f"{source.files[0]} from {source.repo} at {folder / names[role]}"
+                   for role, source in entry.files.items() if not (folder / names[role]).is_file()]
+        raise RequestError("loras", names[next(iter(names))],
+                           f"a LoRA present in the LoRA folder: HF_HUB_OFFLINE is set, so the accelerator LoRA "
+                           f"{entry.id} cannot be downloaded on first use. Unset it, run python wgp.py download "
+                           f"{entry.id}, or put " + "; and ".join(missing))
 
 
 def check_request_paths(request: GenerationRequest, settings: ServerSettings) -> None:

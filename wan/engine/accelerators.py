@@ -8,8 +8,10 @@ model's default, and the registry's LoRA of that recipe made for the model is ad
 LoRAs (once: a request that already holds it, such as one rebuilt from an output, keeps its own).
 What the request states itself always wins, so ``--profile lightning-4step --steps 6`` runs 6 steps.
 
-The LoRA files are read from the LoRA folder (``LoraEntry.lora_name``); a missing file is the usual
-LoRA error at run time, which names the name the file must have there.
+The LoRA files are read from the LoRA folder (``LoraEntry.lora_name``). Like a model's files, a
+missing one is downloaded on first use (:func:`fetch_accelerator_loras`, before any model loads):
+the engine fetches the registry files a job's LoRAs name, from the authors' repos, into the names
+the recipe reads. Offline, the job fails at once naming each file, its source and where to put it.
 """
 
 from __future__ import annotations
@@ -76,3 +78,40 @@ def accelerator_loras(name: str, multipliers, spec, registry, profile_name: str 
     family = family_for_model(spec)
     return [LoraChoice(entry.lora_name(role, family), str((multipliers or {}).get(role, DEFAULT_MULTIPLIERS[role])))
             for role in entry.files]
+
+
+def missing_accelerator_loras(req: GenerationRequest, spec, registry, lora_dir) -> list:
+    """The registry LoRA entries (``wan.registry.LoraEntry``) of which a LoRA of ``req`` names a file
+    (by its name inside ``lora_dir``: ``<family>/accelerators/<id>[-<role>].safetensors``) that is
+    not there. A LoRA given some other way (a path, a name of the user's own) is never looked up."""
+    from pathlib import Path
+
+    from wan.lora.library import family_for_model
+    family = family_for_model(spec)
+    if lora_dir is None or family is None or not req.loras:
+        return []
+    wanted = {lora.path for lora in req.loras}
+    missing = []
+    for entry in registry.loras.values():
+        names = [entry.lora_name(role, family) for role in entry.files]
+        if any(n in wanted and not (Path(lora_dir) / n).is_file() for n in names):
+            missing.append(entry)
+    return missing
+
+
+def fetch_accelerator_loras(req: GenerationRequest, spec, registry, lora_dir, progress: bool = True) -> list[str]:
+    """Downloads the accelerator LoRA files ``req`` names that are missing from ``lora_dir``
+    (:func:`missing_accelerator_loras`); returns a notice per entry fetched.
+
+    Raises:
+        wan.loading.download.DownloadError: offline, or a download failed: each file missing, with
+            its repo and the path to put it at.
+    """
+    from wan.loading.download import fetch_lora_entry
+    from wan.lora.library import family_for_model
+    notices = []
+    for entry in missing_accelerator_loras(req, spec, registry, lora_dir):
+        paths = fetch_lora_entry(entry, lora_dir, family_for_model(spec), progress=progress)
+        notices.append(f"accelerator LoRA {entry.id}: downloaded into the LoRA folder "
+                       f"({', '.join(str(p) for p in paths.values())})")
+    return notices

@@ -158,14 +158,16 @@ class Engine:
                 raise RequestError(field, getattr(req, field), "a single-process run: sliding windows and "
                                                                "continuation do not run on several processes")
             self._refuse_in_parallel(req, spec, profile, savers, ps)
-            sharding = self._fetch_on_rank0(spec, profile, files, ps)
+            sharding, fetched = self._fetch_on_rank0(req, spec, profile, files, ps)
+        else:
+            fetched = self._fetch_loras(req, spec)
         try:
             # (a manager of another kind, e.g. training's LiveModels, takes the three arguments)
             nets = (self.models.get(spec, profile, files) if sharding is None
                     else self.models.get(spec, profile, files, sharding=sharding))
         except ProfileError as e:
             raise RequestError("profile", req.profile, str(e)) from None
-        notices: list[str] = list(nets.notes)
+        notices: list[str] = [*fetched, *nets.notes]
         loras = self._loras(req, nets, profile)
         notices += loras.notices
         if ps is not None and ps.config.dit_fsdp:
@@ -268,16 +270,23 @@ class Engine:
                 raise ParallelConfigError(flag, value, f"a profile without it, or no --{flag}",
                                           f"profile {profile.name} sets {what}")
 
-    def _fetch_on_rank0(self, spec, profile, files, ps):
-        """Rank 0 makes the model's files present (downloads) before every rank loads them; returns
-        the FSDP sharding every rank loads with."""
+    def _fetch_loras(self, req: GenerationRequest, spec) -> list[str]:
+        """Downloads the registry (accelerator) LoRA files the request names and the LoRA folder
+        lacks, before any model loads; a notice per entry fetched (:mod:`wan.engine.accelerators`)."""
+        from wan.engine.accelerators import fetch_accelerator_loras
+        return fetch_accelerator_loras(req, spec, self.registry, self.lora_dir)
+
+    def _fetch_on_rank0(self, req: GenerationRequest, spec, profile, files, ps) -> tuple:
+        """Rank 0 makes the model's and the registry LoRAs' files present (downloads) before every
+        rank loads them; returns the FSDP sharding every rank loads with, and rank 0's notices."""
         from wan.engine.model_manager import Sharding
         config = ps.config
         sharding = (Sharding(ps.fsdp_mesh, config.dit_fsdp, config.t5_fsdp)
                     if config.dit_fsdp or config.t5_fsdp else None)
-        failure = None
+        failure, fetched = None, []
         if ps.is_main:
             try:
+                fetched = self._fetch_loras(req, spec)
                 self.models.fetch(spec, profile, files, sharding)
             except Exception as e:  # noqa: BLE001 - told to the other ranks, raised here as it is
                 failure = e
@@ -286,7 +295,7 @@ class Engine:
             raise failure
         if told is not None:
             raise RuntimeError(f"rank 0 could not get the model's files: {told}")
-        return sharding
+        return sharding, fetched
 
     def _profile_and_savers(self, req: GenerationRequest, spec, savers: StepSavers | None):
         """The job's profile (with its overrides) and step savers (MagCache bound to the model's
