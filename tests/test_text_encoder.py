@@ -238,7 +238,13 @@ def test_clean_prompt_follows_the_reference():
 
 def test_encode_prompts_trims_to_real_length_and_matches_forward(encoder, files):
     prompts = ["a cat walks on the grass", "the sun"]
-    out = encoder.encode_prompts(prompts)
+    seen = []
+    hook = encoder.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    try:
+        out = encoder.encode_prompts(prompts)
+    finally:
+        hook.remove()
+    assert seen == [(2, len(out[0]))]  # encoded up to the longest prompt, not the 512 positions
     tok = encoder.get_tokenizer()
     assert tok is not None and encoder.tokenizer_path == files["tokenizer"]
     ids, mask = encoder.tokenize(prompts)
@@ -248,9 +254,9 @@ def test_encode_prompts_trims_to_real_length_and_matches_forward(encoder, files)
         assert o.shape == (n, TINY_T5["dim"])
         assert row_ids[n - 1] == 1 and (row_ids[n:] == 0).all()  # EOS then padding
     with torch.no_grad():
-        full = encoder(ids, mask)
-    for i, o in enumerate(out):
-        assert torch.equal(o, full[i, : len(o)])
+        full = encoder(ids, mask)  # the reference's way: all 512 positions
+    for i, o in enumerate(out):  # only the longest prompt's positions were encoded: the same states
+        assert rel_err(o, full[i, : len(o)]) <= 1e-6
     # Padding is masked out: a prompt alone gives the same states as inside a padded batch.
     alone = encoder.encode_prompts(prompts[1])[0]
     assert rel_err(alone, out[1]) <= 1e-6
