@@ -2,6 +2,8 @@
 server (``python wgp.py serve``) started on the TEST model family in a subprocess."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -197,6 +199,18 @@ def test_load_settings_from_an_earlier_output(page, studio):
     page.fill("#prompt textarea", "changed again")
     page.set_input_files("#drop-output input[type=file]", outputs_of(studio, job)[0])
     page.wait_for_function("() => document.querySelector('#prompt textarea').value === 'settings to restore later'")
+    # "Continue this video": its settings, the video as the one to continue, and a job that follows it
+    page.fill("#prompt textarea", "changed once more")
+    page.get_by_role("button", name="Continue this video", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#gallery-message').innerText.includes('video to continue')")
+    assert page.input_value("#prompt textarea") == "settings to restore later"
+    page.wait_for_selector("#continue-video video")
+    follow = job_id_of(add_job(page, "what happens next"))
+    wait_for_status(page, follow, "done")
+    first, after = outputs_of(studio, job)[0], outputs_of(studio, follow)[0]
+    continued = request_of(after).continue_video  # the page sent the video back: kept as an upload
+    assert Path(continued).read_bytes() == Path(first).read_bytes()
+    assert len(video_frames(after)) == len(video_frames(first)) + request_of(after).frames
 
 
 def test_an_invalid_field_is_named_and_the_server_keeps_serving(page, studio):

@@ -502,3 +502,26 @@ def test_the_output_folder_listing_never_follows_a_link(tmp_path):
     alias = tmp_path / "alias"  # an output folder configured as a link is listed at its real place
     alias.symlink_to(out)
     assert folder_outputs(SimpleNamespace(output_dir=alias)) == [str(out / "video.mp4")]
+
+
+def test_continue_this_video_takes_a_video_of_a_task_that_can_continue(tmp_path):
+    """The gallery's "Continue this video": the output's settings with the video to continue set;
+    an image, a video without settings and a task that cannot continue are refused in words."""
+    from wan.app.ui_gallery import continuation_of
+    from wan.engine.engine import METADATA_KEY
+    from wan.engine.request import GenerationRequest
+
+    def output(task: str | None, frames=smooth_frames(t=5)):
+        meta = {} if task is None else {METADATA_KEY: 1, "request": GenerationRequest(
+            model="test-tiny-t2v", task=task, prompt=f"a {task}", seed=4).to_dict()}
+        return str(save_outputs(frames, 16, meta, options(tmp_path), seed=4, prompt=f"a {task}", now=NOW)[0])
+    made = output("t2v")
+    request, said = continuation_of(made)
+    assert request.continue_video == made and request.prompt == "a t2v" and request.seed == 4
+    assert "video to continue" in said
+    assert continuation_of(None)[0] is None and continuation_of(output("t2v", smooth_frames(t=1)))[1].startswith(
+        "⚠️ select a video in the gallery first")
+    request, said = continuation_of(output("v2v"))
+    assert request is None and "task v2v, which cannot continue a video" in said and "can: t2v, ti2v, i2v, flf2v" in said
+    request, said = continuation_of(output(None))
+    assert request is None and "holds no Wan Studio settings" in said

@@ -70,6 +70,7 @@ def _wire(demo, state, session, form, loras, add, message, queue, gallery):
             return [gr.update() for _ in keys]
         return ui_generate.load_into_form(state, form, request)
     gallery["form_outputs"] = [form[k] for k in keys]
+    gallery["windows_box"] = form["windows_box"]
     ui_gallery.listen(state, gallery, session, load_request)
 
     def start(session_id, model_id, memory):

@@ -1,6 +1,8 @@
 """Outputs: a gallery of this session's videos and images (or of the whole output folder), the
-settings of the selected one, and two ways back into the form: "Load these settings", or dropping
-an earlier output file (mp4, png, or its .json sidecar) onto the app.
+settings of the selected one, and three ways back into the form: "Load these settings", "Continue
+this video" (its settings, with the video itself as the video to continue: the next job's frames
+follow it in one file, see ``wan.engine.windows``), or dropping an earlier output file (mp4, png,
+or its .json sidecar) onto the app.
 
 Settings come from the metadata every output carries (the resolved request, see
 ``Engine.metadata``), so an output made weeks ago restores exactly what made it.
@@ -97,6 +99,25 @@ def settings_of(path: str | None) -> tuple[str, object]:
     return json.dumps(request.to_dict(), indent=2, ensure_ascii=False), request
 
 
+def continuation_of(path: str | None):
+    """(the request that continues the output video ``path``: its own settings with the video as
+    ``continue_video``, or None; what to tell the user)."""
+    from wan.engine.request import TASK_INPUTS
+    if not path or Path(path).suffix.lower() != ".mp4":
+        return None, "⚠️ select a video in the gallery first (an image cannot be continued)"
+    _, request = settings_of(path)
+    if request is None:
+        return None, (f"⚠️ {Path(path).name} holds no Wan Studio settings: upload it as the video to continue of a "
+                      "task instead")
+    if "continue_video" not in TASK_INPUTS.get(request.task, ()):
+        can = ", ".join(t for t, inputs in TASK_INPUTS.items() if "continue_video" in inputs)
+        return None, (f"⚠️ {Path(path).name} was made by task {request.task}, which cannot continue a video; the tasks "
+                      f"that can: {can}. Upload it as the video to continue of one of them")
+    return request.replace(continue_video=path), (f"The settings of {Path(path).name} are in the form, with the video "
+                                                  "as the video to continue: Add to queue makes the frames that "
+                                                  "follow it.")
+
+
 def render(shared: bool = False) -> dict:
     """``shared``: the server is reachable by others, so only this session's outputs are shown."""
     ui = {}
@@ -107,7 +128,9 @@ def render(shared: bool = False) -> dict:
     ui["shown"] = gr.State(None)  # the items as last sent to this session (what a click indexes)
     with gr.Row():
         with gr.Column():
-            ui["load"] = gr.Button("Load these settings into the form", elem_id="load-settings")
+            with gr.Row():
+                ui["load"] = gr.Button("Load these settings into the form", elem_id="load-settings")
+                ui["continue"] = gr.Button("Continue this video", elem_id="continue-output")
             # what Load or a dropped file did, right under the button that was pressed
             ui["message"] = gr.Markdown("", elem_id="gallery-message")
         ui["drop"] = gr.File(label="Drop an earlier output here to restore its settings",
@@ -118,7 +141,8 @@ def render(shared: bool = False) -> dict:
 
 def listen(state: AppState, ui: dict, session, load_request) -> None:
     """``load_request(request)`` returns the form updates for a request (``ui_generate.load_into_form``)
-    plus the message; the caller gives the form's components as ``ui["form_outputs"]``."""
+    plus the message; the caller gives the form's components as ``ui["form_outputs"]``, and the
+    accordion that holds the video to continue as ``ui["windows_box"]``."""
     def refresh(session_id, show_all):
         now = items(state, session_id, show_all)
         return now, now
@@ -145,6 +169,14 @@ def listen(state: AppState, ui: dict, session, load_request) -> None:
         request, note = own_inputs(request)
         return [*load_request(request), f"Loaded the settings of {Path(path).name}.{note}"]
     ui["load"].click(load, ui["selected"], [*ui["form_outputs"], ui["message"]])
+
+    def continue_(path):
+        request, said = continuation_of(path)
+        if request is None:
+            return [*load_request(None), said, gr.update()]
+        request, note = own_inputs(request)
+        return [*load_request(request), said + note, gr.update(open=True)]  # where the video to continue shows
+    ui["continue"].click(continue_, ui["selected"], [*ui["form_outputs"], ui["message"], ui["windows_box"]])
 
     def dropped(file):
         path = getattr(file, "name", file)

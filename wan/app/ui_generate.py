@@ -235,7 +235,8 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
         c["fps"] = gr.Number(label="FPS", precision=0, elem_id="fps")
         c["quality"] = gr.Slider(0, 10, request_default("quality"), step=1, label="Video quality", elem_id="quality")
     c["random_seed"] = random_seed
-    with gr.Accordion("Long videos: sliding windows, continuing a video", open=False, elem_id="windows"):
+    with gr.Accordion("Long videos: sliding windows, continuing a video", open=False, elem_id="windows") as box:
+        c["windows_box"] = box  # opened by the gallery's "Continue this video"
         gr.Markdown(WINDOWS_HELP)
         with gr.Row():
             c["sliding_window_size"] = gr.Number(request_default("sliding_window_size"), precision=0,
@@ -297,7 +298,8 @@ def form_keys(c: dict) -> list[str]:
 
 
 # parts of the form that make no request: shown text, buttons, the browser's memory of the form
-DISPLAY_ONLY = ("plan", "duration", "random_seed", "readiness", "download", "upload_message", "memory", "reset")
+DISPLAY_ONLY = ("plan", "duration", "random_seed", "readiness", "download", "upload_message", "memory", "reset",
+                "windows_box")
 # form keys not remembered per model: uploads (their files may be gone), LoRAs (the folder changes),
 # the hidden extra fields, and the model itself (the memory's key)
 NOT_REMEMBERED = (*UPLOAD_KINDS, "extra", "loras", "lora_multipliers", "model")
