@@ -44,6 +44,7 @@ field_value["sliding_window_discard_last_frames"] = st.sampled_from([0, 4, 8, -1
 field_value["sliding_window_seam"] = st.sampled_from(["cut", "crossfade", "fade"]) | value
 field_value["sliding_window_color_correction"] = st.sampled_from(["off", "mean_std", "histogram", "lab"]) | value
 field_value["sliding_window_color_correction_strength"] = st.sampled_from([0, 0.5, 1, 1.01, -0.1]) | value
+field_value["sliding_window_overlap_noise"] = st.sampled_from([0, 20, 150, 151, -1, 20.5]) | value
 field_value["continue_video"] = st.sampled_from(["/etc/passwd", "../../x.mp4", "x.mp4"]) | value
 # guidance phases and explicit timesteps: typical values and edges
 field_value["guidance_phases"] = st.sampled_from([1, 2, 3, 0, 4, 2.0]) | value

@@ -99,6 +99,57 @@ def test_three_windows_overlap_4_are_conditioned_on_the_window_before(engine, tm
     assert request_from_metadata(meta) == result.request  # --from_output rebuilds the whole run
 
 
+def test_vace_overlap_noise_blends_fresh_noise_into_the_kept_control_latents_each_step(engine, tmp_path):
+    """``sliding_window_overlap_noise`` 60 (Wan2GP's): before each step of window 2, the control's
+    inactive latents at the overlap are ``0.94·latent + 0.06·noise`` with the step's own noise from the
+    window's seed; nothing else of the control changes; the run repeats exactly; 0 is the plain run."""
+    from PIL import Image
+    from wan.engine.conditioning import OverlapNoise
+    Image.new("RGB", (64, 64), (40, 200, 40)).save(tmp_path / "ref.png")
+    req = GenerationRequest(model="test-tiny-vace", prompt="a fox", frames=13, sliding_window_size=9,
+                            sliding_window_overlap=5, seed=5, steps=3, width=16, height=16,
+                            ref_images=[str(tmp_path / "ref.png")])
+    plain = engine.generate(req, write=False)
+    dit = engine.models.current.dit
+    seen, applied = [], []
+    hook = dit.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["vace_context"][0].clone()),
+                                         with_kwargs=True)
+    apply = OverlapNoise.apply
+
+    def record(self):
+        applied.append(self)
+        apply(self)
+    try:
+        OverlapNoise.apply = record
+        noised = engine.generate(req.replace(sliding_window_overlap_noise=60), write=False)
+    finally:
+        OverlapNoise.apply = apply
+        hook.remove()
+    assert len(set(map(id, applied))) == 1 and len(applied) == 3  # window 2 alone, once per step
+    state = applied[0]
+    g = torch.Generator().manual_seed(6)  # window 2's seed: the run's + 1
+    window2 = seen[len(seen) - 2 * 3:]  # its passes (guidance: prompt and negative prompt per step)
+    for step in range(3):
+        expected = 0.94 * state.latent + 0.06 * torch.randn(state.latent.shape, generator=g)
+        for context in window2[2 * step:2 * step + 2]:  # latent frame 0: the reference image; 1, 2: the overlap
+            torch.testing.assert_close(context[:16, 1:3], expected, rtol=0, atol=1e-6)
+            assert torch.equal(context[16:], window2[0][16:]) and torch.equal(context[:16, 3:], window2[0][:16, 3:])
+            assert torch.equal(context[:16, :1], window2[0][:16, :1])
+    assert not torch.equal(window2[0][:16, 1:3], window2[2][:16, 1:3])  # fresh noise at each step
+    assert torch.equal(engine.generate(req.replace(sliding_window_overlap_noise=60), write=False).video, noised.video)
+    assert not torch.equal(noised.video, plain.video)
+    assert torch.equal(engine.generate(req.replace(sliding_window_overlap_noise=0), write=False).video, plain.video)
+
+
+def test_overlap_noise_on_a_task_without_control_latents_is_said_to_do_nothing(engine):
+    req = GenerationRequest(model="test-tiny-t2v", prompt="a fox", frames=13, sliding_window_size=9,
+                            sliding_window_overlap=5, seed=5, steps=2, width=16, height=16)
+    plain = engine.generate(req, write=False)
+    result = engine.generate(req.replace(sliding_window_overlap_noise=20), write=False)
+    assert torch.equal(result.video, plain.video)
+    assert "sliding_window_overlap_noise 20: applies to VACE windows only; task t2v does not use it" in result.notices
+
+
 def spy_windows(engine, monkeypatch, vae):
     """Records what each window's denoise was given, and each decoded window."""
     calls, decoded = [], []
@@ -166,10 +217,12 @@ def test_the_form_takes_the_window_settings_and_shows_the_duration(tmp_path):
     from wan.app.ui_generate import duration_text
     values = {"model": "test-tiny-t2v", "prompt": "a\nb", "frames": 241.0, "sliding_window_size": 81.0,
               "sliding_window_overlap": 5.0, "sliding_window_seam": "crossfade", "continue_video": "/x/earlier.mp4",
-              "sliding_window_color_correction": "histogram", "sliding_window_color_correction_strength": 0.5}
+              "sliding_window_color_correction": "histogram", "sliding_window_color_correction_strength": 0.5,
+              "sliding_window_overlap_noise": 20.0}
     (req,) = form_to_requests(values)
     assert (req.sliding_window_size, req.sliding_window_overlap, req.sliding_window_seam, req.continue_video) == (
         81, 5, "crossfade", "/x/earlier.mp4")
+    assert req.sliding_window_overlap_noise == 20 and type(req.sliding_window_overlap_noise) is int
     assert request_to_form(req)["sliding_window_color_correction"] == "histogram"
     assert duration_text(241, 16, 81, 5, 0) == "241 frames at 16 fps = 15.06 s · 4 windows of up to 81 frames"
     source = smooth_clip(tmp_path / "earlier.mp4")
@@ -200,10 +253,11 @@ def test_the_flags_have_wan2gp_s_names():
     from tests.test_request_fields import parse
     req = parse("--model", "m", "--frames", "241", "--sliding_window_size", "81", "--sliding_window_overlap", "5",
                 "--sliding_window_discard_last_frames", "4", "--sliding_window_color_correction_strength", "0.7",
-                "--sliding_window_seam", "crossfade", "--continue_video", "earlier.mp4")
+                "--sliding_window_seam", "crossfade", "--continue_video", "earlier.mp4",
+                "--sliding_window_overlap_noise", "20")
     assert (req.sliding_window_size, req.sliding_window_overlap, req.sliding_window_discard_last_frames,
-            req.sliding_window_color_correction_strength, req.sliding_window_seam, req.continue_video) == (
-        81, 5, 4, 0.7, "crossfade", "earlier.mp4")
+            req.sliding_window_color_correction_strength, req.sliding_window_seam, req.continue_video,
+            req.sliding_window_overlap_noise) == (81, 5, 4, 0.7, "crossfade", "earlier.mp4", 20)
 
 
 def test_a_cancel_between_windows_leaves_no_file(engine, tmp_path):
@@ -333,6 +387,8 @@ def test_continuation_starts_with_the_input_video_and_names_it(engine, tmp_path)
     (dict(sliding_window_seam="fade"), "sliding_window_seam", "cut, crossfade"),
     (dict(sliding_window_color_correction="auto"), "sliding_window_color_correction", "off, mean_std, histogram"),
     (dict(sliding_window_color_correction_strength=1.5), "sliding_window_color_correction_strength", "0 (off) to 1"),
+    (dict(sliding_window_overlap_noise=151), "sliding_window_overlap_noise", "0 (off) to 150"),
+    (dict(sliding_window_overlap_noise=-1), "sliding_window_overlap_noise", "0 (off) to 150"),
     (dict(sliding_window_size=9, frames=17, prompt="a\nb\nc\nd"), "prompt", "4 prompts"),
     (dict(prompt="a [/window] b"), "prompt", "--sliding_window_size"),
     (dict(sliding_window_size=9, frames=17, save_latents=True), "save_latents", "window by window"),

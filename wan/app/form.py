@@ -65,7 +65,8 @@ PLAIN_FIELDS = ("model", "task", "negative_prompt", "frames", "steps", "guidance
                 "model_switch_phase", "shift", "sampler", "strength", "vace_scale", "fps", "quality", "profile")
 # sliding windows (wan.engine.windows): copied as they are, like the fields above
 WINDOW_FIELDS = ("sliding_window_size", "sliding_window_overlap", "sliding_window_discard_last_frames",
-                 "sliding_window_seam", "sliding_window_color_correction", "sliding_window_color_correction_strength")
+                 "sliding_window_seam", "sliding_window_color_correction", "sliding_window_color_correction_strength",
+                 "sliding_window_overlap_noise")
 # NAG (wan.optim.nag): a negative prompt that still works at guidance 1
 NAG_FIELDS = ("nag_scale", "nag_tau", "nag_alpha")
 PLAIN_FIELDS = (*PLAIN_FIELDS, *WINDOW_FIELDS, *NAG_FIELDS)

@@ -29,11 +29,11 @@ from wan.app.state import AppState
 from wan.app.ui_phases import PHASE_FIELDS, PHASE_INFO, RECIPE_FIELDS, phase_updates, recipe_updates
 from wan.app.words import literal
 from wan.engine.request import SAMPLERS, TASK_INPUTS, RequestError, request_default
-from wan.engine.window_plan import COLOR_CORRECTIONS, SEAMS, window_count
+from wan.engine.window_plan import COLOR_CORRECTIONS, MAX_OVERLAP_NOISE, SEAMS, window_count
 
 # inputs of each task, in the order they are shown (request field names)
 TASK_INPUT_FIELDS = ("image", "end_image", "video", "strength", "control_video", "mask_video", "ref_images",
-                     "vace_scale", "continue_video")
+                     "vace_scale", "continue_video", "sliding_window_overlap_noise")
 INPUT_LABELS = {"image": "Start image", "end_image": "End image", "video": "Input video",
                 "control_video": "Control video", "mask_video": "Mask video", "ref_images": "Reference images",
                 "continue_video": "Video to continue"}
@@ -151,7 +151,7 @@ def visible_inputs(task: str) -> set[str]:
     if "video" in shown:
         shown.add("strength")
     if task == "vace":
-        shown.add("vace_scale")
+        shown.update(("vace_scale", "sliding_window_overlap_noise"))
     return shown
 
 
@@ -254,6 +254,10 @@ def render(state: AppState) -> dict[str, gr.components.Component]:
             c["sliding_window_color_correction_strength"] = gr.Slider(
                 0.0, 1.0, request_default("sliding_window_color_correction_strength"), step=0.05,
                 label="Colour correction strength (0: off)")
+        c["sliding_window_overlap_noise"] = gr.Slider(
+            0, MAX_OVERLAP_NOISE, request_default("sliding_window_overlap_noise"), step=1, visible=False,
+            label="Overlap noise (VACE, thousandths; Wan2GP's default 20)", elem_id="overlap-noise",
+            info="Fresh noise in the overlap's control at every step: less blur at the seams, held less exactly.")
         c["continue_video"] = gr.Video(label=INPUT_LABELS["continue_video"], elem_id="continue-video", visible=False)
     saver = saver_defaults()
     with gr.Accordion("Advanced: step savers and per-job profile overrides", open=False):

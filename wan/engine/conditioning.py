@@ -34,6 +34,7 @@ class Conditioning:
         init_latent: video-to-video: the clean latent of the input video (noised at the start step).
         drop_front: latent frames to remove before decoding (VACE reference images).
         keep: latent frames known in advance (a sliding window's overlap), set again at every step.
+        overlap_noise: VACE windows: noise blended into the overlap's control latents at every step.
     """
 
     noise_shape: tuple[int, int, int, int]
@@ -44,6 +45,7 @@ class Conditioning:
     init_latent: torch.Tensor | None = None
     drop_front: int = 0
     keep: "KeptLatent | None" = None
+    overlap_noise: "OverlapNoise | None" = None
 
     def token_timesteps(self, t: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
         """Timestep input of the DiT at ``t``: [1], or per token [1, L] in TI2V image mode where
@@ -74,6 +76,38 @@ class KeptLatent:
         x = x.clone()
         x[:, self.offset:self.offset + n] = ((1 - sigma) * self.latent + sigma * self.noise).to(x)
         return x
+
+
+@dataclass
+class OverlapNoise:
+    """Wan2GP's ``sliding_window_overlap_noise`` for a VACE window: before every step, the control's
+    inactive latents (its first 16 channels) at the overlap's latent frames become
+    ``(1 - f)·latent + f·noise``, with fresh noise each step and ``f`` the setting in thousandths;
+    the kept frames then hold the model less rigidly, which Wan2GP uses against blur at the seams.
+
+    Wan2GP draws the noise from the global generator; here it comes from a generator seeded with the
+    window's seed (drawn on the CPU), so a run repeats exactly.
+
+    ``context``: the DiT's ``vace_context`` [1, C, F, h, w], changed in place (every pass of the
+    step reads it); ``latent`` [16, n, h, w]: the overlap's VAE latents; ``offset``: its first
+    latent frame (after the reference images).
+    """
+
+    context: torch.Tensor
+    latent: torch.Tensor
+    factor: float
+    seed: int
+    offset: int = 0
+    generator: torch.Generator | None = None
+
+    def apply(self) -> None:
+        """Sets the overlap's control latents for the next step (one draw of noise per call)."""
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn(self.latent.shape, generator=self.generator).to(self.latent)
+        c, n = self.latent.shape[:2]
+        self.context[0, :c, self.offset:self.offset + n] = ((1 - self.factor) * self.latent
+                                                            + self.factor * noise).to(self.context)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ def denoise(run: Denoising, latent: torch.Tensor, *, progress: Callable[[StepInf
     switch = next((i for i, t in enumerate(sampler.timesteps) if plan.at(float(t))[0] == "low_noise"), None)
     layout = plan.layout([float(t) for t in sampler.timesteps])  # the phases, for per-phase LoRA strengths
     keep = getattr(conditioning, "keep", None)  # a sliding window's overlap latents, at each step's noise level
+    overlap_noise = getattr(conditioning, "overlap_noise", None)
     if keep is not None:
         latent = keep.apply(latent, float(sampler.sigmas[run.start]))
     for i in range(run.start, steps):
@@ -134,6 +135,8 @@ def denoise(run: Denoising, latent: torch.Tensor, *, progress: Callable[[StepInf
         if run.on_step is not None:
             run.on_step(i, steps, expert, switch, layout)
         with torch.inference_mode():
+            if overlap_noise is not None:  # a VACE window's overlap: its control latents noised afresh
+                overlap_noise.apply()
             if run.cfg_parallel is not None and len(passes) > 1:
                 def compute(name, i=i, expert=expert, dit=dit, latent=latent, timestep=timestep):  # one pass here
                     tell(i, f"{expert}/{name}", guidance_plan.skip_layers(name))

@@ -192,6 +192,9 @@ class GenerationRequest:
         "mean_std", "colour correction of each window towards the first (Lab): off, mean_std or histogram")
     sliding_window_color_correction_strength: float = option(
         0.0, "how much of the colour correction applies, 0 (off) to 1")
+    sliding_window_overlap_noise: int = option(
+        0, "VACE windows: noise blended into the overlap frames' control latents at every step, in thousandths, "
+           "0 to 150 (Wan2GP's VACE default, 20, blends in 2 parts in 100), against blur at the seams; 0: off")
     continue_video: str | None = option(
         None, "a video to continue (an earlier output or an upload): its last frames start the --frames new "
               "ones, and the output is that video followed by them")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 WINDOW_SEPARATOR = "[/window]"  # splits a prompt into one prompt per window
 SEAMS = ("cut", "crossfade")
 COLOR_CORRECTIONS = ("off", "mean_std", "histogram")
+MAX_OVERLAP_NOISE = 150  # sliding_window_overlap_noise, in thousandths (Wan2GP's settings allow 150)
 # tasks whose clip can be made in windows (t2i makes one image; the rest take their last frames as
 # conditioning: latents of the overlap, the overlap as known frames for i2v, control frames for VACE)
 WINDOW_TASKS = ("t2v", "i2v", "flf2v", "fun_inp", "fun_control", "vace", "v2v", "ti2v")
@@ -167,6 +168,11 @@ def check_window_request(req, stride_t: int = 4) -> list[Window]:
     strength = req.sliding_window_color_correction_strength
     if not 0.0 <= strength <= 1.0:
         raise RequestError("sliding_window_color_correction_strength", strength, "a number from 0 (off) to 1")
+    noise = req.sliding_window_overlap_noise
+    if not 0 <= noise <= MAX_OVERLAP_NOISE:
+        raise RequestError("sliding_window_overlap_noise", noise,
+                           f"a whole number from 0 (off) to {MAX_OVERLAP_NOISE} (thousandths of noise; Wan2GP's "
+                           "VACE default: 20)")
     windowed = is_windowed(req)
     if not windowed:
         prompts = window_prompts(req.prompt, False)

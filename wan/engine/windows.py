@@ -13,7 +13,8 @@ and with its first frames conditioned on the last frames already made, as Wan2GP
   4k+1 frames is kept whole (Wan2GP's default overlap is 5); of any other overlap, its first 4k+1;
 - VACE, besides: the overlap frames are the first frames of the window's control video, with a
   mask that keeps them; the rest of the control (and mask) video is the user's, at the window's
-  position (or none);
+  position (or none). ``sliding_window_overlap_noise`` (Wan2GP's) blends fresh noise into those
+  control latents at every step (:class:`~wan.engine.conditioning.OverlapNoise`);
 - i2v / flf2v / Fun InP: the overlap frames are the window's known frames (the ``y`` mask marks
   them, CLIP sees the last of them): with an overlap of 1, the previous window's last frame is the
   next one's start image. The end image applies to the last window only;
@@ -49,6 +50,7 @@ from wan.engine.conditioning import (
     Conditioning,
     Inputs,
     KeptLatent,
+    OverlapNoise,
     build_conditioning,
     center_crop_resize,
     latent_shape,
@@ -130,6 +132,9 @@ def run_windows(engine, req: GenerationRequest, spec, nets, profile, savers, lor
         out.abort()
         raise
     video = lone_video if lone_video is not None else out.collected()
+    if req.sliding_window_overlap_noise and req.task != "vace" and (n > 1 or source):
+        notices.append(f"sliding_window_overlap_noise {req.sliding_window_overlap_noise}: applies to VACE windows "
+                       f"only; task {req.task} does not use it")
     if n > 1 or source:
         notices.append(f"sliding windows: {n} window(s) of up to {max(w.frames for w in windows)} frames, overlap "
                        f"{req.sliding_window_overlap}, {req.sliding_window_seam} seams"
@@ -180,6 +185,9 @@ def window_conditioning(req_w: GenerationRequest, spec, nets, device, w: Window,
         cond.fixed_latent, cond.fixed_mask = fixed, mask
     else:
         cond.keep = KeptLatent(z, torch.zeros_like(z), offset=cond.drop_front)
+    if task == "vace" and req_w.sliding_window_overlap_noise:
+        cond.overlap_noise = OverlapNoise(cond.dit_kwargs["vace_context"], z,
+                                          req_w.sliding_window_overlap_noise / 1000, seed=w.seed, offset=cond.drop_front)
     return cond
 
 
