@@ -7,6 +7,7 @@ Machines are simulated (:class:`wan.optim.planner.Machine`), so the plans of rea
 checked on the CPU; the TEST family loads and generates through the same path.
 """
 
+import copy
 import importlib.util
 import sys
 import types
@@ -192,6 +193,51 @@ def test_apply_mmgp_restores_the_default_device(monkeypatch, before, fails):
             assert torch.zeros(1).device.type == "cpu"
     finally:
         torch.set_default_device(None)
+
+
+def mmgp_dtype_rule(models: dict) -> None:
+    """What mmgp 3.x's ``offload.all`` does to dtypes when it takes models (its "Scanning Sizes"
+    pass, as its source reads): in a module without ``_lock_dtype`` each float32 parameter is cast
+    to the model's ``_convertWeightsFloatTo`` (default bf16; None: kept), and every parameter not
+    locked must then have one dtype per model (mmgp asserts it)."""
+    for model in models.values():
+        convert = getattr(model, "_convertWeightsFloatTo", torch.bfloat16)
+        model_dtype = None
+        for module in model.modules():
+            if hasattr(module, "_lock_dtype"):
+                continue
+            for p in module.parameters(recurse=False):
+                if convert is not None and p.dtype == torch.float32:
+                    p.data = p.data.to(model_dtype or convert)
+                model_dtype = model_dtype or p.dtype
+                assert p.dtype == model_dtype, "mmgp: one dtype per model"
+
+
+def test_mmgp_keeps_every_parameter_in_the_dtype_it_was_loaded_in(monkeypatch):
+    """Without the switches mmgp casts the DiT's float32 islands and a float32 VAE to bf16; with
+    them (``keep_loaded_dtypes``, called by ``apply_mmgp``) nothing changes dtype."""
+    from parallel_harness import tiny_dit
+    from wan.models.dit import WanDiT
+
+    def dtypes(model):
+        return {n: p.dtype for n, p in model.named_parameters()}
+    dit, vae = tiny_dit("t2v", 1, torch.bfloat16), torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
+    islands = {n for n, d in dtypes(dit).items() if d == torch.float32}
+    assert islands and all(WanDiT.keep_in_fp32(n) for n in islands)
+    plain_dit, plain_vae = tiny_dit("t2v", 1, torch.bfloat16), copy.deepcopy(vae)
+    mmgp_dtype_rule({"transformer": plain_dit, "vae": plain_vae})  # mmgp's default: all bf16
+    assert set(dtypes(plain_dit).values()) == set(dtypes(plain_vae).values()) == {torch.bfloat16}
+
+    before = (dtypes(dit), dtypes(vae))
+    monkeypatch.setitem(sys.modules, "mmgp", types.SimpleNamespace(offload=types.SimpleNamespace(
+        all=lambda pipe, **kwargs: mmgp_dtype_rule(pipe))))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        mmgp_backend.apply_mmgp({"transformer": dit, "vae": vae}, mmgp_backend.MmgpSettings())
+    finally:
+        torch.set_default_device(None)
+    assert (dtypes(dit), dtypes(vae)) == before
+    assert {n.rpartition(".")[0] for n in islands} == {n for n, m in dit.named_modules() if hasattr(m, "_lock_dtype")}
 
 
 # -- the TEST family through the manager and the engine -----------------------------------------------

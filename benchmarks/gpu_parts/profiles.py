@@ -492,9 +492,9 @@ def run(ctx: Ctx) -> dict:
     cast = [f"case {i} ({r['profile']}): {r['fp32_params_before']:,} -> {r['fp32_params_after']:,}"
             for i, r in sorted(results.items()) if r.get("fp32_params_before") is not None]
     if cast:
-        notes.append("float32 parameters of the DiT before -> after apply_mmgp (mmgp's convertWeightsFloatTo, left at its "
-                     "bf16 default by wan.optim.mmgp_backend, casts float32 weights: the norms, modulation and head the "
-                     "reference keeps in float32): " + "; ".join(cast))
+        notes.append("float32 parameters of the DiT before -> after apply_mmgp (mmgp casts float32 weights to bf16 unless "
+                     "told not to; wan.optim.mmgp_backend.keep_loaded_dtypes tells it to keep the norms, modulation and "
+                     "head float32, as the reference does: equal counts show it held): " + "; ".join(cast))
     columns = ["profiles", "DiT load", "budget", "planned DiT on GPU + reserve", "peak alloc / reserved", "vs plan",
                "load", "first step", "step", "out vs ref", f"planner, {full_blocks} blocks"]
     return measured(columns, rows, notes=notes, data=data)

@@ -8,6 +8,12 @@ CUDA or mmgp is missing, ``wan.optim.offload.stream_blocks_`` executes the same 
 mmgp's own meaning of the numbers (3.x): a model's budget is the megabytes of its weights that may
 be on the GPU at once, 0 meaning no limit (the whole model moves at once); ``"*"`` is the default
 for models not named. Pinned models are copied once into page-locked RAM for fast transfers.
+
+Precision: by default mmgp casts every float32 parameter to bf16 when it takes a model
+(``convertWeightsFloatTo``), which would run the DiT's float32 islands (norms, modulation, time
+embedding, head) and the float32 VAE in bf16, unlike the project's own path and the reference.
+:func:`keep_loaded_dtypes` marks them with mmgp's own switches, so every parameter keeps the dtype
+it was loaded in.
 """
 
 from __future__ import annotations
@@ -72,6 +78,31 @@ def mmgp_arguments(settings: MmgpSettings, model_ids: list[str]) -> dict:
     }
 
 
+def keep_loaded_dtypes(models: Mapping[str, torch.nn.Module]) -> int:
+    """Tells mmgp to leave every parameter of ``models`` in the dtype it has; returns the modules
+    locked.
+
+    mmgp (3.x) reads two switches: a model's ``_convertWeightsFloatTo`` (None: no float32 parameter
+    is cast) and a module's ``_lock_dtype`` (its own parameters are neither cast nor counted in the
+    one dtype mmgp asserts a model has; inputs of a top-level module are cast to it). A float32
+    model (the VAE) just keeps float32; in a model of another dtype, every module whose own floating
+    parameters are all float32 (the DiT's norms, modulation, time embedding and head) is locked to
+    float32.
+    """
+    locked = 0
+    for model in models.values():
+        model._convertWeightsFloatTo = None
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if dtypes <= {torch.float32}:
+            continue
+        for module in model.modules():
+            own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
+            if own and all(p.dtype == torch.float32 for p in own):
+                module._lock_dtype = torch.float32
+                locked += 1
+    return locked
+
+
 def apply_mmgp(models: Mapping[str, torch.nn.Module], settings: MmgpSettings, *, verbose: int = -1):
     """Hands ``models`` (model id -> module, e.g. {"transformer": dit, "text_encoder": te}) to mmgp.
     The default device torch creates tensors on is the same after the call as before it.
@@ -87,6 +118,7 @@ def apply_mmgp(models: Mapping[str, torch.nn.Module], settings: MmgpSettings, *,
     except ImportError as e:
         raise RuntimeError(f"mmgp offload needs the optional package mmgp (pip install mmgp): {e}") from None
     kwargs = mmgp_arguments(settings, list(models))
+    keep_loaded_dtypes(models)
     accepted = inspect.signature(offload.all).parameters
     dropped = sorted(k for k in kwargs if k not in accepted)
     if dropped:  # older mmgp releases lack some arguments; say which settings did not apply
