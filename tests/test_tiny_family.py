@@ -31,8 +31,8 @@ def _digest(folder):
 
 
 def test_family_is_deterministic_and_idempotent(ckpt_dir, tmp_path):
-    again = ensure_tiny_checkpoints(tmp_path)
-    assert _digest(again) == _digest(ckpt_dir / "tiny")
+    again = ensure_tiny_checkpoints(tmp_path / "made", reuse=False)  # written afresh, not copied
+    assert _digest(again) == _digest(ckpt_dir / "tiny") == _digest(ensure_tiny_checkpoints(tmp_path / "copied"))
     before = (ckpt_dir / "tiny" / "t2v" / "transformer.safetensors").stat().st_mtime_ns
     ensure_tiny_checkpoints(ckpt_dir)  # already there: nothing rewritten
     assert (ckpt_dir / "tiny" / "t2v" / "transformer.safetensors").stat().st_mtime_ns == before

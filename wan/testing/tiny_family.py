@@ -71,8 +71,15 @@ def tiny_dit_state_dict(variant: str, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def ensure_tiny_checkpoints(checkpoint_dir: str | os.PathLike) -> Path:
+_made_here: Path | None = None  # this process's own copy of the family, once made (see below)
+
+
+def ensure_tiny_checkpoints(checkpoint_dir: str | os.PathLike, reuse: bool = True) -> Path:
     """Writes the tiny family under ``<checkpoint_dir>/tiny`` unless it is already there.
+
+    The files are the same bytes every time (seeded), so a process makes them once, into a private
+    folder of its own, and copies them to each later ``checkpoint_dir`` (a copy, so that a caller
+    may change its files freely); ``reuse=False`` makes them afresh.
 
     Returns:
         the ``tiny`` folder.
@@ -85,8 +92,12 @@ def ensure_tiny_checkpoints(checkpoint_dir: str | os.PathLike) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
     try:
-        _write_family(staging)
-        (staging / "family.json").write_text(json.dumps({"version": FAMILY_VERSION, "test_model": True}))
+        source = _process_copy() if reuse else None
+        if source is not None:
+            shutil.copytree(source, staging, dirs_exist_ok=True)
+        else:
+            _write_family(staging)
+            (staging / "family.json").write_text(json.dumps({"version": FAMILY_VERSION, "test_model": True}))
         if final.exists():  # an older version: replace it
             shutil.rmtree(final, ignore_errors=True)
         try:
@@ -97,6 +108,24 @@ def ensure_tiny_checkpoints(checkpoint_dir: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def _process_copy() -> Path | None:
+    """This process's private copy of the family, made on first use (removed when the process
+    ends); None when it cannot be made (the caller then writes the family itself)."""
+    global _made_here
+    if _made_here is None or not (_made_here / "family.json").exists():
+        import atexit
+        folder = Path(tempfile.mkdtemp(prefix="wan-tiny-family-"))
+        try:
+            _write_family(folder)
+            (folder / "family.json").write_text(json.dumps({"version": FAMILY_VERSION, "test_model": True}))
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        atexit.register(shutil.rmtree, folder, True)
+        _made_here = folder
+    return _made_here
 
 
 def _write_family(folder: Path) -> None:
