@@ -25,9 +25,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from memory import peak_bytes, reset_peak, run_case  # noqa: E402
+from wan.registry import get_model  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
-SHAPE_13B = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
+_ARCH = get_model("wan2.1-t2v-1.3B").arch
+SHAPE_13B = dict(dim=_ARCH.dim, ffn_dim=_ARCH.ffn_dim, num_heads=_ARCH.num_heads, num_layers=_ARCH.num_layers)
 TEXT_TOKENS = 24
 
 

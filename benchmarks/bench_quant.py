@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-SHAPE_13B = {"dim": 1536, "ffn_dim": 8960, "num_heads": 12, "num_layers": 30}
+from bench_dit import SHAPE_13B  # noqa: E402
 MODES = ("fp8", "fp8_scaled", "int8")
 HELPER_CASES = ("fp8_scaled", "int8")
 

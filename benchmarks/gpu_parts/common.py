@@ -24,10 +24,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
+
+
+def registry_shape(model_id: str) -> dict:
+    """(dim, ffn_dim, num_heads, num_layers) of a public model, from the registry."""
+    from wan.registry import get_model
+    arch = get_model(model_id).arch
+    return {"dim": arch.dim, "ffn_dim": arch.ffn_dim, "num_heads": arch.num_heads, "num_layers": arch.num_layers}
+
+
 # Public Wan DiT shapes (head_dim 128). The dry run's is tiny but keeps head_dim 64, which every
 # attention kernel accepts.
-SHAPE_1_3B = {"dim": 1536, "ffn_dim": 8960, "num_heads": 12, "num_layers": 30}
-SHAPE_14B = {"dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40}
+SHAPE_1_3B = registry_shape("wan2.1-t2v-1.3B")
+SHAPE_14B = registry_shape("wan2.1-t2v-14B")
 SHAPE_DRY = {"dim": 128, "ffn_dim": 256, "num_heads": 2, "num_layers": 2, "text_dim": 64}
 
 
