@@ -1,4 +1,4 @@
-"""Prompt encoding: the positions encoded up to the longest prompt (ours) against all 512 (the
+"""Prompt encoding: each prompt encoded over its own tokens (ours) against all 512 positions (the
 reference's fixed length), umT5-XXL shape.
 
     .venv/bin/python benchmarks/bench_text_encoder.py [--layers 1] [--repeats 3]
@@ -10,7 +10,8 @@ ways on the same weights and token ids:
 
 - reference: ``encoder(ids, mask)`` over all 512 positions, then each prompt's rows kept (the
   official pipeline: ``wan/modules/t5.py`` pads every prompt to ``text_len`` 512);
-- ours: ``encode_prompts`` (``wan.models.text_encoder``), which encodes up to the longest prompt.
+- ours: ``encode_prompts`` (``wan.models.text_encoder``), which encodes each prompt alone over its
+  own tokens.
 
 For each pair of lengths and dtype (float32, bf16): the median time of ``--repeats`` interleaved
 runs of each, the ratio, and the largest difference of the states (relative to the largest

@@ -120,7 +120,10 @@ def listen(state: AppState, c: dict, ui: dict) -> None:
         choices, table = lora_rows(state, model_id)
         keep = [s for s in selected or [] if s in {v for _, v in choices}]
         return gr.update(choices=choices, value=keep), table, gr.update(choices=preset_names(state))
-    ui["refresh"].click(refresh, [c["model"], c["loras"]], [c["loras"], ui["table"], ui["preset"]])
+    # always_last: a click while a refresh is still running (a loaded server) runs again after it,
+    # rather than being dropped (gradio's default for a button), so a file just added shows
+    ui["refresh"].click(refresh, [c["model"], c["loras"]], [c["loras"], ui["table"], ui["preset"]],
+                        trigger_mode="always_last")
     c["model"].change(refresh, [c["model"], c["loras"]], [c["loras"], ui["table"], ui["preset"]])
     ui["check"].click(lambda m, s: check_selected(state, m, s), [c["model"], c["loras"]], ui["status"])
 

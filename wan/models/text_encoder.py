@@ -9,8 +9,8 @@ relative-position bias (32 buckets, bidirectional, max distance 128), attention 
 Two entry points:
   - ``forward(ids, mask)``: token ids -> hidden states for every position, ``[B, L, dim]``.
   - ``encode_prompts(prompts)``: what the official pipeline does with text: clean, tokenize to a
-    fixed length (512), encode with the mask, and trim each output to its real length (the
-    positions after the longest prompt are not encoded: they change no real token's state).
+    fixed length (512), encode with the mask, and trim each output to its real length (each
+    prompt is encoded alone over its own tokens: the padding changes no real token's state).
 """
 
 from __future__ import annotations
@@ -163,14 +163,14 @@ class UMT5TextEncoder(nn.Module):
         ``L_i`` is the prompt's real token count (EOS included), at most ``max_length`` (default
         ``text_len`` = 512). The DiT pads these back to 512 rows with zeros.
 
-        The reference encodes all ``max_length`` positions; only the longest prompt's are encoded
-        here. The padding after it is masked out of every attention, and each other layer works
+        The reference encodes all ``max_length`` positions; here each prompt is encoded alone, over
+        its own tokens. The padding is masked out of every attention, and each other layer works
         token by token, so no real token's state depends on it (equal up to the order of float
         sums; ``tests/test_text_encoder.py``); a typical prompt of ~100 tokens costs a fifth of
-        the work (``benchmarks/bench_text_encoder.py``).
+        the work (``benchmarks/bench_text_encoder.py``). Alone, a prompt's states are the same bits
+        whatever it is encoded with (a batch padded to its longest prompt would change the shapes
+        of the products, and so the last bits, with the other prompts).
         """
         ids, mask = self.tokenize(prompts, max_length)
         lengths = mask.gt(0).sum(dim=1).tolist()
-        longest = max(lengths)
-        hidden = self(ids[:, :longest], mask[:, :longest])
-        return [h[:n] for h, n in zip(hidden, lengths)]
+        return [self(ids[i:i + 1, :n], mask[i:i + 1, :n])[0] for i, n in enumerate(lengths)]
