@@ -224,6 +224,9 @@ def test_mmgp_keeps_every_parameter_in_the_dtype_it_was_loaded_in(monkeypatch):
     dit, vae = tiny_dit("t2v", 1, torch.bfloat16), torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
     islands = {n for n, d in dtypes(dit).items() if d == torch.float32}
     assert islands and all(WanDiT.keep_in_fp32(n) for n in islands)
+    mixed = torch.nn.Linear(4, 4).to(torch.bfloat16)  # a module of both dtypes: mmgp makes it one
+    mixed.bias.data = mixed.bias.data.float()
+    dit.mixed = mixed
     plain_dit, plain_vae = tiny_dit("t2v", 1, torch.bfloat16), copy.deepcopy(vae)
     mmgp_dtype_rule({"transformer": plain_dit, "vae": plain_vae})  # mmgp's default: all bf16
     assert set(dtypes(plain_dit).values()) == set(dtypes(plain_vae).values()) == {torch.bfloat16}
@@ -236,7 +239,7 @@ def test_mmgp_keeps_every_parameter_in_the_dtype_it_was_loaded_in(monkeypatch):
         mmgp_backend.apply_mmgp({"transformer": dit, "vae": vae}, mmgp_backend.MmgpSettings())
     finally:
         torch.set_default_device(None)
-    assert (dtypes(dit), dtypes(vae)) == before
+    assert (dtypes(dit), dtypes(vae)) == ({**before[0], "mixed.bias": torch.bfloat16}, before[1])
     assert {n.rpartition(".")[0] for n in islands} == {n for n, m in dit.named_modules() if hasattr(m, "_lock_dtype")}
 
 

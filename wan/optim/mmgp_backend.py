@@ -87,13 +87,14 @@ def keep_loaded_dtypes(models: Mapping[str, torch.nn.Module]) -> int:
     one dtype mmgp asserts a model has; inputs of a top-level module are cast to it). A float32
     model (the VAE) just keeps float32; in a model of another dtype, every module whose own floating
     parameters are all float32 (the DiT's norms, modulation, time embedding and head) is locked to
-    float32.
+    float32. A module whose own parameters mix float32 with another dtype is left to mmgp, which
+    casts its float32 ones to the model's dtype (it asserts one dtype per model otherwise).
     """
     locked = 0
     for model in models.values():
-        model._convertWeightsFloatTo = None
         dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
         if dtypes <= {torch.float32}:
+            model._convertWeightsFloatTo = None
             continue
         for module in model.modules():
             own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
