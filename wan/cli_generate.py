@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
         except Exception as e:  # noqa: BLE001 - any other failure: report it, keep the batch going
             from wan.loading.download import DownloadError
-            kind = "" if isinstance(e, DownloadError) else f"{type(e).__name__}: "
+            kind = "" if isinstance(e, DownloadError) or getattr(e, "plain_message", False) else f"{type(e).__name__}: "
             where = "" if launch.world_size == 1 else f"rank {launch.rank}: "
             print(f"error: {where}{label}{kind}{e}", file=sys.stderr)
             return EXIT_FAILED

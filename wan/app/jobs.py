@@ -170,6 +170,8 @@ def expected_failure(e: BaseException) -> bool:
     ValueError subclass defined in this package), logged as one line; anything else (a plain
     ValueError, a RuntimeError) may be a bug and is logged with its traceback."""
     kind = type(e)
+    if getattr(e, "plain_message", False):  # running out of memory: the message says what to change
+        return True
     return isinstance(e, ValueError) and kind is not ValueError and kind.__module__.split(".")[0] == "wan"
 
 
@@ -183,16 +185,17 @@ def make_label(request: dict) -> str:
 
 
 def error_message(e: BaseException) -> str:
-    """The whole error for the UI, line breaks kept: a ValueError's own text (RequestError is one),
-    else ``Type: text``. Trailing spaces and runs of blank lines are dropped, and it is cut at
-    ``MAX_ERROR_CHARS`` with an ellipsis, so a queue file holding it stays small."""
+    """The whole error for the UI, line breaks kept: a ValueError's own text (RequestError is one)
+    or that of an error marked ``plain_message`` (running out of memory), else ``Type: text``.
+    Trailing spaces and runs of blank lines are dropped, and it is cut at ``MAX_ERROR_CHARS`` with
+    an ellipsis, so a queue file holding it stays small."""
     lines = str(e).replace("\r\n", "\n").replace("\r", "\n").expandtabs(4).split("\n")
     kept: list[str] = []
     for line in (line.rstrip() for line in lines):
         if line or (kept and kept[-1]):  # one blank line at most between two lines of text
             kept.append(line)
     text = "\n".join(kept).strip("\n")
-    if not isinstance(e, ValueError) or not text:
+    if not (isinstance(e, ValueError) or getattr(e, "plain_message", False)) or not text:
         text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 1] + "…"
 

@@ -20,6 +20,7 @@ from wan.engine.conditioning import Conditioning, build_conditioning
 from wan.engine.loop import Cancelled, CancelToken, Denoising, StepInfo, denoise
 from wan.engine.phases import PhasePlan, nag_scales, phase_guidances
 from wan.engine.model_manager import ModelManager, ModelSet
+from wan.engine.out_of_memory import out_of_memory
 from wan.optim.apply import load_settings as _load_settings
 from wan.engine.request import GenerationRequest, RequestError, resolve_request
 from wan.engine.request_checks import Limits
@@ -96,6 +97,7 @@ class Engine:
         self.limits = limits or Limits()  # what one request may ask (the server's, or the CLI's flags)
         self.lora_dir = lora_dir
         self.lora_names_only = False  # True (the web server): LoRAs only by name inside lora_dir
+        self._stage = "loading the models"  # what the running job does, for an out-of-memory error
         # MagCache: per-model magnitude tables, recorded by the first MagCache job of a model
         from wan.optim.magcache_tables import MagnitudeTables
         self.magcache_tables = MagnitudeTables(magcache_dir if magcache_dir is not None
@@ -132,10 +134,18 @@ class Engine:
             RequestError: a field of the request is not allowed (nothing was loaded or written).
             ParallelConfigError: a parallel setting that cannot run (nothing was loaded).
             Cancelled: ``cancel`` was set; nothing was written.
+            GenerationOutOfMemory: the device or the RAM ran out (single process): where, and what
+                uses less; the models are unloaded first (:mod:`wan.engine.out_of_memory`).
         """
         if parallel is None or not parallel.enabled:
             req, spec = resolve_request(request, self.registry, limits=self.limits)
-            return self._generate(req, spec, progress, cancel, write, savers, files, None)
+            self._stage = "loading the models"
+            try:
+                return self._generate(req, spec, progress, cancel, write, savers, files, None)
+            except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+                failure = out_of_memory(exc, self._stage, self.device, req.profile)
+            self.models.release()  # here, once the failed call's tensors are gone with its exception
+            raise failure
         from wan.parallel import SharedCancel, parallel_session
         with parallel_session(parallel, device=self.device) as ps:
             self._check_device(ps)
@@ -172,6 +182,7 @@ class Engine:
         notices += loras.notices
         if ps is not None and ps.config.dit_fsdp:
             _refuse_merged_loras(loras, nets)
+        self._stage = "encoding the inputs"
         if is_windowed(req):  # sliding windows / continuation: window by window, one file (wan.engine.windows)
             from wan.engine.windows import run_windows
             return run_windows(self, req, spec, nets, profile, savers, loras, progress, cancel, write, notices)
@@ -194,6 +205,7 @@ class Engine:
             notices.append(_parallel_notice(ps))
         if ps is not None and not ps.is_main:  # rank 0 decodes and writes
             return GenerationResult([], req, self.metadata(req), latent, None, steps, notices, comm)
+        self._stage = "decoding"
         video = nets.vae.decode(latent[None].float(), tile=vae_tiling(profile, cond.size))[0]
         metadata = self.metadata(req, nets)
         files: list[Path] = []
@@ -393,10 +405,17 @@ class Engine:
         if parallel is not None:  # last: it wraps the block runner set above
             from wan.parallel import UlyssesParallel
             parts.append(UlyssesParallel(parallel.sp_group, parallel.counter))
+        steps = len(sampler.timesteps)
+
+        def step_done(info: StepInfo) -> None:  # the next step is the one that runs now (for an out-of-memory error)
+            self._stage = f"denoising (step {min(info.step + 1, steps)} of {steps})"
+            if progress is not None:
+                progress(info)
+        self._stage = f"denoising (step {start + 1} of {steps})"
         with attach_job(nets.dits, parts) as attached:
             if notices is not None:
                 notices += attached
-            latent = denoise(run, latent, progress=progress, cancel=cancel)
+            latent = denoise(run, latent, progress=step_done, cancel=cancel)
         return latent[:, cond.drop_front:], cond
 
     def encode_prompts(self, nets: ModelSet, req: GenerationRequest, notices: list[str] | None = None,

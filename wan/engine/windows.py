@@ -110,6 +110,7 @@ def run_windows(engine, req: GenerationRequest, spec, nets, profile, savers, lor
                                           savers=savers, loras=loras,
                                           attention=profile.attention if profile else ("sdpa",), notices=notices)
             _check_cancel(cancel, f"before decoding window {w.index} of {n}")
+            engine._stage = f"decoding window {w.index} of {n}"
             video = nets.vae.decode(latent[None].float(), tile=vae_tiling(profile, cond.size))[0]
             if size is None:
                 size = cond.size
