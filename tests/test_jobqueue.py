@@ -663,3 +663,32 @@ def test_a_refused_job_is_logged_as_one_line_and_a_bug_with_its_traceback(queue,
     assert "steps: 0 is not allowed" in lines[0].getMessage() and "\n" not in lines[0].getMessage()
     crashes = [r for r in caplog.records if crash in r.getMessage() and r.levelno >= logging.ERROR]
     assert len(crashes) == 1 and crashes[0].exc_info is not None
+
+
+@pytest.mark.parametrize("exclusive", [True, False])
+def test_a_job_that_runs_alone_waits_for_the_running_ones_and_holds_back_the_rest(tmp_path, exclusive):
+    """Two workers; a job marked exclusive (a training run) starts only once the running job has
+    ended, and the job behind it starts only once it has ended. Without the mark, two run at once."""
+    runner = FakeRunner()
+    q = JobQueue(None, runner, workers=2, exclusive=(lambda r: r["prompt"] == "train") if exclusive else None)
+    try:
+        first = q.add(request("block first"), "s")
+        train = q.add(request("train"), "s")
+        last = q.add(request("last"), "s")
+        q.start()
+        wait_for(runner.blocked.is_set)
+        time.sleep(0.2)  # time enough for the idle worker to take a job if it may
+        if exclusive:
+            assert [j.id for j in q.running_jobs()] == [first.id] and runner.calls == [first.id]
+        else:
+            assert runner.calls[:2] == [first.id, train.id]
+        runner.gate.set()
+        assert q.wait_idle(TIMEOUT)
+        assert all(q.get(j.id).status == "done" for j in (first, train, last))
+        if exclusive:
+            assert runner.calls == [first.id, train.id, last.id] and runner.max_active == 1
+        else:
+            assert runner.max_active == 2
+    finally:
+        runner.gate.set()
+        q.stop(timeout=TIMEOUT, cancel_running=True)

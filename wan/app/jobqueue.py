@@ -88,15 +88,20 @@ class JobQueue:
             default for every job), a text fails it with that text as its error instead (a training
             run is offered for resumption from its saved state rather than started over).
         workers: how many jobs run at once, each on a worker thread of its own (1: one at a time).
+        exclusive: ``exclusive(request)`` true for a job that must run alone (a training run needs
+            the whole GPU): with several workers it starts only when no other job runs, and no job
+            starts beside it. The queue's order holds: the jobs behind it wait for it.
     """
 
     def __init__(self, path: str | os.PathLike | None, runner: Runner, max_queued: int = 100,
                  max_history: int = 200, max_restarts: int = 3, max_per_session: int | None = None,
-                 interrupted: Callable[[Job], str | None] | None = None, workers: int = 1):
+                 interrupted: Callable[[Job], str | None] | None = None, workers: int = 1,
+                 exclusive: Callable[[dict], bool] | None = None):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers: {workers!r} is not allowed; a whole number >= 1")
         self.path = Path(path) if path is not None else None
         self._interrupted = interrupted
+        self._exclusive = exclusive
         self._runner = runner
         self.max_queued = max_queued
         self.max_per_session = max_per_session
@@ -357,7 +362,7 @@ class JobQueue:
             broken = None
         while True:
             with self._lock:
-                self._changed.wait_for(lambda: self._stopping or self._queued)
+                self._changed.wait_for(lambda: self._stopping or self._may_start())
                 if self._stopping:
                     # under the lock, so start() knows at once that this worker no longer loops
                     self._threads = [t for t in self._threads if t is not threading.current_thread()]
@@ -379,6 +384,22 @@ class JobQueue:
                 log.exception("job queue: the worker failed around job %s", job.id)
             finally:
                 self._settle(job, broken)
+
+    def _alone(self, job: Job) -> bool:
+        """Whether ``job`` must run with no other job beside it (``exclusive``)."""
+        if self._exclusive is None:
+            return False
+        try:
+            return bool(self._exclusive(job.request))
+        except Exception:  # noqa: BLE001 - a request it cannot read is an ordinary job
+            return False
+
+    def _may_start(self) -> bool:
+        """Whether a free worker may take the first waiting job now (under the lock): not beside a
+        job that runs alone, and a job that runs alone only once nothing else runs."""
+        if not self._queued or any(self._alone(j) for j in self._running):
+            return False
+        return not (self._running and self._alone(self._queued[0]))
 
     def _settle(self, job: Job, broken: str | None) -> None:
         """Ends the worker's hold on ``job``, failing it if it was not finished properly."""

@@ -69,10 +69,12 @@ class AppState:
             from wan.app.gpu_workers import WorkerPool
             self.workers = WorkerPool.from_settings(settings, engine_factory=worker_engine)
         from wan.app.train_jobs import interrupted_reason  # a training job is resumed, never restarted
+        from wan.app.train_request import is_training  # and runs alone: it needs the whole GPU
         self.queue = JobQueue(self.state_dir / QUEUE_FILE, self.run_job, max_queued=settings.max_queue,
                               max_per_session=settings.max_queue_per_session if self.shared else None,
                               interrupted=interrupted_reason,
-                              workers=self.workers.slots if self.workers is not None else 1)
+                              workers=self.workers.slots if self.workers is not None else 1,
+                              exclusive=is_training)
         self._warned: set[str] = set()
         self._pruned_at = time.monotonic()
         self.prune_uploads()
