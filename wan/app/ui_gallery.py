@@ -111,8 +111,8 @@ def continuation_of(path: str | None):
                       "task instead")
     if "continue_video" not in TASK_INPUTS.get(request.task, ()):
         can = ", ".join(t for t, inputs in TASK_INPUTS.items() if "continue_video" in inputs)
-        return None, (f"⚠️ {Path(path).name} was made by task {request.task}, which cannot continue a video; the tasks "
-                      f"that can: {can}. Upload it as the video to continue of one of them")
+        return None, (f"⚠️ {Path(path).name} was made by task {request.task}, which cannot continue a video; "
+                      f"the tasks that can: {can}. Upload it as the video to continue of one of them")
     return request.replace(continue_video=path), (f"The settings of {Path(path).name} are in the form, with the video "
                                                   "as the video to continue: Add to queue makes the frames that "
                                                   "follow it.")

@@ -187,8 +187,8 @@ def window_conditioning(req_w: GenerationRequest, spec, nets, device, w: Window,
     else:
         cond.keep = KeptLatent(z, torch.zeros_like(z), offset=cond.drop_front)
     if task == "vace" and req_w.sliding_window_overlap_noise:
-        cond.overlap_noise = OverlapNoise(cond.dit_kwargs["vace_context"], z,
-                                          req_w.sliding_window_overlap_noise / 1000, seed=w.seed, offset=cond.drop_front)
+        cond.overlap_noise = OverlapNoise(cond.dit_kwargs["vace_context"], z, req_w.sliding_window_overlap_noise / 1000,
+                                          seed=w.seed, offset=cond.drop_front)
     return cond
 
 
