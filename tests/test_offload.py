@@ -131,6 +131,34 @@ def test_fp8_scaled_file_streams_like_it_loads(fp8_scaled_file):
             assert torch.equal(e, o)
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_fp8_layers_stay_fp8_when_streamed_and_compute_what_the_kept_fp8_load_does(fp8_scaled_file, prefetch):
+    """keep_fp8 while streaming: each block's quantised layers hold the file's fp8 bytes (resident
+    or streamed in), so a block takes about half the bytes of bf16, and the outputs are bit for bit
+    those of ``load_transformer(keep_fp8=True)``."""
+    from wan.layers.quant import QuantLinear
+    inputs = probes(2)
+    expected = forward_all(wan.load_transformer(fp8_scaled_file, keep_fp8=True), inputs)
+    dit, handle = load_transformer_streamed(fp8_scaled_file, prefetch=prefetch, budget_blocks=1, keep_fp8=True)
+    plain, plain_handle = load_transformer_streamed(fp8_scaled_file, prefetch=prefetch, budget_blocks=1)
+    seen = []
+
+    def record(module, args):
+        q = module.ffn[0]
+        seen.append((isinstance(q, QuantLinear) and q.qweight.dtype == torch.float8_e4m3fn and not q.qweight.is_meta,
+                     q.weight_scale.dtype))
+    hooks = [b.register_forward_pre_hook(record) for b in dit.blocks]
+    with handle, plain_handle:
+        assert isinstance(dit.text_embedding[0], QuantLinear) and not dit.text_embedding[0].qweight.is_meta
+        for e, o in zip(expected, forward_all(dit, inputs)):
+            assert torch.equal(e, o)
+        assert seen and all(ok and scale == torch.float32 for ok, scale in seen)  # fp8 in every block as it ran
+        assert resident_blocks(dit) == ["blocks.0"] and isinstance(dit.blocks[0].ffn[0], QuantLinear)
+        assert 0.5 < handle.largest_block_bytes / plain_handle.largest_block_bytes < 0.6  # fp8 + float32 islands
+    for h in hooks:
+        h.remove()
+
+
 def test_vace_model_with_and_without_control(vace_file):
     g = torch.Generator().manual_seed(9)
     control = torch.randn(1, 32, 2, 4, 4, generator=g)

@@ -133,8 +133,11 @@ def test_explicit_settings_load_as_written(profiles, t2v_14b):
     none = apply_overrides(default, {"memory.offload": "none"})
     s = execution_settings(none, t2v_14b, DESKTOP, profiles)  # does not fit: loads whole all the same
     assert not s.stream and s.resident_blocks is None and any("does not fit" in n for n in s.notes)
-    with pytest.raises(ProfileError, match="quantize.transformer=fp8 with block streaming"):
-        execution_settings(apply_overrides(default, {"memory.offload": "blocks", "quantize.transformer": "fp8"}),
+    fp8 = execution_settings(apply_overrides(default, {"memory.offload": "blocks", "quantize.transformer": "fp8"}),
+                             t2v_14b, DESKTOP, profiles)  # fp8 layers stream as the fp8 file stores them
+    assert fp8.stream and fp8.quant_transformer == "fp8" and fp8.resident_blocks is not None
+    with pytest.raises(ProfileError, match="quantize.transformer=int8 with block streaming is not supported"):
+        execution_settings(apply_overrides(default, {"memory.offload": "blocks", "quantize.transformer": "int8"}),
                            t2v_14b, DESKTOP, profiles)
 
 
@@ -313,3 +316,39 @@ def test_streaming_from_the_plan_generates_what_the_resident_load_does(tiny_root
         assert torch.equal(expected.latent, got.latent)
     finally:
         streamed.models.release()
+
+
+def test_an_fp8_file_streams_with_its_fp8_layers_and_generates_what_the_whole_fp8_load_does(tiny_root, tmp_path):
+    """quantize.transformer=fp8 with block streaming, on a DiT file that stores its linears in fp8
+    (ComfyUI's layout): the blocks stream kept fp8 and the latents equal those of the same file
+    loaded whole and kept fp8; a file of plain weights is refused before anything runs, naming it."""
+    from safetensors.torch import load_file, save_file
+    from wan.engine.request import RequestError
+    plain = tiny_root / "tiny" / "t2v" / "transformer.safetensors"
+    state = {}
+    for k, v in load_file(str(plain)).items():
+        key = "model.diffusion_model." + k
+        if v.ndim == 2 and k.endswith(".weight") and "norm" not in k:
+            scale = v.abs().max() / 448.0
+            state[key], state[key[:-len(".weight")] + ".scale_weight"] = (v / scale).to(torch.float8_e4m3fn), \
+                scale.reshape(1)
+        else:
+            state[key] = v
+    fp8 = tmp_path / "tiny_t2v_fp8_scaled.safetensors"
+    save_file(state, str(fp8))
+    engine = Engine(checkpoint_dir=tiny_root, device="cpu", dtype=torch.float32)
+    req = GenerationRequest(model="test-tiny-t2v", prompt="a fox", seed=5, steps=3, profile="default")
+    whole = engine.generate(req.replace(profile_overrides={"quantize.transformer": "fp8"}), write=False,
+                            files={"transformer": str(fp8)})
+    assert not engine.models.current.handles
+    streaming = {"quantize.transformer": "fp8", "memory.offload": "blocks", "memory.blocks_to_swap": 1}
+    streamed = engine.generate(req.replace(profile_overrides=streaming), write=False, files={"transformer": str(fp8)})
+    try:
+        (handle,) = engine.models.current.handles
+        assert len(handle.resident) == 1 and any("fp8 layers kept fp8, 1 of 2 blocks resident" in n
+                                                 for n in streamed.notices)
+        assert torch.equal(whole.latent, streamed.latent)
+    finally:
+        engine.models.release()
+    with pytest.raises(RequestError, match="needs a file that stores its linear layers in fp8.*transformer.safetensors"):
+        engine.generate(req.replace(profile_overrides=streaming), write=False, files={"transformer": str(plain)})

@@ -299,9 +299,19 @@ class ModelManager:
                 budget = min(resident, layers)
             else:
                 budget = max(0, layers - swap) if swap is not None else None
+            keep_fp8 = quant in ("fp8", "fp8_scaled")
+            if keep_fp8:
+                from wan.loading.transformer import fp8_layers_of
+                from wan.optim.profiles import ProfileError
+                if not fp8_layers_of(path):
+                    raise ProfileError(f"quantize.transformer={quant} with block streaming needs a file that stores "
+                                       f"its linear layers in fp8 (the model's fp8 variant, or a ComfyUI fp8 file): "
+                                       f"{Path(path).name} stores them unquantised. Use an fp8 file, "
+                                       "quantize.transformer=none, or memory.offload none/model")
             dit, handle = load_transformer_streamed(path, device=device, dtype=dtype, prefetch=prefetch,
-                                                    budget_blocks=budget)
+                                                    budget_blocks=budget, keep_fp8=keep_fp8)
             notes.append(f"{name}: streamed block by block from {Path(path).name}, prefetch {prefetch}"
+                         + (", fp8 layers kept fp8" if keep_fp8 else "")
                          + (f", {budget} of {layers} blocks resident" if budget else ""))
             return dit, handle
         keep_fp8 = quant in ("fp8", "fp8_scaled")

@@ -55,14 +55,15 @@ def load_transformer(path: str | os.PathLike | Sequence, device: str | torch.dev
         return materialize(lambda: WanDiT(cfg), keys.readers(), device=device, dtype=target,
                            keep_fp32=WanDiT.keep_in_fp32, source=source)
     quantized = {f"{name}.{leaf}" for name in fp8 for leaf in ("qweight", "weight_scale")}
-    return materialize(lambda: _with_fp8_layers(WanDiT(cfg), fp8, target), keys.fp8_readers(fp8), device=device,
+    return materialize(lambda: with_fp8_layers(WanDiT(cfg), fp8, target), keys.fp8_readers(fp8), device=device,
                        dtype=target, keep_fp32=WanDiT.keep_in_fp32, keep_dtype=quantized.__contains__,
                        source=source)
 
 
-def _with_fp8_layers(dit: WanDiT, fp8: dict[str, tuple], compute: torch.dtype) -> WanDiT:
+def with_fp8_layers(dit: WanDiT, fp8: dict[str, tuple], compute: torch.dtype) -> WanDiT:
     """Replaces (on the meta device) the named linear layers by quantised layers of the file's
-    fp8 dtype and scale shape, to be filled by materialize."""
+    fp8 dtype and scale shape (:func:`fp8_layers_of`), to be filled by ``materialize`` or by
+    block streaming."""
     from wan.layers.quant import QuantLinear
     for name, (dtype, scale_shape) in fp8.items():
         owner_name, _, leaf = name.rpartition(".")
@@ -244,7 +245,7 @@ def describe_keys(keys: list[str]) -> str:
     return f"first keys: {sample}" if sample else "it holds no tensors"
 
 
-def open_transformer(path: str | os.PathLike | Sequence, *, num_heads: int | None = None
+def open_transformer(path: str | os.PathLike | Sequence, *, num_heads: int | None = None, keep_fp8: bool = False
                      ) -> tuple[DiTConfig, dict[str, Callable[[], torch.Tensor]], Checkpoint, torch.dtype]:
     """Opens a DiT checkpoint without loading it, for tools that read it tensor by tensor
     (block streaming in ``wan.optim.offload``).
@@ -253,8 +254,21 @@ def open_transformer(path: str | os.PathLike | Sequence, *, num_heads: int | Non
         the config, one reader per official parameter name (each returns the tensor exactly as
         :func:`load_transformer` would before its dtype/device conversion: fp8 dequantised), the
         open checkpoint, and the dtype :func:`load_transformer` would pick when given none.
+        With ``keep_fp8`` (as :func:`load_transformer`'s), the linear layers the file stores in fp8
+        are read under the quantised layers' names instead (``<layer>.qweight`` as stored,
+        ``<layer>.weight_scale`` in float32): build the network with :func:`with_fp8_layers` then
+        (the layers: :func:`fp8_layers_of`).
     """
     ckpt = _open(path)
     keys = WanKeys(ckpt)
     cfg = infer_config(keys.shapes(), ckpt.config, num_heads=num_heads, source=str(ckpt.root))
-    return cfg, dict(keys.readers()), ckpt, _default_dtype(ckpt)
+    fp8 = keys.fp8_linears() if keep_fp8 else {}
+    readers = dict(keys.fp8_readers(fp8)) if fp8 else dict(keys.readers())
+    return cfg, readers, ckpt, _default_dtype(ckpt)
+
+
+def fp8_layers_of(path: str | os.PathLike | Sequence) -> dict[str, tuple[torch.dtype, tuple[int, ...] | None]]:
+    """The linear layers a DiT file stores in fp8 (the float32 ones excepted): module name ->
+    (fp8 dtype, shape of its ``scale_weight`` or None); empty for a file of plain weights. Build
+    the network with :func:`with_fp8_layers` to keep them fp8."""
+    return WanKeys(_open(path)).fp8_linears()

@@ -46,10 +46,25 @@ Reader = Callable[[], torch.Tensor]
 
 @dataclass
 class _Param:
+    """One streamed tensor: a parameter, or a buffer of a quantised layer (``qweight``,
+    ``weight_scale`` of a :class:`~wan.layers.quant.QuantLinear` kept fp8 from the file)."""
     name: str            # full name in the DiT, e.g. "blocks.3.self_attn.q.weight"
     owner: nn.Module
     leaf: str
-    placeholder: nn.Parameter  # meta tensor of the final shape and dtype
+    placeholder: torch.Tensor  # meta tensor of the final shape and dtype (an nn.Parameter for a parameter)
+    buffer: bool = False
+
+    def current(self) -> torch.Tensor:
+        return (self.owner._buffers if self.buffer else self.owner._parameters)[self.leaf]
+
+    def assign(self, tensor: torch.Tensor) -> None:
+        if self.buffer:
+            self.owner._buffers[self.leaf] = tensor
+        else:
+            self.owner._parameters[self.leaf] = nn.Parameter(tensor, requires_grad=False)
+
+    def clear(self) -> None:
+        (self.owner._buffers if self.buffer else self.owner._parameters)[self.leaf] = self.placeholder
 
 
 @dataclass
@@ -231,7 +246,7 @@ class StreamHandle:
                 raise CheckpointError(f"{e} (while streaming {unit.name})") from e
             raise CheckpointError(f"{self.source}: streaming {unit.name} failed ({type(e).__name__}: {e})") from e
         for p in unit.params:
-            p.owner._parameters[p.leaf] = nn.Parameter(tensors.pop(p.name), requires_grad=False)
+            p.assign(tensors.pop(p.name))
         self._loaded.add(i)
 
     def _after(self, i: int, module: nn.Module, args, output) -> None:
@@ -268,7 +283,7 @@ class StreamHandle:
 
     def _release(self, i: int) -> None:
         for p in self._units[i].params:
-            p.owner._parameters[p.leaf] = p.placeholder
+            p.clear()
         self._loaded.discard(i)
 
     def _drop_pending(self) -> None:
@@ -307,17 +322,23 @@ def stream_blocks_(dit: WanDiT, checkpoint_path: str | os.PathLike | Sequence, *
 
 def load_transformer_streamed(path: str | os.PathLike | Sequence, device: str | torch.device = "cpu",
                               dtype: torch.dtype | None = None, *, prefetch: int = 1,
-                              budget_blocks: int | None = None,
-                              num_heads: int | None = None) -> tuple[WanDiT, StreamHandle]:
+                              budget_blocks: int | None = None, num_heads: int | None = None,
+                              keep_fp8: bool = False) -> tuple[WanDiT, StreamHandle]:
     """Builds a DiT that streams its blocks, never holding all its weights: the network is built
     on the meta device, only the non-block weights (and the budget blocks) are read.
 
-    Same arguments as ``wan.load_transformer`` plus those of :func:`stream_blocks_`.
-    Returns ``(dit, handle)``; the DiT is in eval mode with gradients off.
+    Same arguments as ``wan.load_transformer`` (``keep_fp8``: the linear layers an fp8 file stores
+    in fp8 stay fp8, in resident and streamed blocks alike: half the memory and half the bytes
+    read of bf16, and the output of ``load_transformer(path, keep_fp8=True)``) plus those of
+    :func:`stream_blocks_`. Returns ``(dit, handle)``; the DiT is in eval mode with gradients off.
     """
-    cfg, readers, ckpt, file_dtype = open_transformer(path, num_heads=num_heads)
+    from wan.loading.transformer import fp8_layers_of, with_fp8_layers
+    fp8 = fp8_layers_of(path) if keep_fp8 else {}
+    cfg, readers, ckpt, file_dtype = open_transformer(path, num_heads=num_heads, keep_fp8=bool(fp8))
     with torch.device("meta"):
         dit = WanDiT(cfg)
+        if fp8:
+            with_fp8_layers(dit, fp8, dtype or file_dtype)
     handle = _install(dit, cfg, readers, file_dtype, f"transformer checkpoint {ckpt.root}",
                       prefetch=prefetch, budget_blocks=budget_blocks, device=device, dtype=dtype)
     dit.eval()
@@ -358,13 +379,13 @@ def _install(dit: WanDiT, cfg: DiTConfig, readers: dict[str, Reader], file_dtype
     for i, unit in enumerate(units):
         unit.resident = i in resident
         if unit.resident:
-            if any(p.owner._parameters[p.leaf].is_meta for p in unit.params):
+            if any(p.current().is_meta for p in unit.params):
                 tensors = unit.read()
                 for p in unit.params:
-                    p.owner._parameters[p.leaf] = nn.Parameter(tensors.pop(p.name), requires_grad=False)
+                    p.assign(tensors.pop(p.name))
         else:
             for p in unit.params:
-                p.owner._parameters[p.leaf] = p.placeholder
+                p.clear()
     dit.requires_grad_(False)
     return StreamHandle(units, prefetch, device, dtype, source, [m for _, m in named])
 
@@ -386,6 +407,8 @@ def _repeated_blocks(dit: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _streamed_params(prefix: str, block: nn.Module, target: Callable[[str], torch.dtype]) -> list[_Param]:
+    """The block's parameters (in their target dtype) and its quantised layers' buffers (in the
+    dtype they are stored in)."""
     out = []
     for sub_name, sub in block.named_modules():
         if sub_name.split(".")[0] in _OUTSIDE_FORWARD:
@@ -395,6 +418,10 @@ def _streamed_params(prefix: str, block: nn.Module, target: Callable[[str], torc
             placeholder = nn.Parameter(torch.empty(p.shape, dtype=target(full) if p.is_floating_point() else p.dtype,
                                                    device="meta"), requires_grad=False)
             out.append(_Param(full, sub, leaf, placeholder))
+        for leaf, b in sub.named_buffers(recurse=False):
+            if b is not None:
+                full = ".".join(x for x in (prefix, sub_name, leaf) if x)
+                out.append(_Param(full, sub, leaf, torch.empty(b.shape, dtype=b.dtype, device="meta"), buffer=True))
     return out
 
 
@@ -405,8 +432,10 @@ def _reader(readers: dict[str, Reader], name: str, source: str) -> Reader:
 
 
 def _fill_meta(dit: nn.Module, readers: dict[str, Reader], streamed: set[str], device, target, source: str) -> None:
-    """Reads every non-streamed parameter that is still on the meta device."""
-    for name, p in list(dit.named_parameters()):
+    """Reads every non-streamed parameter (and quantised layer's buffer) still on the meta device."""
+    tensors = [(name, p, False) for name, p in dit.named_parameters()]
+    tensors += [(name, b, True) for name, b in dit.named_buffers() if b is not None]
+    for name, p, buffer in tensors:
         if name in streamed or not p.is_meta:
             continue
         t = _reader(readers, name, source)()
@@ -414,7 +443,10 @@ def _fill_meta(dit: nn.Module, readers: dict[str, Reader], streamed: set[str], d
             raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
         owner_name, _, leaf = name.rpartition(".")
         owner = dit.get_submodule(owner_name) if owner_name else dit
-        owner._parameters[leaf] = nn.Parameter(_convert(t, device, target(name)), requires_grad=False)
+        if buffer:  # a quantised layer's storage: the file's dtype, only moved
+            owner._buffers[leaf] = _convert(t, device, p.dtype)
+        else:
+            owner._parameters[leaf] = nn.Parameter(_convert(t, device, target(name)), requires_grad=False)
 
 
 def _resident_device(dit: nn.Module) -> torch.device:
