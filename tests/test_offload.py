@@ -309,3 +309,27 @@ def test_attention_backend_on_a_streamed_dit(t2v_file, monkeypatch):
     with handle:
         attention.apply_attention(dit, ["sdpa"])
     assert seen == [(torch.device("cpu"), torch.float32)]  # read off the resident weights, not the meta ones
+
+
+@pytest.mark.parametrize("mode", ["fp8", "fp8_scaled", "int8"])
+def test_a_float_file_streams_quantised_as_its_blocks_are_read(t2v_file, mode):
+    """``quantize`` while streaming: every layer ``quantize_`` would quantise is quantised as its
+    block is read (the resident one once), non-block layers too; the outputs are bit for bit those
+    of the whole load followed by ``quantize_``, and a streamed block takes a little over half the
+    bytes of bf16 (8-bit weights, their scales and the float32 islands)."""
+    from wan.layers.quant import QuantLinear
+    from wan.optim.quant import quantize_
+    inputs = probes(2)
+    whole = wan.load_transformer(t2v_file, dtype=torch.bfloat16)
+    quantize_(whole, mode, keep=WanDiT.keep_in_fp32)
+    expected = forward_all(whole, inputs)
+    dit, handle = load_transformer_streamed(t2v_file, dtype=torch.bfloat16, prefetch=1, budget_blocks=1,
+                                            quantize=mode)
+    plain, plain_handle = load_transformer_streamed(t2v_file, dtype=torch.bfloat16, prefetch=1, budget_blocks=1)
+    with handle, plain_handle:
+        assert isinstance(dit.text_embedding[0], QuantLinear) and dit.text_embedding[0].mode == mode
+        assert isinstance(dit.blocks[1].ffn[0], QuantLinear) and dit.blocks[1].ffn[0].qweight.is_meta  # streamed
+        for e, o in zip(expected, forward_all(dit, inputs)):
+            assert torch.equal(e, o)
+        assert resident_blocks(dit) == ["blocks.0"]
+        assert 0.5 < handle.largest_block_bytes / plain_handle.largest_block_bytes < 0.65

@@ -133,11 +133,12 @@ def test_explicit_settings_load_as_written(profiles, t2v_14b):
     none = apply_overrides(default, {"memory.offload": "none"})
     s = execution_settings(none, t2v_14b, DESKTOP, profiles)  # does not fit: loads whole all the same
     assert not s.stream and s.resident_blocks is None and any("does not fit" in n for n in s.notes)
-    fp8 = execution_settings(apply_overrides(default, {"memory.offload": "blocks", "quantize.transformer": "fp8"}),
-                             t2v_14b, DESKTOP, profiles)  # fp8 layers stream as the fp8 file stores them
-    assert fp8.stream and fp8.quant_transformer == "fp8" and fp8.resident_blocks is not None
-    with pytest.raises(ProfileError, match="quantize.transformer=int8 with block streaming is not supported"):
-        execution_settings(apply_overrides(default, {"memory.offload": "blocks", "quantize.transformer": "int8"}),
+    for mode in ("fp8", "int8"):  # quantised layers stream (fp8 ones as an fp8 file stores them)
+        q = execution_settings(apply_overrides(default, {"memory.offload": "blocks", "quantize.transformer": mode}),
+                               t2v_14b, DESKTOP, profiles)
+        assert q.stream and q.quant_transformer == mode and q.resident_blocks is not None
+    with pytest.raises(ProfileError, match="compile with block streaming"):
+        execution_settings(apply_overrides(default, {"memory.offload": "blocks", "compile": True}),
                            t2v_14b, DESKTOP, profiles)
 
 
@@ -318,12 +319,11 @@ def test_streaming_from_the_plan_generates_what_the_resident_load_does(tiny_root
         streamed.models.release()
 
 
-def test_an_fp8_file_streams_with_its_fp8_layers_and_generates_what_the_whole_fp8_load_does(tiny_root, tmp_path):
-    """quantize.transformer=fp8 with block streaming, on a DiT file that stores its linears in fp8
-    (ComfyUI's layout): the blocks stream kept fp8 and the latents equal those of the same file
-    loaded whole and kept fp8; a file of plain weights is refused before anything runs, naming it."""
+def test_quantised_streaming_generates_what_the_whole_quantised_load_does(tiny_root, tmp_path):
+    """quantize.transformer with block streaming: a DiT file that stores its linears in fp8
+    (ComfyUI's layout) streams its fp8 layers as stored, and a float file is quantised as each block
+    is read; either way the latents equal those of the same file loaded whole and quantised."""
     from safetensors.torch import load_file, save_file
-    from wan.engine.request import RequestError
     plain = tiny_root / "tiny" / "t2v" / "transformer.safetensors"
     state = {}
     for k, v in load_file(str(plain)).items():
@@ -350,5 +350,13 @@ def test_an_fp8_file_streams_with_its_fp8_layers_and_generates_what_the_whole_fp
         assert torch.equal(whole.latent, streamed.latent)
     finally:
         engine.models.release()
-    with pytest.raises(RequestError, match="needs a file that stores its linear layers in fp8.*transformer.safetensors"):
-        engine.generate(req.replace(profile_overrides=streaming), write=False, files={"transformer": str(plain)})
+    for mode in ("fp8_scaled", "int8"):  # the float file, quantised as its blocks are read
+        whole = engine.generate(req.replace(profile_overrides={"quantize.transformer": mode}), write=False)
+        streamed = engine.generate(req.replace(profile_overrides={**streaming, "quantize.transformer": mode}),
+                                   write=False)
+        try:
+            assert any(f"quantised to {mode} as each block is read, 1 of 2 blocks resident" in n
+                       for n in streamed.notices)
+            assert torch.equal(whole.latent, streamed.latent)
+        finally:
+            engine.models.release()

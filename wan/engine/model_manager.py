@@ -299,19 +299,16 @@ class ModelManager:
                 budget = min(resident, layers)
             else:
                 budget = max(0, layers - swap) if swap is not None else None
-            keep_fp8 = quant in ("fp8", "fp8_scaled")
-            if keep_fp8:
-                from wan.loading.transformer import fp8_layers_of
-                from wan.optim.profiles import ProfileError
-                if not fp8_layers_of(path):
-                    raise ProfileError(f"quantize.transformer={quant} with block streaming needs a file that stores "
-                                       f"its linear layers in fp8 (the model's fp8 variant, or a ComfyUI fp8 file): "
-                                       f"{Path(path).name} stores them unquantised. Use an fp8 file, "
-                                       "quantize.transformer=none, or memory.offload none/model")
+            # an fp8 file's layers stream as stored (as the whole load keeps them); any other
+            # quantisation is made as each block is read, as the whole load would make it
+            from wan.loading.transformer import fp8_layers_of
+            keep_fp8 = quant in ("fp8", "fp8_scaled") and bool(fp8_layers_of(path))
+            made = "none" if keep_fp8 else quant
             dit, handle = load_transformer_streamed(path, device=device, dtype=dtype, prefetch=prefetch,
-                                                    budget_blocks=budget, keep_fp8=keep_fp8)
+                                                    budget_blocks=budget, keep_fp8=keep_fp8, quantize=made)
             notes.append(f"{name}: streamed block by block from {Path(path).name}, prefetch {prefetch}"
                          + (", fp8 layers kept fp8" if keep_fp8 else "")
+                         + (f", quantised to {made} as each block is read" if made != "none" else "")
                          + (f", {budget} of {layers} blocks resident" if budget else ""))
             return dit, handle
         keep_fp8 = quant in ("fp8", "fp8_scaled")

@@ -88,6 +88,20 @@ def quantize_int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return (w / scale).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
 
 
+def quantize_weight(weight: torch.Tensor, mode: str, *, block_size: int | None = 64,
+                    scaled_mm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(qweight, scale or None) of an [out, in] float weight in ``mode`` (fp8, fp8_scaled, int8),
+    as :meth:`QuantLinear.from_linear` stores them."""
+    if mode == "fp8":
+        return quantize_fp8(weight), None
+    if mode == "fp8_scaled":
+        # the _scaled_mm kernels take one scale per row at most: ask for rows when they may run
+        return quantize_fp8_blockwise(weight, None if scaled_mm else block_size)
+    if mode == "int8":
+        return quantize_int8_rowwise(weight)
+    raise ValueError(f"QuantLinear: mode '{mode}' is not one of {', '.join(QUANT_MODES[1:])}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Choosing the matmul
 
@@ -171,16 +185,7 @@ class QuantLinear(nn.Module):
                     compute_dtype: torch.dtype | None = None, scaled_mm: bool = False) -> QuantLinear:
         """Quantises one ``nn.Linear`` (mode fp8, fp8_scaled or int8); the linear is not modified."""
         w = linear.weight.detach()
-        scale = None
-        if mode == "fp8":
-            q = quantize_fp8(w)
-        elif mode == "fp8_scaled":
-            # the _scaled_mm kernels take one scale per row at most: ask for rows when they may run
-            q, scale = quantize_fp8_blockwise(w, None if scaled_mm else block_size)
-        elif mode == "int8":
-            q, scale = quantize_int8_rowwise(w)
-        else:
-            raise ValueError(f"QuantLinear: mode '{mode}' is not one of {', '.join(QUANT_MODES[1:])}")
+        q, scale = quantize_weight(w, mode, block_size=block_size, scaled_mm=scaled_mm)
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(linear.in_features, linear.out_features, mode, q, scale, bias,
                    compute_dtype or w.dtype, scaled_mm)

@@ -143,26 +143,17 @@ class LoadSettings:
                 self.quant_text_encoder, self.compile, self.text_encoder_on_cpu, self.mmgp, prequantized)
 
 
-# DiT quantisations that stream: fp8 layers are streamed as an fp8 file stores them (the registry's
-# fp8 variant, a ComfyUI fp8 file); "none" streams the file's weights in the compute dtype
-STREAMABLE_QUANT = ("none", "fp8", "fp8_scaled")
-
-
 def load_settings(profile: Profile | None) -> tuple[bool, int, int | None, str, str, bool]:
     """(stream blocks, prefetch, blocks_to_swap, transformer quantisation, text encoder quantisation,
     compile) of a profile as written (no plan): the part of it that decides how models are loaded.
 
     Raises:
-        ProfileError: streaming asked for together with int8 quantisation, or with compile.
+        ProfileError: streaming asked for together with compile.
     """
     if profile is None:
         return (False, 1, None, "none", "none", False)
     mem, quant = profile.memory, profile.quantize
     stream = mem.offload == "blocks" or mem.blocks_to_swap is not None
-    if stream and quant.transformer not in STREAMABLE_QUANT:
-        raise ProfileError(f"profile {profile.name}: quantize.transformer={quant.transformer} with block streaming "
-                           "is not supported (streamed blocks are read from the checkpoint as it stores them, and "
-                           "no file stores int8); use fp8 with an fp8 file, or memory.offload none/model")
     if stream and profile.compile:
         raise ProfileError(f"profile {profile.name}: compile with block streaming is not supported yet (the "
                            "streaming hooks around each block break the compiled graph); choose one")
@@ -237,10 +228,6 @@ def execution_settings(profile: Profile | None, spec, machine: Machine, profiles
     resident, own_notes = _own_path_resident(result, sizes, spec.transformer_roles, machine, mem, off_gpu)
     notes += own_notes
     if resident is None:
-        return dataclasses.replace(settings, notes=tuple(notes))
-    if quant.transformer not in STREAMABLE_QUANT:
-        notes.append(f"the plan streams the DiT, but quantize.transformer={quant.transformer} cannot stream "
-                     "(streamed blocks are read as the checkpoint stores them, and no file stores int8): it loads whole")
         return dataclasses.replace(settings, notes=tuple(notes))
     if executed.compile:
         notes.append("the plan streams the DiT: compile is left off (the streaming hooks break the compiled graph)")

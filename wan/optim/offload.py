@@ -82,8 +82,10 @@ def _convert(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch
     return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
 
 
-def _read_unit(entries: tuple, device: torch.device, source: str) -> dict[str, torch.Tensor]:
-    """Reads one block: ``entries`` are (name, reader, target dtype, expected shape)."""
+def _read_unit(entries: tuple, device: torch.device, source: str, quantized: tuple = ()) -> dict[str, torch.Tensor]:
+    """Reads one block: ``entries`` are (name, reader, target dtype, expected shape); ``quantized``
+    (layer, mode, block size, scaled_mm) turns each such layer's float weight, once read, into
+    its ``qweight`` and ``weight_scale`` as ``QuantLinear.from_linear`` makes them."""
     out = {}
     for name, read, dtype, shape in entries:
         try:
@@ -95,7 +97,15 @@ def _read_unit(entries: tuple, device: torch.device, source: str) -> dict[str, t
         if tuple(t.shape) != shape:
             raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, the model expects {shape}")
         out[name] = _convert(t, device, dtype)
+    for layer, mode, block_size, scaled_mm in quantized:
+        out.update(_quantized(layer, out.pop(f"{layer}.weight"), mode, block_size, scaled_mm))
     return out
+
+
+def _quantized(layer: str, weight: torch.Tensor, mode: str, block_size: int | None, scaled_mm: bool) -> dict:
+    from wan.layers.quant import quantize_weight
+    q, scale = quantize_weight(weight, mode, block_size=block_size, scaled_mm=scaled_mm)
+    return {f"{layer}.qweight": q, **({f"{layer}.weight_scale": scale} if scale is not None else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,14 +333,22 @@ def stream_blocks_(dit: WanDiT, checkpoint_path: str | os.PathLike | Sequence, *
 def load_transformer_streamed(path: str | os.PathLike | Sequence, device: str | torch.device = "cpu",
                               dtype: torch.dtype | None = None, *, prefetch: int = 1,
                               budget_blocks: int | None = None, num_heads: int | None = None,
-                              keep_fp8: bool = False) -> tuple[WanDiT, StreamHandle]:
+                              keep_fp8: bool = False, quantize: str = "none",
+                              block_size: int | None = 64) -> tuple[WanDiT, StreamHandle]:
     """Builds a DiT that streams its blocks, never holding all its weights: the network is built
     on the meta device, only the non-block weights (and the budget blocks) are read.
 
-    Same arguments as ``wan.load_transformer`` (``keep_fp8``: the linear layers an fp8 file stores
-    in fp8 stay fp8, in resident and streamed blocks alike: half the memory and half the bytes
-    read of bf16, and the output of ``load_transformer(path, keep_fp8=True)``) plus those of
-    :func:`stream_blocks_`. Returns ``(dit, handle)``; the DiT is in eval mode with gradients off.
+    Same arguments as ``wan.load_transformer`` plus those of :func:`stream_blocks_`, and:
+
+    - ``keep_fp8``: the linear layers an fp8 file stores in fp8 stay fp8, in resident and streamed
+      blocks alike (half the memory and half the bytes read of bf16): the output of
+      ``load_transformer(path, keep_fp8=True)``;
+    - ``quantize`` (``fp8``, ``fp8_scaled``, ``int8``; with ``block_size`` as ``quantize_``'s), for
+      a file of float weights (or an fp8 file without ``keep_fp8``): each layer ``quantize_`` would
+      quantise is quantised as its block is read (a resident block once): the output of
+      ``load_transformer`` followed by ``quantize_(dit, quantize, keep=WanDiT.keep_in_fp32)``.
+
+    Returns ``(dit, handle)``; the DiT is in eval mode with gradients off.
     """
     from wan.loading.transformer import fp8_layers_of, with_fp8_layers
     fp8 = fp8_layers_of(path) if keep_fp8 else {}
@@ -339,14 +357,19 @@ def load_transformer_streamed(path: str | os.PathLike | Sequence, device: str | 
         dit = WanDiT(cfg)
         if fp8:
             with_fp8_layers(dit, fp8, dtype or file_dtype)
+        elif quantize != "none":
+            from wan.optim.quant import quantize_
+            quantize_(dit, quantize, keep=WanDiT.keep_in_fp32, block_size=block_size,
+                      compute_dtype=dtype or file_dtype)
     handle = _install(dit, cfg, readers, file_dtype, f"transformer checkpoint {ckpt.root}",
-                      prefetch=prefetch, budget_blocks=budget_blocks, device=device, dtype=dtype)
+                      prefetch=prefetch, budget_blocks=budget_blocks, device=device, dtype=dtype,
+                      block_size=block_size)
     dit.eval()
     return dit, handle
 
 
 def _install(dit: WanDiT, cfg: DiTConfig, readers: dict[str, Reader], file_dtype: torch.dtype, source: str, *,
-             prefetch: int, budget_blocks: int | None, device, dtype) -> StreamHandle:
+             prefetch: int, budget_blocks: int | None, device, dtype, block_size: int | None = 64) -> StreamHandle:
     if not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch={prefetch!r}: expected a whole number of blocks >= 0")
     if getattr(dit, "config", cfg) != cfg:
@@ -364,17 +387,23 @@ def _install(dit: WanDiT, cfg: DiTConfig, readers: dict[str, Reader], file_dtype
     def target(name: str) -> torch.dtype:
         return torch.float32 if keep_fp32(name) else dtype
 
+    made = _made_here(dit, readers, block_size)  # quantised layers made from the file's float weights
     streamed: set[str] = set()
     units = []
     for prefix, module in named:
         params = _streamed_params(prefix, module, target)
         streamed.update(p.name for p in params)
-        entries = tuple((p.name, _reader(readers, p.name, source), p.placeholder.dtype,
-                         tuple(p.placeholder.shape)) for p in params)
+        entries = [(p.name, _reader(readers, p.name, source), p.placeholder.dtype, tuple(p.placeholder.shape))
+                   for p in params if not (p.buffer and p.name.rpartition(".")[0] in made)]
+        quantized = tuple((layer, *made[layer][:3]) for layer in made if layer.startswith(prefix + ".")
+                          and layer[len(prefix) + 1:].split(".")[0] not in _OUTSIDE_FORWARD)
+        entries += [(f"{layer}.weight", _reader(readers, f"{layer}.weight", source), target(f"{layer}.weight"),
+                     made[layer][3]) for layer, *_ in quantized]
         nbytes = sum(p.placeholder.numel() * p.placeholder.element_size() for p in params)
-        units.append(_Unit(prefix, params, functools.partial(_read_unit, entries, device, source), nbytes))
+        read = functools.partial(_read_unit, tuple(entries), device, source, quantized)
+        units.append(_Unit(prefix, params, read, nbytes))
 
-    _fill_meta(dit, readers, streamed, device, target, source)
+    _fill_meta(dit, readers, streamed, device, target, source, made)
     resident = _spread(n, budget_blocks or 0)
     for i, unit in enumerate(units):
         unit.resident = i in resident
@@ -431,8 +460,31 @@ def _reader(readers: dict[str, Reader], name: str, source: str) -> Reader:
     return readers[name]
 
 
-def _fill_meta(dit: nn.Module, readers: dict[str, Reader], streamed: set[str], device, target, source: str) -> None:
-    """Reads every non-streamed parameter (and quantised layer's buffer) still on the meta device."""
+def _made_here(dit: nn.Module, readers: dict[str, Reader], block_size: int | None) -> dict[str, tuple]:
+    """The quantised layers of ``dit`` whose stored form the file lacks (the network was quantised
+    on the meta device, the file holds float weights): layer -> (mode, block size, scaled_mm,
+    weight shape)."""
+    from wan.layers.quant import QuantLinear
+    return {name: (m.mode, block_size, m.scaled_mm, (m.out_features, m.in_features))
+            for name, m in dit.named_modules()
+            if isinstance(m, QuantLinear) and f"{name}.qweight" not in readers}
+
+
+def _fill_meta(dit: nn.Module, readers: dict[str, Reader], streamed: set[str], device, target, source: str,
+               made: dict[str, tuple] | None = None) -> None:
+    """Reads every non-streamed parameter (and quantised layer's buffer) still on the meta device;
+    the layers of ``made`` (:func:`_made_here`) are quantised from their float weight."""
+    for layer, (mode, block_size, scaled_mm, shape) in (made or {}).items():
+        owner = dit.get_submodule(layer)
+        if f"{layer}.qweight" in streamed or not owner.qweight.is_meta:
+            continue
+        weight = _reader(readers, f"{layer}.weight", source)()
+        if tuple(weight.shape) != shape:
+            raise CheckpointError(f"{source}: tensor '{layer}.weight' has shape {tuple(weight.shape)}, "
+                                  f"the model expects {shape}")
+        for name, t in _quantized(layer, _convert(weight, device, target(f"{layer}.weight")), mode, block_size,
+                                  scaled_mm).items():
+            owner._buffers[name.rpartition(".")[2]] = t
     tensors = [(name, p, False) for name, p in dit.named_parameters()]
     tensors += [(name, b, True) for name, b in dit.named_buffers() if b is not None]
     for name, p, buffer in tensors:
