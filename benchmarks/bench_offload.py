@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/bench_offload.py                 # markdown table out
     .venv/bin/python benchmarks/bench_offload.py --frames 5 --size 128 --runs 3 --prefetch 1
+    .venv/bin/python benchmarks/bench_offload.py --quantize fp8_scaled --resident 15
+
+``--quantize MODE`` quantises both sides (the loaded DiT with ``quantize_`` after loading, the
+streamed one as each block is read); ``--resident N`` keeps N blocks of the streamed DiT resident.
 
 The checkpoint is bench_dit.py's (random bf16 weights in the official layout, written once to
 benchmarks/.cache/). Memory: each case in a fresh subprocess, the peak resident growth from before
@@ -31,35 +35,44 @@ from memory import peak_bytes, reset_peak, run_case  # noqa: E402
 DTYPE = torch.bfloat16
 
 
-def load(kind: str, path: Path, prefetch: int):
+def load(kind: str, path: Path, prefetch: int, quantize: str = "none", resident: int = 0):
     """Returns (dit, handle or None)."""
     if kind == "loaded":
         import wan
-        return wan.load_transformer(path, dtype=DTYPE), None
+        dit = wan.load_transformer(path, dtype=DTYPE)
+        if quantize != "none":
+            from wan.models.dit import WanDiT
+            from wan.optim.quant import quantize_
+            quantize_(dit, quantize, keep=WanDiT.keep_in_fp32)
+        return dit, None
     from wan.optim.offload import load_transformer_streamed
-    return load_transformer_streamed(path, dtype=DTYPE, prefetch=prefetch)
+    return load_transformer_streamed(path, dtype=DTYPE, prefetch=prefetch, quantize=quantize,
+                                     budget_blocks=resident or None)
 
 
-def case_memory(kind: str, path: Path, prefetch: int, frames: int, size: int) -> dict:
+def case_memory(kind: str, path: Path, prefetch: int, frames: int, size: int, quantize: str = "none",
+                resident: int = 0) -> dict:
     inputs = make_inputs(frames, size)
     base = reset_peak()
     t0 = time.perf_counter()
-    dit, handle = load(kind, path, prefetch)
+    dit, handle = load(kind, path, prefetch, quantize, resident)
     load_s = time.perf_counter() - t0
     with torch.inference_mode():
         dit(*inputs)
     out = {"peak_growth": peak_bytes() - base, "load_s": load_s}
     if handle is not None:
         out["largest_block"] = handle.largest_block_bytes
-        out["resident_weights"] = sum(p.numel() * p.element_size() for p in dit.parameters() if not p.is_meta)
+        out["resident_weights"] = sum(t.numel() * t.element_size() for t in [*dit.parameters(), *dit.buffers()]
+                                      if not t.is_meta)
         handle.close()
     return out
 
 
-def case_time(path: Path, prefetch: int, frames: int, size: int, runs: int) -> dict:
+def case_time(path: Path, prefetch: int, frames: int, size: int, runs: int, quantize: str = "none",
+              resident: int = 0) -> dict:
     inputs = make_inputs(frames, size)
-    streamed, handle = load("streamed", path, prefetch)
-    loaded, _ = load("loaded", path, prefetch)
+    streamed, handle = load("streamed", path, prefetch, quantize, resident)
+    loaded, _ = load("loaded", path, prefetch, quantize)
     times = {"streamed": [], "loaded": []}
     with torch.inference_mode():
         same = torch.equal(streamed(*inputs), loaded(*inputs))  # also the warm-up of both
@@ -82,13 +95,16 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128, help="video width and height in pixels")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--prefetch", type=int, default=1)
+    ap.add_argument("--quantize", default="none", choices=("none", "fp8", "fp8_scaled", "int8"))
+    ap.add_argument("--resident", type=int, default=0, help="blocks of the streamed DiT kept resident")
     ap.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     path = checkpoint_path()
     if args.case:
         kind = args.case[0]
-        result = (case_time(path, args.prefetch, args.frames, args.size, args.runs) if kind == "time"
-                  else case_memory(kind, path, args.prefetch, args.frames, args.size))
+        result = (case_time(path, args.prefetch, args.frames, args.size, args.runs, args.quantize, args.resident)
+                  if kind == "time" else
+                  case_memory(kind, path, args.prefetch, args.frames, args.size, args.quantize, args.resident))
         print(json.dumps(result))
         return
 
@@ -96,7 +112,7 @@ def main() -> None:
         print(f"writing {path} ...", file=sys.stderr)
         write_checkpoint(path)
     common = ["--prefetch", str(args.prefetch), "--frames", str(args.frames), "--size", str(args.size),
-              "--runs", str(args.runs)]
+              "--runs", str(args.runs), "--quantize", args.quantize, "--resident", str(args.resident)]
     mem = {kind: in_subprocess(kind, *common) for kind in ("loaded", "streamed")}
     timing = in_subprocess("time", *common)
 
@@ -104,9 +120,10 @@ def main() -> None:
     file_bytes = path.stat().st_size
     block = mem["streamed"]["largest_block"]
     tokens = args.frames * (args.size // 16) ** 2
-    print(f"\nDiT 1.3B shape, bf16, latent 16x{args.frames}x{args.size // 8}x{args.size // 8} ({tokens} tokens), "
-          f"prefetch {args.prefetch}, {torch.get_num_threads()} threads; checkpoint {file_bytes / gib:.2f} GiB, "
-          f"largest block {block / mib:.0f} MiB\n")
+    quant = f", quantised {args.quantize}" if args.quantize != "none" else ""
+    print(f"\nDiT 1.3B shape, bf16{quant}, latent 16x{args.frames}x{args.size // 8}x{args.size // 8} ({tokens} tokens), "
+          f"prefetch {args.prefetch}, {args.resident} blocks resident, {torch.get_num_threads()} threads; "
+          f"checkpoint {file_bytes / gib:.2f} GiB, largest block {block / mib:.0f} MiB\n")
     print("| measure | loaded | streamed | ratio |\n|---|---|---|---|")
     lo, st = mem["loaded"]["peak_growth"], mem["streamed"]["peak_growth"]
     print(f"| peak memory, load + first forward (MiB) | {lo / mib:.0f} | {st / mib:.0f} | {st / lo:.3f} |")
@@ -119,7 +136,7 @@ def main() -> None:
     print(f"\noutputs identical (torch.equal): {timing['identical']}")
     print("* the loaded model's peak includes its weights and the forward's activations")
     print(f"\ncommand: .venv/bin/python benchmarks/bench_offload.py --frames {args.frames} --size {args.size} "
-          f"--runs {args.runs} --prefetch {args.prefetch}")
+          f"--runs {args.runs} --prefetch {args.prefetch} --quantize {args.quantize} --resident {args.resident}")
 
 
 if __name__ == "__main__":
