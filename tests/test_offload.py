@@ -333,3 +333,19 @@ def test_a_float_file_streams_quantised_as_its_blocks_are_read(t2v_file, mode):
             assert torch.equal(e, o)
         assert resident_blocks(dit) == ["blocks.0"]
         assert 0.5 < handle.largest_block_bytes / plain_handle.largest_block_bytes < 0.65
+
+
+def test_stream_blocks_of_a_loaded_quantised_dit(fp8_scaled_file, t2v_file):
+    """``stream_blocks_`` on a DiT loaded kept fp8, and on one quantised with ``quantize_`` after
+    loading: the same outputs as before streaming, and the quantised layers' storage is streamed."""
+    from wan.optim.quant import quantize_
+    inputs = probes(1)
+    kept = wan.load_transformer(fp8_scaled_file, keep_fp8=True)
+    int8 = wan.load_transformer(t2v_file, dtype=torch.bfloat16)
+    quantize_(int8, "int8", keep=WanDiT.keep_in_fp32)
+    for dit, path in ((kept, fp8_scaled_file), (int8, t2v_file)):
+        expected = forward_all(dit, inputs)
+        with stream_blocks_(dit, path, prefetch=1):
+            assert dit.blocks[0].ffn[0].qweight.is_meta  # released between forwards
+            for e, o in zip(expected, forward_all(dit, inputs)):
+                assert torch.equal(e, o)

@@ -321,11 +321,20 @@ def stream_blocks_(dit: WanDiT, checkpoint_path: str | os.PathLike | Sequence, *
         device: where streamed tensors go; default: where the DiT's weights are (cpu for meta).
         dtype: compute dtype of the weights; default: the DiT's block dtype if loaded, else the
             dtype ``wan.load_transformer`` picks for the file. Float32 islands stay float32.
+    A quantised ``dit`` streams its quantised layers too: as the file stores them when they are all
+    the file's fp8 layers, kept (``load_transformer(keep_fp8=True)``), else quantised again from the
+    file's weights as ``quantize_`` did (block size 64).
+
     Returns:
         the handle; the streaming lives as long as the DiT (the hooks hold the handle), and
         ``close()`` stops it.
     """
-    cfg, readers, ckpt, file_dtype = open_transformer(checkpoint_path)
+    from wan.layers.quant import QuantLinear
+    from wan.loading.transformer import fp8_layers_of
+    quantized = {n: m for n, m in dit.named_modules() if isinstance(m, QuantLinear)}
+    fp8 = fp8_layers_of(checkpoint_path) if quantized else {}
+    kept = bool(fp8) and all(n in fp8 and m.qweight.dtype == fp8[n][0] for n, m in quantized.items())
+    cfg, readers, ckpt, file_dtype = open_transformer(checkpoint_path, keep_fp8=kept)
     return _install(dit, cfg, readers, file_dtype, f"transformer checkpoint {ckpt.root}",
                     prefetch=prefetch, budget_blocks=budget_blocks, device=device, dtype=dtype)
 
