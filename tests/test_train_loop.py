@@ -171,6 +171,24 @@ def test_out_of_memory_names_the_flags_that_help(monkeypatch):
     trainer.close()
 
 
+def test_a_sample_that_runs_out_of_memory_is_named_as_a_sample(monkeypatch):
+    """The engine's GenerationOutOfMemory inside a training run's sample becomes the training's own
+    error, naming the sample, its stage and the settings that use less."""
+    from wan.engine.out_of_memory import out_of_memory
+    trainer = quiet(TrainConfig.of(seed=0, max_train_steps=2, sample_every_n_steps=1),
+                    dits={"transformer": tiny_dit()}, data=FixedBatches([fixed_batch()])).setup()
+
+    def sampler(trainer, step, epoch):  # the sampler's engine ran out while decoding
+        raise out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "decoding",
+                            "cuda:0", None)
+    trainer.sampler = sampler
+    with pytest.raises(TrainingOutOfMemory, match=r"while making a sample \(decoding: CUDA out of memory. Tried to "
+                                                  r"allocate 2 GiB\)\. Settings that use less: fewer or smaller "
+                                                  r"samples \(--sample_prompts\), --gradient_checkpointing"):
+        trainer.train()
+    trainer.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume
 

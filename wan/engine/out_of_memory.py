@@ -31,9 +31,10 @@ class GenerationOutOfMemory(RuntimeError):
 
     plain_message = True  # front-ends show the message without the class name
 
-    def __init__(self, message: str, stage: str):
+    def __init__(self, message: str, stage: str, cause: str = ""):
         super().__init__(message)
         self.stage = stage
+        self.cause = cause  # the first line of the out-of-memory error itself
 
 
 def stage_key(stage: str) -> str:
@@ -48,4 +49,4 @@ def out_of_memory(exc: BaseException, stage: str, device, profile_label: str | N
     under = f" under profile {profile_label}" if profile_label else ""
     return GenerationOutOfMemory(
         f"out of memory on {where} while {stage}{under} ({first}). Settings that use less: "
-        f"{ADVICE[stage_key(stage)]}. The models were unloaded; the next job loads them again.", stage)
+        f"{ADVICE[stage_key(stage)]}. The models were unloaded; the next job loads them again.", stage, first)

@@ -17,7 +17,13 @@ OOM_ADVICE = ("--gradient_checkpointing (and --gradient_checkpointing_cpu_offloa
 
 
 def out_of_memory(exc: BaseException, device: torch.device) -> TrainingOutOfMemory:
-    """The error to raise for an out-of-memory ``exc``: what ran out, and the settings that use less."""
+    """The error to raise for an out-of-memory ``exc``: what ran out, and the settings that use less
+    (a sample's generation, ``GenerationOutOfMemory``, says so and which stage of it)."""
+    stage = getattr(exc, "stage", None)
+    if stage is not None:
+        return TrainingOutOfMemory(f"out of memory on {device} while making a sample ({stage}: {exc.cause}). "
+                                   f"Settings that use less: fewer or smaller samples (--sample_prompts), "
+                                   f"{OOM_ADVICE}")
     first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     return TrainingOutOfMemory(f"out of memory on {device} ({first}). Settings that use less: {OOM_ADVICE}")
 

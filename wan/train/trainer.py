@@ -357,9 +357,10 @@ class Trainer:
         An out-of-memory error is raised again as :class:`TrainingOutOfMemory` naming the flags that help."""
         if not self.ready:
             self.setup()
+        from wan.engine.out_of_memory import GenerationOutOfMemory  # a sample's generation ran out
         try:
             return self._loop(until_step)
-        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+        except (torch.cuda.OutOfMemoryError, MemoryError, GenerationOutOfMemory) as exc:
             raise out_of_memory(exc, self.device) from exc
 
     def _loop(self, until_step: int | None) -> TrainResult:
